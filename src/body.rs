@@ -1,0 +1,41 @@
+//! The one body type the stack passes around, and small constructors for it.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+
+/// Boxed error used by the stack and by bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A streaming body: what hyper hands us, what the upstream returns, or bytes we made.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A request as the stack sees it.
+pub type Request = http::Request<Body>;
+
+/// A response as the stack sees it.
+pub type Response = http::Response<Body>;
+
+/// A body holding `bytes`, sent in one frame.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// A body with nothing in it.
+pub fn empty() -> Body {
+    Empty::new()
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// Boxes any body whose errors convert into [`BoxError`] (hyper's `Incoming`, say).
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}

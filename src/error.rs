@@ -1,0 +1,61 @@
+//! Responses pcgate makes itself, in the Partner Center error shape (reference §3.1), so that
+//! clients that already parse Partner Center errors parse ours too.
+
+use http::{header, HeaderValue, StatusCode};
+use serde::Serialize;
+
+use crate::body::{self, Response};
+
+/// The body of an error pcgate makes: Partner Center's ApiFault plus `errorName`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ApiFault<'a> {
+    code: u16,
+    description: &'a str,
+    error_name: &'a str,
+    source: &'static str,
+    data: [(); 0],
+}
+
+/// Builds a Partner Center-shaped error response: `{"code", "description", "errorName", "source": "pcgate", "data": []}`.
+pub fn problem(status: StatusCode, error_name: &str, description: &str) -> Response {
+    let fault = ApiFault {
+        code: status.as_u16(),
+        description,
+        error_name,
+        source: "pcgate",
+        data: [],
+    };
+    // Serialising a struct of strings and numbers cannot fail.
+    let json = serde_json::to_vec(&fault).unwrap_or_default();
+    let mut response = Response::new(body::full(json));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn problem_has_the_partner_center_shape() {
+        let response = problem(
+            StatusCode::FORBIDDEN,
+            "RouteNotAllowed",
+            "no route for GET /x",
+        );
+        assert_eq!(response.status(), 403);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["code"], 403);
+        assert_eq!(v["errorName"], "RouteNotAllowed");
+        assert_eq!(v["description"], "no route for GET /x");
+        assert_eq!(v["source"], "pcgate");
+        assert_eq!(v["data"], serde_json::json!([]));
+    }
+}

@@ -1,0 +1,1 @@
+//! `pcgate sandbox`: a local stand-in for Partner Center's billing API and its token endpoint.
