@@ -1,7 +1,156 @@
 //! pcgate: a caching sidecar gateway for the Partner Center billing API.
+//!
+//! Billing apps call pcgate on loopback instead of `https://api.partnercenter.microsoft.com`;
+//! pcgate decides whether the call is allowed, and forwards it.
+//!
+//! Modules, in the order a call meets them:
+//! - [`server`]: the accept loop (HTTP/1.1 and HTTP/2 cleartext, header timeout, graceful shutdown).
+//! - [`stack`]: builds the tower stack, outside to inside, from the layers in [`layer`]:
+//!   - [`layer::rescue`]: every error becomes a Partner Center-shaped response ([`error`]).
+//!   - [`layer::access`]: path normalisation and the route table ([`route`]); 400 / 403.
+//! - [`upstream`]: the pooled rustls client that sends the call on and streams the answer back.
+//!
+//! Around them: [`config`] (figment: defaults, TOML, `PCGATE_` env), [`admin`] (the admin port),
+//! [`body`] (the body type), and [`sandbox`] (a local stand-in for Partner Center).
+//!
+//! [`run`] is what `main` and the tests call; [`Gateway`] splits it into bind and serve so tests
+//! can bind port 0 and learn the address.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod body;
+pub mod config;
 pub mod error;
+pub mod layer;
+pub mod route;
 pub mod sandbox;
 pub mod server;
+pub mod stack;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+use crate::config::Config;
+use crate::server::ServeOptions;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The config key that named it.
+        key: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS client could not be built.
+    #[error(transparent)]
+    Tls(#[from] upstream::TlsError),
+    /// The config was valid but the stack could not be built from it.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A gateway whose listeners are bound, ready to serve.
+pub struct Gateway {
+    config: Config,
+    listener: TcpListener,
+    admin: TcpListener,
+}
+
+impl Gateway {
+    /// Binds both listeners (port 0 picks a free port).
+    pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        let bind = |addr: SocketAddr, key: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, key, source })
+        };
+        let listener = bind(config.server.listen, "server.listen").await?;
+        let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
+        Ok(Gateway {
+            config,
+            listener,
+            admin,
+        })
+    }
+
+    /// The address billing apps call.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then drains for at most `server.shutdown_grace`.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let Gateway {
+            config,
+            listener,
+            admin,
+        } = self;
+        let tls = upstream::tls_config(config.upstream.ca_file.as_deref())?;
+        let routes = route::RouteTable::new(&config.routes).map_err(StartError::Setup)?;
+        let upstream = upstream::Upstream::new(&config.upstream, tls).map_err(StartError::Setup)?;
+        let service = stack::build(stack::Parts { routes, upstream })
+            .map_request(|request: http::Request<hyper::body::Incoming>| request.map(body::boxed));
+
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
+        let signal = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let options = |name| ServeOptions {
+            name,
+            header_read_timeout: config.server.header_read_timeout,
+            grace: config.server.shutdown_grace,
+        };
+        tracing::info!(
+            listen = %listener.local_addr().map_err(|e| StartError::Setup(e.to_string()))?,
+            admin = %admin.local_addr().map_err(|e| StartError::Setup(e.to_string()))?,
+            upstream = %config.upstream.base_url,
+            routes = config.routes.len(),
+            "pcgate listening"
+        );
+        let admin_service = tower::service_fn(admin::handle);
+        tokio::join!(
+            server::serve(
+                listener,
+                service,
+                options("gateway"),
+                signal(stopped.clone())
+            ),
+            server::serve(admin, admin_service, options("admin"), signal(stopped)),
+        );
+        Ok(())
+    }
+}
+
+/// Binds and serves until `shutdown` resolves: the whole gateway.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    Gateway::bind(config).await?.serve(shutdown).await
+}

@@ -1,0 +1,734 @@
+//! Configuration: built-in defaults, then the TOML file, then `PCGATE_` environment variables with
+//! `__` for nesting (`PCGATE_UPSTREAM__BASE_URL`), merged by figment into one tree of structs.
+//!
+//! Every struct denies unknown keys, durations are humantime strings (`"250ms"`, `"5m"`) and sizes
+//! are strings (`"64MiB"`). [`Config::validate`] checks what serde cannot, with messages that name
+//! the key and the fix.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::route::Pattern;
+
+/// Where the gateway listens when the config does not say.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Where the admin endpoints listen when the config does not say.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// How long in-flight calls may finish after SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long a client may take to send its request headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = crate::server::DEFAULT_HEADER_READ_TIMEOUT;
+/// The public Partner Center API.
+pub const DEFAULT_BASE_URL: &str = "https://api.partnercenter.microsoft.com";
+/// Time allowed for a TCP + TLS connect to the upstream.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time allowed for one upstream attempt, until the response headers arrive.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed for the whole call, all retries included.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long before expiry a token is refreshed.
+pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(5 * 60);
+/// The Partner Center API audience for v1 token endpoints.
+pub const DEFAULT_RESOURCE: &str = "https://api.partnercenter.microsoft.com";
+/// `MS-PartnerCenter-Application` sent upstream.
+pub const DEFAULT_APPLICATION: &str = "pcgate";
+/// `X-Locale` sent when the caller sends none.
+pub const DEFAULT_LOCALE: &str = "en-US";
+/// Total cache size.
+pub const DEFAULT_CACHE_MAX_BYTES: ByteSize = ByteSize::mib(64);
+/// Largest response the cache stores or coalescing buffers.
+pub const DEFAULT_CACHE_MAX_ENTRY_BYTES: ByteSize = ByteSize::mib(2);
+/// Attempts per call, the first included.
+pub const DEFAULT_RETRY_MAX_ATTEMPTS: u32 = 4;
+/// Backoff base: attempt n waits up to `base * 2^n`.
+pub const DEFAULT_RETRY_BASE_DELAY: Duration = Duration::from_millis(250);
+/// Backoff cap.
+pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(8);
+/// Upstream statuses that are retried.
+pub const DEFAULT_RETRY_STATUSES: [u16; 4] = [500, 502, 503, 504];
+/// A longer `Retry-After` is not waited for.
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Retries may add at most this share to upstream traffic.
+pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
+/// ...but always at least this many retries a second.
+pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named by `--config` or `$PCGATE_CONFIG` does not exist.
+    #[error("config file {0} not found: pass --config FILE or set PCGATE_CONFIG")]
+    NotFound(PathBuf),
+    /// figment could not parse or map a value (the message names the key and the source).
+    #[error("{0}")]
+    Parse(Box<figment::Error>),
+    /// The values parsed but do not make sense together.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listeners and shutdown.
+    pub server: ServerConfig,
+    /// The Partner Center API pcgate forwards to.
+    pub upstream: UpstreamConfig,
+    /// Service credentials by name; routes pick one.
+    pub credentials: BTreeMap<String, CredentialConfig>,
+    /// Optional inbound API keys.
+    pub access: AccessConfig,
+    /// Tracking headers.
+    pub tracking: TrackingConfig,
+    /// Response cache bounds.
+    pub cache: CacheConfig,
+    /// Retry policy for routes with `retry = true`.
+    pub retry: RetryConfig,
+    /// The route table: first match wins; a request no route matches gets 403.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Billing apps call this address.
+    pub listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`, `POST /cache/purge`.
+    pub admin_listen: SocketAddr,
+    /// How long in-flight calls may run on after SIGTERM or Ctrl-C.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How long a client may take to send its request headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `https://api.partnercenter.microsoft.com`; `http://` is allowed for the sandbox and tests.
+    pub base_url: String,
+    /// Extra PEM trust roots (a private or test CA), added to the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    /// TCP and TLS connect time limit.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// One attempt's time limit, until the response headers arrive.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// The whole call's time limit, all retries included.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+/// How a credential gets its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    /// App-only: client id and secret.
+    ClientCredentials,
+    /// App+User: a refresh token from a one-time consent, rotated on every use.
+    RefreshToken,
+    /// A fixed bearer token (tests, benchmarks).
+    Static,
+}
+
+impl Grant {
+    /// The name used in config and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::RefreshToken => "refresh_token",
+            Grant::Static => "static",
+        }
+    }
+}
+
+/// `[credentials.NAME]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// `client_credentials`, `refresh_token` or `static`.
+    pub grant: Grant,
+    /// The Entra ID token endpoint (v1 `.../oauth2/token` or v2 `.../oauth2/v2.0/token`).
+    pub token_url: Option<String>,
+    /// The app registration's client id.
+    pub client_id: Option<String>,
+    /// The client secret, inline.
+    #[serde(default, serialize_with = "redact_option")]
+    pub client_secret: Option<SecretString>,
+    /// The client secret, read from this file (preferred: keeps it out of the config).
+    pub client_secret_file: Option<PathBuf>,
+    /// v1 endpoints: the audience.
+    pub resource: Option<String>,
+    /// v2 endpoints: the scope, e.g. `https://api.partnercenter.microsoft.com/.default`.
+    pub scope: Option<String>,
+    /// The first refresh token, inline (`refresh_token` grant).
+    #[serde(default, serialize_with = "redact_option")]
+    pub refresh_token: Option<SecretString>,
+    /// Where the refresh token is kept; rotated tokens are written back here.
+    pub refresh_token_file: Option<PathBuf>,
+    /// The fixed token (`static` grant).
+    #[serde(default, serialize_with = "redact_option")]
+    pub token: Option<SecretString>,
+    /// Refresh this long before the token expires.
+    #[serde(default = "default_refresh_before", with = "humantime_serde")]
+    pub refresh_before: Duration,
+}
+
+fn default_refresh_before() -> Duration {
+    DEFAULT_REFRESH_BEFORE
+}
+
+/// `[access]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// When any are set, callers must send `Authorization: Bearer <key>` matching one of them.
+    pub clients: Vec<ClientKey>,
+}
+
+/// `[[access.clients]]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientKey {
+    /// Who the key belongs to (for logs).
+    pub name: String,
+    /// Hex SHA-256 of the key; the key itself is never stored.
+    pub key_sha256: String,
+}
+
+/// `[tracking]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingConfig {
+    /// `MS-PartnerCenter-Application`.
+    pub application: String,
+    /// `X-Locale` when the caller sends none.
+    pub locale: String,
+    /// Whether to send `MS-CV`.
+    pub correlation_vector: bool,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Bound on everything cached (bodies and headers).
+    pub max_bytes: ByteSize,
+    /// Larger responses are neither stored nor shared: they stream through.
+    pub max_entry_bytes: ByteSize,
+}
+
+/// `[retry]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    /// Backoff base.
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    /// Backoff cap.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Upstream statuses that are retried.
+    pub statuses: Vec<u16>,
+    /// A longer `Retry-After` is not waited for.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+    /// Retries may add at most this share to upstream traffic.
+    pub budget_ratio: f64,
+    /// ...but always at least this many a second.
+    pub budget_min_per_second: u32,
+}
+
+/// `[[routes]]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Used in logs and metric labels; defaults to the first pattern.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `"METHOD /path"` or a list of them; `*` is one segment, `**` the rest (one or more).
+    #[serde(rename = "match")]
+    pub patterns: Patterns,
+    /// The credential whose token is sent upstream.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// Cache 200 responses this long.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cache_ttl: Option<Duration>,
+    /// After the TTL, serve stale this long while one background refresh runs.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stale_while_revalidate: Option<Duration>,
+    /// After the TTL, serve stale this long when the upstream fails.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stale_if_error: Option<Duration>,
+    /// Identical in-flight calls share one upstream call.
+    #[serde(default)]
+    pub coalesce: bool,
+    /// Retry transient failures with backoff.
+    #[serde(default)]
+    pub retry: bool,
+}
+
+/// One pattern or several.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Patterns {
+    /// `match = "GET /v1/invoices"`
+    One(String),
+    /// `match = ["GET /a", "GET /b"]`
+    Many(Vec<String>),
+}
+
+impl Patterns {
+    /// The patterns as a slice.
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            Patterns::One(one) => std::slice::from_ref(one),
+            Patterns::Many(many) => many,
+        }
+    }
+}
+
+impl RouteConfig {
+    /// The route's name: `name`, else its first pattern.
+    pub fn name(&self) -> &str {
+        self.name
+            .as_deref()
+            .or_else(|| self.patterns.as_slice().first().map(String::as_str))
+            .unwrap_or("")
+    }
+}
+
+fn redact_option<S: Serializer>(
+    value: &Option<SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => serializer.serialize_str("[redacted]"),
+        None => serializer.serialize_none(),
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            admin_listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default address"),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            base_url: DEFAULT_BASE_URL.to_owned(),
+            ca_file: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            deadline: DEFAULT_DEADLINE,
+        }
+    }
+}
+
+impl Default for TrackingConfig {
+    fn default() -> Self {
+        TrackingConfig {
+            application: DEFAULT_APPLICATION.to_owned(),
+            locale: DEFAULT_LOCALE.to_owned(),
+            correlation_vector: true,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            max_entry_bytes: DEFAULT_CACHE_MAX_ENTRY_BYTES,
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: DEFAULT_RETRY_MAX_ATTEMPTS,
+            base_delay: DEFAULT_RETRY_BASE_DELAY,
+            max_delay: DEFAULT_RETRY_MAX_DELAY,
+            statuses: DEFAULT_RETRY_STATUSES.to_vec(),
+            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+            budget_ratio: DEFAULT_BUDGET_RATIO,
+            budget_min_per_second: DEFAULT_BUDGET_MIN_PER_SECOND,
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file`, then `PCGATE_*` variables, and validates the result.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        if !file.is_file() {
+            return Err(ConfigError::NotFound(file.to_owned()));
+        }
+        Self::from_figment(Figment::new().merge(Toml::file_exact(file)))
+    }
+
+    /// Loads from TOML text instead of a file (tests, the demo), then `PCGATE_*` variables.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        // `PCGATE_CONFIG` names the file; it is not a key.
+        let env = Env::prefixed("PCGATE_").split("__").ignore(&["config"]);
+        let config: Config = figment
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: URLs, references between sections, numbers in range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError::Invalid(msg));
+        crate::upstream::BaseUrl::parse(&self.upstream.base_url)
+            .map_err(|e| ConfigError::Invalid(format!("upstream.base_url: {e}")))?;
+        if self.upstream.connect_timeout.is_zero() || self.upstream.attempt_timeout.is_zero() {
+            return fail(
+                "upstream.connect_timeout and upstream.attempt_timeout must be more than 0s".into(),
+            );
+        }
+        if self.upstream.deadline < self.upstream.attempt_timeout {
+            return fail(format!(
+                "upstream.deadline ({}) is shorter than upstream.attempt_timeout ({}): raise the deadline or lower the attempt timeout",
+                humantime::format_duration(self.upstream.deadline),
+                humantime::format_duration(self.upstream.attempt_timeout)
+            ));
+        }
+        if let Some(ca) = &self.upstream.ca_file {
+            if !ca.is_file() {
+                return fail(format!(
+                    "upstream.ca_file: {} is not a readable file",
+                    ca.display()
+                ));
+            }
+        }
+        for (name, credential) in &self.credentials {
+            credential
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("credentials.{name}: {e}")))?;
+        }
+        for client in &self.access.clients {
+            let hex = &client.key_sha256;
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return fail(format!(
+                    "access.clients `{}`: key_sha256 must be 64 hex digits (make it with `printf %s \"$KEY\" | sha256sum`)",
+                    client.name
+                ));
+            }
+        }
+        if self.cache.max_entry_bytes > self.cache.max_bytes {
+            return fail("cache.max_entry_bytes is larger than cache.max_bytes".into());
+        }
+        if self.retry.max_attempts == 0 {
+            return fail("retry.max_attempts must be at least 1 (1 means no retries)".into());
+        }
+        if !(0.0..=1000.0).contains(&self.retry.budget_ratio) {
+            return fail("retry.budget_ratio must be between 0 and 1000".into());
+        }
+        if let Some(bad) = self
+            .retry
+            .statuses
+            .iter()
+            .find(|s| !(100..=599).contains(*s))
+        {
+            return fail(format!("retry.statuses: {bad} is not an HTTP status"));
+        }
+        if self.routes.is_empty() {
+            return fail("no [[routes]]: every call would get 403; start from the table in config/pcgate.toml".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let name = route.name();
+            let at = format!("routes[{i}] `{name}`");
+            if route.patterns.as_slice().is_empty() {
+                return fail(format!("{at}: `match` is empty"));
+            }
+            for pattern in route.patterns.as_slice() {
+                Pattern::parse(pattern).map_err(|e| ConfigError::Invalid(format!("{at}: {e}")))?;
+            }
+            if !names.insert(name) {
+                return fail(format!("{at}: another route has the same name; names label metrics, so give each route its own"));
+            }
+            if let Some(credential) = &route.credential {
+                if !self.credentials.contains_key(credential) {
+                    return fail(format!(
+                        "{at}: credential `{credential}` is not configured: add [credentials.{credential}] or change the route"
+                    ));
+                }
+            }
+            if route.cache_ttl.is_none()
+                && (route.stale_while_revalidate.is_some() || route.stale_if_error.is_some())
+            {
+                return fail(format!(
+                    "{at}: stale_while_revalidate and stale_if_error need cache_ttl"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets redacted (`check-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# could not render: {e}\n"))
+    }
+}
+
+impl CredentialConfig {
+    fn validate(&self) -> Result<(), String> {
+        let need = |field: Option<&str>, key: &str| match field {
+            Some(v) if !v.is_empty() => Ok(()),
+            _ => Err(format!("grant `{}` needs `{key}`", self.grant.as_str())),
+        };
+        match self.grant {
+            Grant::Static => {
+                if self.token.is_none() {
+                    return Err("grant `static` needs `token`".into());
+                }
+            }
+            Grant::ClientCredentials | Grant::RefreshToken => {
+                need(self.token_url.as_deref(), "token_url")?;
+                if let Some(url) = &self.token_url {
+                    let uri: http::Uri = url
+                        .parse()
+                        .map_err(|e| format!("token_url `{url}` is not a URL ({e})"))?;
+                    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                        return Err(format!(
+                            "token_url `{url}` must be an http:// or https:// URL"
+                        ));
+                    }
+                }
+                need(self.client_id.as_deref(), "client_id")?;
+                match (&self.client_secret, &self.client_secret_file) {
+                    (Some(_), Some(_)) => {
+                        return Err("set `client_secret` or `client_secret_file`, not both".into())
+                    }
+                    (None, None) => {
+                        return Err(
+                            "needs `client_secret` or `client_secret_file` (preferred)".into()
+                        )
+                    }
+                    _ => {}
+                }
+                if self.resource.is_some() && self.scope.is_some() {
+                    return Err(
+                        "set `resource` (v1 token endpoint) or `scope` (v2), not both".into(),
+                    );
+                }
+                if self.grant == Grant::RefreshToken
+                    && self.refresh_token.is_none()
+                    && self.refresh_token_file.is_none()
+                {
+                    return Err(
+                        "grant `refresh_token` needs `refresh_token_file` (or `refresh_token`)"
+                            .into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const MINIMAL: &str = r#"
+        [upstream]
+        base_url = "http://127.0.0.1:9100"
+        [[routes]]
+        match = "GET /v1/invoices"
+    "#;
+
+    fn message(result: Result<Config, ConfigError>) -> String {
+        result.expect_err("config should be refused").to_string()
+    }
+
+    #[test]
+    fn the_shipped_file_loads_with_the_default_route_table() {
+        Jail::expect_with(|_jail| {
+            let config = Config::load(Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/config/pcgate.toml"
+            )))
+            .map_err(|e| e.to_string())?;
+            let names: Vec<&str> = config.routes.iter().map(RouteConfig::name).collect();
+            assert_eq!(
+                names,
+                [
+                    "summary",
+                    "summaries",
+                    "invoices",
+                    "invoice_lineitems",
+                    "invoice_documents",
+                    "invoice"
+                ]
+            );
+            assert_eq!(config.routes[0].cache_ttl, Some(Duration::from_secs(300)));
+            assert_eq!(config.upstream.base_url, DEFAULT_BASE_URL);
+            assert_eq!(config.credentials["user"].grant, Grant::RefreshToken);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_file_overrides_defaults_and_env_overrides_the_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "pcgate.toml",
+                r#"
+                [upstream]
+                base_url = "http://127.0.0.1:9100"
+                attempt_timeout = "250ms"
+                deadline = "2s"
+                [[routes]]
+                match = "GET /v1/invoices"
+                "#,
+            )?;
+            let config = Config::load(Path::new("pcgate.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(config.upstream.attempt_timeout, Duration::from_millis(250));
+            assert_eq!(config.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+            assert_eq!(config.server.listen, DEFAULT_LISTEN.parse().unwrap());
+
+            jail.set_env("PCGATE_UPSTREAM__BASE_URL", "http://127.0.0.1:9200");
+            jail.set_env("PCGATE_SERVER__SHUTDOWN_GRACE", "5s");
+            jail.set_env("PCGATE_CONFIG", "pcgate.toml");
+            let config = Config::load(Path::new("pcgate.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(config.upstream.base_url, "http://127.0.0.1:9200");
+            assert_eq!(config.server.shutdown_grace, Duration::from_secs(5));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        Jail::expect_with(|jail| {
+            let text = format!("{MINIMAL}\n[cache]\nmax_byte = \"1MiB\"\n");
+            let msg = message(Config::from_toml(&text));
+            assert!(msg.contains("max_byte"), "{msg}");
+            jail.set_env("PCGATE_UPSTREAM__BASE_URLL", "http://x");
+            let msg = message(Config::from_toml(MINIMAL));
+            assert!(msg.contains("base_urll"), "{msg}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_durations_and_sizes_are_errors_that_name_the_key() {
+        Jail::expect_with(|_jail| {
+            let msg = message(Config::from_toml(&format!(
+                "{MINIMAL}\n[server]\nshutdown_grace = \"soon\"\n"
+            )));
+            assert!(msg.contains("shutdown_grace"), "{msg}");
+            let msg = message(Config::from_toml(&format!(
+                "{MINIMAL}\n[cache]\nmax_bytes = \"lots\"\n"
+            )));
+            assert!(msg.contains("max_bytes"), "{msg}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn validation_names_the_key_and_the_fix() {
+        Jail::expect_with(|_jail| {
+            let msg = message(Config::from_toml(
+                "[upstream]\nbase_url = \"ftp://x\"\n[[routes]]\nmatch = \"GET /a\"\n",
+            ));
+            assert!(msg.contains("upstream.base_url"), "{msg}");
+            let msg = message(Config::from_toml(
+                "[[routes]]\nmatch = \"GET /a\"\ncredential = \"nobody\"\n",
+            ));
+            assert!(msg.contains("[credentials.nobody]"), "{msg}");
+            let msg = message(Config::from_toml("[[routes]]\nmatch = \"GET /a/**/b\"\n"));
+            assert!(msg.contains("routes[0]"), "{msg}");
+            let msg = message(Config::from_toml(""));
+            assert!(msg.contains("[[routes]]"), "{msg}");
+            let msg = message(Config::from_toml(
+                "[credentials.app]\ngrant = \"client_credentials\"\ntoken_url = \"https://login.example/t/oauth2/token\"\nclient_id = \"id\"\n[[routes]]\nmatch = \"GET /a\"\n",
+            ));
+            assert!(
+                msg.contains("credentials.app") && msg.contains("client_secret"),
+                "{msg}"
+            );
+            let msg = message(Config::from_toml(
+                "[upstream]\nattempt_timeout = \"10s\"\ndeadline = \"5s\"\n[[routes]]\nmatch = \"GET /a\"\n",
+            ));
+            assert!(msg.contains("deadline"), "{msg}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_never_appear_in_the_printed_config() {
+        Jail::expect_with(|_jail| {
+            let config = Config::from_toml(
+                r#"
+                [credentials.app]
+                grant = "client_credentials"
+                token_url = "https://login.example/t/oauth2/token"
+                client_id = "id"
+                client_secret = "s3cr3t-value"
+                [credentials.fixed]
+                grant = "static"
+                token = "fixed-t0ken"
+                [[routes]]
+                match = "GET /a"
+                credential = "app"
+                "#,
+            )
+            .map_err(|e| e.to_string())?;
+            let printed = config.to_toml();
+            let debugged = format!("{config:?}");
+            for secret in ["s3cr3t-value", "fixed-t0ken"] {
+                assert!(!printed.contains(secret), "{printed}");
+                assert!(!debugged.contains(secret), "{debugged}");
+            }
+            assert!(printed.contains("[redacted]"));
+            // The printed config is itself a valid config.
+            Config::from_toml(&printed).map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,5 @@
+//! One module per tower layer, named for its concern. The stack that orders them is built in
+//! [`crate::stack`].
+
+pub mod access;
+pub mod rescue;

@@ -1,0 +1,108 @@
+//! `rescue`: the outermost layer. Turns every error from the layers inside into a response in the
+//! Partner Center error shape, so no `Err` reaches hyper (which would drop the connection with no
+//! answer). The mapping from error to status lives here and only here.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::StatusCode;
+use pin_project_lite::pin_project;
+
+use crate::body::{BoxError, Request, Response};
+use crate::error::problem;
+use crate::layer::access::AccessError;
+use crate::upstream::UpstreamError;
+
+/// Adds [`Rescue`] around a service.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RescueLayer;
+
+impl<S> tower::Layer<S> for RescueLayer {
+    type Service = Rescue<S>;
+
+    fn layer(&self, inner: S) -> Rescue<S> {
+        Rescue { inner }
+    }
+}
+
+/// Answers errors with Partner Center-shaped responses; see the module docs.
+#[derive(Clone, Debug)]
+pub struct Rescue<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<Request> for Rescue<S>
+where
+    S: tower::Service<Request, Response = Response, Error = BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // A layer that is not ready with an error is answered per call, below.
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        ResponseFuture {
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+pin_project! {
+    /// Resolves to the inner response, or to the error turned into one.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response, BoxError>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().inner.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
+            Poll::Ready(Err(error)) => Poll::Ready(Ok(error_response(&*error))),
+        }
+    }
+}
+
+/// The status, error name and description for an error from inside the stack.
+pub fn error_response(error: &(dyn std::error::Error + Send + Sync + 'static)) -> Response {
+    let (status, name) = classify(error);
+    if status.is_server_error() {
+        tracing::warn!(%status, error = %error, "call failed");
+    } else {
+        tracing::debug!(%status, error = %error, "call refused");
+    }
+    problem(status, name, &error.to_string())
+}
+
+fn classify(error: &(dyn std::error::Error + Send + Sync + 'static)) -> (StatusCode, &'static str) {
+    if let Some(e) = error.downcast_ref::<AccessError>() {
+        return match e {
+            AccessError::BadPath(_) => (StatusCode::BAD_REQUEST, "InvalidPath"),
+            AccessError::NoRoute { .. } => (StatusCode::FORBIDDEN, "RouteNotAllowed"),
+        };
+    }
+    if let Some(e) = error.downcast_ref::<UpstreamError>() {
+        return match e {
+            UpstreamError::Connect(_) => (StatusCode::BAD_GATEWAY, "UpstreamUnreachable"),
+            UpstreamError::Protocol(_) => (StatusCode::BAD_GATEWAY, "UpstreamFailed"),
+            UpstreamError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout"),
+        };
+    }
+    (StatusCode::INTERNAL_SERVER_ERROR, "GatewayError")
+}

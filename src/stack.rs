@@ -1,0 +1,34 @@
+//! The request path: one tower stack, built in one function, read top to bottom as outside to
+//! inside (DESIGN.md §2).
+
+use crate::body::{Request, Response};
+use crate::layer::access::AccessLayer;
+use crate::layer::rescue::RescueLayer;
+use crate::route::RouteTable;
+use crate::upstream::Upstream;
+
+/// Everything the stack is built from, prepared once at start-up.
+pub struct Parts {
+    /// The route table, matched by `access`.
+    pub routes: RouteTable,
+    /// The pooled upstream client.
+    pub upstream: Upstream,
+}
+
+/// The gateway's service: a request in, a response out, never an error.
+pub fn build(
+    parts: Parts,
+) -> impl tower::Service<Request, Response = Response, Error = std::convert::Infallible, Future: Send>
+       + Clone
+       + Send
+       + 'static {
+    tower::ServiceBuilder::new()
+        // Outermost, so that every error from any layer below becomes a Partner Center-shaped
+        // response and hyper never sees an `Err`.
+        .layer(RescueLayer)
+        // (observe: span and request metrics; tracking: MS-RequestId, MS-CorrelationId, MS-CV.)
+        // Refuse what the route table does not allow before any other work is done.
+        .layer(AccessLayer::new(parts.routes))
+        // (cache, coalesce, retry, credential: in that order, inside access.)
+        .service(parts.upstream)
+}

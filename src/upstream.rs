@@ -1,0 +1,289 @@
+//! The innermost service: sends the call to Partner Center over a pooled hyper-util client on
+//! rustls (HTTP/2 or HTTP/1.1 by ALPN), and streams the answer back.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+use crate::body::{self, Body, BoxError, Request, Response};
+use crate::config::UpstreamConfig;
+
+/// How long an idle pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Why an upstream attempt failed before a response arrived.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// TCP or TLS connect failed (refused, unreachable, bad certificate, connect timeout).
+    #[error("upstream unreachable: {0}")]
+    Connect(String),
+    /// No response headers within `attempt_timeout`.
+    #[error("upstream did not answer within {0:?} (upstream.attempt_timeout)")]
+    Timeout(Duration),
+    /// The connection broke or the upstream spoke bad HTTP.
+    #[error("upstream request failed: {0}")]
+    Protocol(String),
+}
+
+/// Why the TLS client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// `ca_file` could not be read or holds no certificate.
+    #[error("upstream.ca_file {path}: {reason}")]
+    CaFile {
+        /// The file named in the config.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// rustls refused the settings.
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// `upstream.base_url`, split once at start-up.
+#[derive(Debug, Clone)]
+pub struct BaseUrl {
+    scheme: Scheme,
+    authority: Authority,
+    /// A path prefix without the trailing `/` (usually empty).
+    prefix: String,
+}
+
+impl BaseUrl {
+    /// Parses and checks `http(s)://host[:port][/prefix]`.
+    pub fn parse(text: &str) -> Result<BaseUrl, String> {
+        let uri: Uri = text
+            .parse()
+            .map_err(|e| format!("`{text}` is not a URL ({e})"))?;
+        let scheme = match uri.scheme_str() {
+            Some("https") => Scheme::HTTPS,
+            Some("http") => Scheme::HTTP,
+            _ => {
+                return Err(format!(
+                    "`{text}` must start with https:// (or http:// for a local sandbox)"
+                ))
+            }
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("`{text}` has no host"))?;
+        if uri.query().is_some() {
+            return Err(format!("`{text}` must not have a query"));
+        }
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Ok(BaseUrl {
+            scheme,
+            authority,
+            prefix,
+        })
+    }
+
+    /// The absolute upstream URI for an origin-form path and query.
+    pub fn join(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        let pq: PathAndQuery = if self.prefix.is_empty() {
+            path_and_query.parse()?
+        } else {
+            format!("{}{}", self.prefix, path_and_query).parse()?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+}
+
+/// The rustls client settings for the upstream and the token endpoints: webpki roots plus `ca_file`.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let ca_error = |reason: String| TlsError::CaFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_error(e.to_string()))? {
+            let cert = cert.map_err(|e| ca_error(e.to_string()))?;
+            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(ca_error("no PEM certificate in the file".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Sends each request to the upstream; cheap to clone (the pool is shared).
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    base: Arc<BaseUrl>,
+    attempt_timeout: Duration,
+}
+
+impl Upstream {
+    /// Builds the pooled client from `[upstream]`.
+    pub fn new(config: &UpstreamConfig, tls: rustls::ClientConfig) -> Result<Upstream, String> {
+        let base = BaseUrl::parse(&config.base_url)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(https);
+        Ok(Upstream {
+            client,
+            base: Arc::new(base),
+            attempt_timeout: config.attempt_timeout,
+        })
+    }
+}
+
+impl tower::Service<Request> for Upstream {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let path_and_query = request
+            .uri()
+            .path_and_query()
+            .map_or("/", PathAndQuery::as_str);
+        let uri = match self.base.join(path_and_query) {
+            Ok(uri) => uri,
+            Err(e) => return Box::pin(std::future::ready(Err(e.into()))),
+        };
+        *request.uri_mut() = uri;
+        // HTTP/2 to the upstream is negotiated by ALPN; the version the caller spoke is its own.
+        *request.version_mut() = http::Version::HTTP_11;
+        strip_hop_by_hop(request.headers_mut());
+        // The client writes `Host` (or `:authority`) from the upstream URI.
+        request.headers_mut().remove(header::HOST);
+
+        let sent = self.client.request(request);
+        let limit = self.attempt_timeout;
+        Box::pin(async move {
+            let response = match tokio::time::timeout(limit, sent).await {
+                Err(_) => return Err(UpstreamError::Timeout(limit).into()),
+                Ok(Err(e)) if e.is_connect() => {
+                    return Err(UpstreamError::Connect(error_chain(&e)).into())
+                }
+                Ok(Err(e)) => return Err(UpstreamError::Protocol(error_chain(&e)).into()),
+                Ok(Ok(response)) => response,
+            };
+            let (mut parts, incoming) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Ok(Response::from_parts(parts, body::boxed(incoming)))
+        })
+    }
+}
+
+/// The error and its causes on one line, so "connection refused" is not hidden behind "client error".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_joins_paths() {
+        let base = BaseUrl::parse("https://api.example.com").unwrap();
+        assert_eq!(
+            base.join("/v1/invoices?size=2").unwrap().to_string(),
+            "https://api.example.com/v1/invoices?size=2"
+        );
+        let base = BaseUrl::parse("http://127.0.0.1:9000/prefix/").unwrap();
+        assert_eq!(
+            base.join("/v1/invoices").unwrap().to_string(),
+            "http://127.0.0.1:9000/prefix/v1/invoices"
+        );
+        assert!(BaseUrl::parse("ftp://x").is_err());
+        assert!(BaseUrl::parse("/relative").is_err());
+        assert!(BaseUrl::parse("https://x/?q=1").is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_including_those_connection_names() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", "close, x-private".parse().unwrap());
+        headers.insert("x-private", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("te", "trailers".parse().unwrap());
+        headers.insert("upgrade", "h2c".parse().unwrap());
+        headers.insert("proxy-authorization", "Basic x".parse().unwrap());
+        headers.insert("accept", "application/json".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("accept"));
+    }
+}
