@@ -39,3 +39,19 @@ where
 {
     body.map_err(Into::into).boxed_unsync()
 }
+
+/// A copy of a request that has no body (method, URI, version, headers, extensions), for a
+/// replay or a retry; `None` if the request has a body, which cannot be sent twice.
+pub fn clone_bodiless(request: &Request) -> Option<Request> {
+    use http_body::Body as _;
+    if !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = http::Request::new(empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    Some(copy)
+}

@@ -7,7 +7,9 @@
 //! - [`server`]: the accept loop (HTTP/1.1 and HTTP/2 cleartext, header timeout, graceful shutdown).
 //! - [`stack`]: builds the tower stack, outside to inside, from the layers in [`layer`]:
 //!   - [`layer::rescue`]: every error becomes a Partner Center-shaped response ([`error`]).
-//!   - [`layer::access`]: path normalisation and the route table ([`route`]); 400 / 403.
+//!   - [`layer::access`]: path normalisation and the route table ([`route`]), inbound keys;
+//!     strips the caller's `Authorization`; 400 / 401 / 403.
+//!   - [`layer::credential`]: the route's service token from [`token`]; 401 → refresh, replay once.
 //! - [`upstream`]: the pooled rustls client that sends the call on and streams the answer back.
 //!
 //! Around them: [`config`] (figment: defaults, TOML, `PCGATE_` env), [`admin`] (the admin port),
@@ -26,6 +28,7 @@ pub mod route;
 pub mod sandbox;
 pub mod server;
 pub mod stack;
+pub mod token;
 pub mod upstream;
 
 use std::future::Future;
@@ -54,21 +57,44 @@ pub enum StartError {
     /// The TLS client could not be built.
     #[error(transparent)]
     Tls(#[from] upstream::TlsError),
+    /// A credential could not be set up (a secret file missing, say).
+    #[error(transparent)]
+    Credential(#[from] token::SetupError),
     /// The config was valid but the stack could not be built from it.
     #[error("{0}")]
     Setup(String),
 }
 
-/// A gateway whose listeners are bound, ready to serve.
+/// A gateway whose listeners are bound and whose parts are built, ready to serve.
 pub struct Gateway {
     config: Config,
     listener: TcpListener,
     admin: TcpListener,
+    parts: stack::Parts,
 }
 
 impl Gateway {
-    /// Binds both listeners (port 0 picks a free port).
+    /// Builds the stack's parts and binds both listeners (port 0 picks a free port). Every
+    /// start-up error (a secret file missing, a port taken) surfaces here, before serving.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        let tls = upstream::tls_config(config.upstream.ca_file.as_deref())?;
+        let tokens = token::TokenSources::new(
+            &config.credentials,
+            tls.clone(),
+            config.upstream.connect_timeout,
+        )?;
+        let routes = route::RouteTable::new(&config.routes).map_err(StartError::Setup)?;
+        let upstream = upstream::Upstream::new(&config.upstream, tls).map_err(StartError::Setup)?;
+        let keys = config
+            .access
+            .clients
+            .iter()
+            .map(|c| {
+                layer::access::ClientKey::from_hex(&c.name, &c.key_sha256).ok_or_else(|| {
+                    StartError::Setup(format!("access.clients `{}`: bad key_sha256", c.name))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let bind = |addr: SocketAddr, key: &'static str| async move {
             TcpListener::bind(addr)
                 .await
@@ -76,10 +102,17 @@ impl Gateway {
         };
         let listener = bind(config.server.listen, "server.listen").await?;
         let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
+        let parts = stack::Parts {
+            routes,
+            keys,
+            tokens,
+            upstream,
+        };
         Ok(Gateway {
             config,
             listener,
             admin,
+            parts,
         })
     }
 
@@ -97,22 +130,40 @@ impl Gateway {
             .expect("a bound listener has an address")
     }
 
+    /// The token sources (tests and the demo look at them).
+    pub fn tokens(&self) -> &token::TokenSources {
+        &self.parts.tokens
+    }
+
     /// Serves until `shutdown` resolves, then drains for at most `server.shutdown_grace`.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
+        let (listen, admin_listen) = (self.local_addr(), self.admin_addr());
         let Gateway {
             config,
             listener,
             admin,
+            parts,
         } = self;
-        let tls = upstream::tls_config(config.upstream.ca_file.as_deref())?;
-        let routes = route::RouteTable::new(&config.routes).map_err(StartError::Setup)?;
-        let upstream = upstream::Upstream::new(&config.upstream, tls).map_err(StartError::Setup)?;
-        let service = stack::build(stack::Parts { routes, upstream })
+        let tokens = parts.tokens.clone();
+        let mut used: Vec<String> = config
+            .routes
+            .iter()
+            .filter_map(|r| r.credential.clone())
+            .collect();
+        used.sort();
+        used.dedup();
+        let admin_state = admin::Admin {
+            tokens: tokens.clone(),
+            used: used.into(),
+        };
+        let service = stack::build(parts)
             .map_request(|request: http::Request<hyper::body::Incoming>| request.map(body::boxed));
+        let admin_service = tower::service_fn(move |request| admin_state.clone().handle(request));
 
+        let refreshers = tokens.spawn_refreshers();
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
@@ -127,13 +178,12 @@ impl Gateway {
             grace: config.server.shutdown_grace,
         };
         tracing::info!(
-            listen = %listener.local_addr().map_err(|e| StartError::Setup(e.to_string()))?,
-            admin = %admin.local_addr().map_err(|e| StartError::Setup(e.to_string()))?,
+            %listen,
+            admin = %admin_listen,
             upstream = %config.upstream.base_url,
             routes = config.routes.len(),
             "pcgate listening"
         );
-        let admin_service = tower::service_fn(admin::handle);
         tokio::join!(
             server::serve(
                 listener,
@@ -143,6 +193,9 @@ impl Gateway {
             ),
             server::serve(admin, admin_service, options("admin"), signal(stopped)),
         );
+        for refresher in refreshers {
+            refresher.abort();
+        }
         Ok(())
     }
 }

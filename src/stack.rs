@@ -2,15 +2,21 @@
 //! inside (DESIGN.md §2).
 
 use crate::body::{Request, Response};
-use crate::layer::access::AccessLayer;
+use crate::layer::access::{AccessLayer, ClientKey};
+use crate::layer::credential::CredentialLayer;
 use crate::layer::rescue::RescueLayer;
 use crate::route::RouteTable;
+use crate::token::TokenSources;
 use crate::upstream::Upstream;
 
 /// Everything the stack is built from, prepared once at start-up.
 pub struct Parts {
     /// The route table, matched by `access`.
     pub routes: RouteTable,
+    /// Inbound keys checked by `access` (none: trust the loopback listener).
+    pub keys: Vec<ClientKey>,
+    /// Token sources, by credential name.
+    pub tokens: TokenSources,
     /// The pooled upstream client.
     pub upstream: Upstream,
 }
@@ -28,7 +34,9 @@ pub fn build(
         .layer(RescueLayer)
         // (observe: span and request metrics; tracking: MS-RequestId, MS-CorrelationId, MS-CV.)
         // Refuse what the route table does not allow before any other work is done.
-        .layer(AccessLayer::new(parts.routes))
-        // (cache, coalesce, retry, credential: in that order, inside access.)
+        .layer(AccessLayer::new(parts.routes, parts.keys))
+        // (cache, coalesce, retry: in that order, inside access.)
+        // Innermost but the client: every attempt, and the 401 replay, carries a current token.
+        .layer(CredentialLayer::new(parts.tokens))
         .service(parts.upstream)
 }

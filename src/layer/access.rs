@@ -2,13 +2,19 @@
 //! ([`crate::route::normalize_path`]) and matched against the route table, first match wins; the
 //! matched [`Route`] goes into the request's extensions for the inner layers, and the request URI
 //! is rewritten to the normalised path, so the path matched is exactly the path forwarded.
+//!
+//! When inbound keys are configured (`[[access.clients]]`), the caller must present one as
+//! `Authorization: Bearer <key>`; it is hashed and compared in constant time. The caller's
+//! `Authorization` never goes further: the `credential` layer puts the service's own there.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::{self, Either, Ready};
 use http::uri::PathAndQuery;
-use http::Method;
+use http::{header, Method};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::body::{BoxError, Request, Response};
 use crate::route::{normalize_path, PathError, Route, RouteTable};
@@ -27,19 +33,50 @@ pub enum AccessError {
         /// The normalised path.
         path: String,
     },
+    /// Inbound keys are configured and the caller sent none, or a wrong one (401).
+    #[error("missing or unknown API key: send `Authorization: Bearer <key>` with a key from [[access.clients]]")]
+    BadKey,
+}
+
+/// The SHA-256 of one inbound key, and whose it is.
+#[derive(Clone, Debug)]
+pub struct ClientKey {
+    /// Who the key belongs to (logged on each call).
+    pub name: String,
+    /// SHA-256 of the key.
+    pub sha256: [u8; 32],
+}
+
+impl ClientKey {
+    /// From config: the name and 64 hex digits.
+    pub fn from_hex(name: &str, hex: &str) -> Option<ClientKey> {
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut sha256 = [0u8; 32];
+        for (i, byte) in sha256.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(ClientKey {
+            name: name.to_owned(),
+            sha256,
+        })
+    }
 }
 
 /// Adds [`Access`] in front of a service.
 #[derive(Clone)]
 pub struct AccessLayer {
     table: Arc<RouteTable>,
+    keys: Arc<[ClientKey]>,
 }
 
 impl AccessLayer {
-    /// Uses this route table.
-    pub fn new(table: RouteTable) -> Self {
+    /// Uses this route table; with `keys` not empty, callers must present one.
+    pub fn new(table: RouteTable, keys: Vec<ClientKey>) -> Self {
         AccessLayer {
             table: Arc::new(table),
+            keys: keys.into(),
         }
     }
 }
@@ -51,6 +88,7 @@ impl<S> tower::Layer<S> for AccessLayer {
         Access {
             inner,
             table: self.table.clone(),
+            keys: self.keys.clone(),
         }
     }
 }
@@ -60,6 +98,7 @@ impl<S> tower::Layer<S> for AccessLayer {
 pub struct Access<S> {
     inner: S,
     table: Arc<RouteTable>,
+    keys: Arc<[ClientKey]>,
 }
 
 impl<S> tower::Service<Request> for Access<S>
@@ -87,6 +126,11 @@ where
 
 impl<S> Access<S> {
     fn admit(&self, request: &mut Request) -> Result<Arc<Route>, AccessError> {
+        if !self.keys.is_empty() {
+            let client = self.client(request).ok_or(AccessError::BadKey)?;
+            tracing::debug!(client = %client.name, "inbound key accepted");
+        }
+        request.headers_mut().remove(header::AUTHORIZATION);
         let path = normalize_path(request.uri().path())?;
         let route = self
             .table
@@ -106,5 +150,27 @@ impl<S> Access<S> {
             *request.uri_mut() = pq.into();
         }
         Ok(route)
+    }
+
+    /// The client whose key the caller presented.
+    fn client(&self, request: &Request) -> Option<&ClientKey> {
+        let value = request
+            .headers()
+            .get(header::AUTHORIZATION)?
+            .to_str()
+            .ok()?;
+        let (scheme, key) = value.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let presented: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
+        // Check every key, so the time taken does not tell which one came close.
+        let mut found = None;
+        for client in self.keys.iter() {
+            if bool::from(client.sha256.ct_eq(&presented)) {
+                found = Some(client);
+            }
+        }
+        found
     }
 }

@@ -2,4 +2,5 @@
 //! [`crate::stack`].
 
 pub mod access;
+pub mod credential;
 pub mod rescue;

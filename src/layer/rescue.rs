@@ -13,6 +13,7 @@ use pin_project_lite::pin_project;
 use crate::body::{BoxError, Request, Response};
 use crate::error::problem;
 use crate::layer::access::AccessError;
+use crate::layer::credential::CredentialError;
 use crate::upstream::UpstreamError;
 
 /// Adds [`Rescue`] around a service.
@@ -95,7 +96,11 @@ fn classify(error: &(dyn std::error::Error + Send + Sync + 'static)) -> (StatusC
         return match e {
             AccessError::BadPath(_) => (StatusCode::BAD_REQUEST, "InvalidPath"),
             AccessError::NoRoute { .. } => (StatusCode::FORBIDDEN, "RouteNotAllowed"),
+            AccessError::BadKey => (StatusCode::UNAUTHORIZED, "InvalidApiKey"),
         };
+    }
+    if error.downcast_ref::<CredentialError>().is_some() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "NoValidCredential");
     }
     if let Some(e) = error.downcast_ref::<UpstreamError>() {
         return match e {

@@ -1,0 +1,125 @@
+//! `credential`: sends the route's service credential upstream. The caller's `Authorization` was
+//! removed by `access`; this layer injects `Bearer <token>` from the route's [`TokenSource`]. On an
+//! upstream 401 it asks the source for a different token (one refresh, shared with every other
+//! call that saw the same 401) and replays the call once.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{header, StatusCode};
+
+use crate::body::{self, BoxError, Request, Response};
+use crate::route::Route;
+use crate::token::{TokenError, TokenSources};
+
+/// Why the call could not be given a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// No valid token and none to be had now (503).
+    #[error(transparent)]
+    NoToken(#[from] TokenError),
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+
+/// Calls `inner`, boxing its future. (Holding a generic `S::Future` across an `.await` inside an
+/// async block trips rustc's higher-ranked `Send` check; a boxed trait object does not.)
+fn send<S>(inner: &mut S, request: Request) -> BoxFuture
+where
+    S: tower::Service<Request, Response = Response, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    Box::pin(inner.call(request))
+}
+
+/// Adds [`Credential`] in front of a service.
+#[derive(Clone, Debug)]
+pub struct CredentialLayer {
+    sources: TokenSources,
+}
+
+impl CredentialLayer {
+    /// Uses these token sources, by credential name.
+    pub fn new(sources: TokenSources) -> Self {
+        CredentialLayer { sources }
+    }
+}
+
+impl<S> tower::Layer<S> for CredentialLayer {
+    type Service = Credential<S>;
+
+    fn layer(&self, inner: S) -> Credential<S> {
+        Credential {
+            inner,
+            sources: self.sources.clone(),
+        }
+    }
+}
+
+/// Injects the route's bearer token; see the module docs.
+#[derive(Clone, Debug)]
+pub struct Credential<S> {
+    inner: S,
+    sources: TokenSources,
+}
+
+impl<S> tower::Service<Request> for Credential<S>
+where
+    S: tower::Service<Request, Response = Response, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = BoxError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        // The ready service goes into the future; a fresh clone stays for the next call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let source = request
+            .extensions()
+            .get::<Arc<Route>>()
+            .and_then(|route| route.credential.as_deref())
+            .and_then(|name| self.sources.get(name))
+            .cloned();
+        Box::pin(async move {
+            let Some(source) = source else {
+                return send(&mut inner, request).await;
+            };
+            let token = source.token().await.map_err(CredentialError::from)?;
+            request
+                .headers_mut()
+                .insert(header::AUTHORIZATION, token.header());
+            let replay = body::clone_bodiless(&request);
+            let response = send(&mut inner, request).await?;
+            let Some(mut replay) = replay.filter(|_| response.status() == StatusCode::UNAUTHORIZED)
+            else {
+                return Ok(response);
+            };
+            match source.replace(&token).await {
+                Ok(fresh) => {
+                    tracing::info!(
+                        credential = source.name(),
+                        "upstream refused the token (401): replaying once with a new one"
+                    );
+                    replay
+                        .headers_mut()
+                        .insert(header::AUTHORIZATION, fresh.header());
+                    std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+                    send(&mut inner, replay).await
+                }
+                // No other token to try: the upstream's own 401 is the truest answer.
+                Err(e) => {
+                    tracing::warn!(credential = source.name(), error = %e, "upstream refused the token (401) and no new one could be had");
+                    Ok(response)
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,302 @@
+//! One exchange with an Entra ID token endpoint (v1 `.../oauth2/token` with `resource`, or v2
+//! `.../oauth2/v2.0/token` with `scope`): the form sent, the answer parsed (reference §4.2, §4.3).
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// What the endpoint gave us.
+pub struct Issued {
+    /// The bearer token.
+    pub access_token: SecretString,
+    /// Its lifetime from now.
+    pub expires_in: Duration,
+    /// A rotated refresh token (refresh grant only).
+    pub refresh_token: Option<SecretString>,
+}
+
+/// Why a token request failed. Never carries a secret: OAuth errors are reported by their code
+/// and the endpoint's description, transport errors by their cause.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    /// The endpoint could not be reached or did not answer in time.
+    #[error("token endpoint unreachable: {0}")]
+    Transport(String),
+    /// The refresh token is no longer accepted.
+    #[error("refresh token expired or revoked: re-consent needed ({0})")]
+    InvalidGrant(String),
+    /// The client id or secret was refused.
+    #[error("client id or secret refused (invalid_client): {0}")]
+    InvalidClient(String),
+    /// Any other refusal, with the endpoint's OAuth error code.
+    #[error("token endpoint answered {status} {error}: {description}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// OAuth `error`.
+        error: String,
+        /// OAuth `error_description`, first line.
+        description: String,
+    },
+    /// A 200 we could not use.
+    #[error("token endpoint answer unusable: {0}")]
+    BadResponse(String),
+}
+
+/// The audience of the tokens asked for.
+#[derive(Debug, Clone)]
+pub enum Audience {
+    /// v1: `resource=...`.
+    Resource(String),
+    /// v2: `scope=...`.
+    Scope(String),
+}
+
+/// A token endpoint and the client credential used at it.
+pub struct Endpoint {
+    /// Shared HTTP client (rustls with the same roots as the upstream).
+    pub client: reqwest::Client,
+    /// `token_url`.
+    pub url: String,
+    /// The app registration.
+    pub client_id: String,
+    /// Its secret.
+    pub client_secret: SecretString,
+    /// What the token is for.
+    pub audience: Audience,
+}
+
+impl Endpoint {
+    /// `grant_type=client_credentials`.
+    pub async fn client_credentials(&self) -> Result<Issued, FetchError> {
+        self.exchange(&[("grant_type", "client_credentials")]).await
+    }
+
+    /// `grant_type=refresh_token`.
+    pub async fn refresh(&self, refresh_token: &SecretString) -> Result<Issued, FetchError> {
+        self.exchange(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose_secret()),
+        ])
+        .await
+    }
+
+    async fn exchange(&self, grant: &[(&str, &str)]) -> Result<Issued, FetchError> {
+        let mut form: Vec<(&str, &str)> = vec![
+            ("client_id", &self.client_id),
+            ("client_secret", self.client_secret.expose_secret()),
+        ];
+        form.extend_from_slice(grant);
+        match &self.audience {
+            Audience::Resource(resource) => form.push(("resource", resource)),
+            Audience::Scope(scope) => form.push(("scope", scope)),
+        }
+        let response = self
+            .client
+            .post(&self.url)
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| FetchError::Transport(transport_cause(&e)))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| FetchError::Transport(transport_cause(&e)))?;
+        if status.is_success() {
+            parse_issued(&body)
+        } else {
+            Err(parse_refusal(status.as_u16(), &body))
+        }
+    }
+}
+
+/// reqwest's error chain without the URL's query (there is none) or anything from the form.
+fn transport_cause(error: &reqwest::Error) -> String {
+    let mut text = if error.is_timeout() {
+        "timed out".to_owned()
+    } else if error.is_connect() {
+        "connect failed".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// `expires_in` is a string on v1 endpoints and a number on v2.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Seconds {
+    Number(u64),
+    Text(String),
+}
+
+impl Seconds {
+    fn get(&self) -> Option<u64> {
+        match self {
+            Seconds::Number(n) => Some(*n),
+            Seconds::Text(s) => s.trim().parse().ok(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawIssued {
+    access_token: Option<SecretString>,
+    token_type: Option<String>,
+    expires_in: Option<Seconds>,
+    expires_on: Option<Seconds>,
+    refresh_token: Option<SecretString>,
+}
+
+/// Parses a 200 from a v1 or v2 endpoint.
+pub fn parse_issued(body: &[u8]) -> Result<Issued, FetchError> {
+    let raw: RawIssued = serde_json::from_slice(body)
+        .map_err(|e| FetchError::BadResponse(format!("not a token response ({e})")))?;
+    let access_token = raw
+        .access_token
+        .filter(|t| !t.expose_secret().is_empty())
+        .ok_or_else(|| FetchError::BadResponse("no access_token".into()))?;
+    if let Some(kind) = &raw.token_type {
+        if !kind.eq_ignore_ascii_case("bearer") {
+            return Err(FetchError::BadResponse(format!(
+                "token_type `{kind}` is not Bearer"
+            )));
+        }
+    }
+    let seconds = match (&raw.expires_in, &raw.expires_on) {
+        (Some(s), _) => s.get(),
+        (None, Some(on)) => on.get().map(|on| on.saturating_sub(unix_now())),
+        (None, None) => None,
+    }
+    .ok_or_else(|| FetchError::BadResponse("no usable expires_in or expires_on".into()))?;
+    if seconds == 0 {
+        return Err(FetchError::BadResponse(
+            "the token is already expired".into(),
+        ));
+    }
+    Ok(Issued {
+        access_token,
+        expires_in: Duration::from_secs(seconds),
+        refresh_token: raw.refresh_token.filter(|t| !t.expose_secret().is_empty()),
+    })
+}
+
+#[derive(Deserialize, Default)]
+struct RawRefusal {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    error_description: String,
+}
+
+/// Parses an OAuth error answer (RFC 6749 §5.2).
+pub fn parse_refusal(status: u16, body: &[u8]) -> FetchError {
+    let raw: RawRefusal = serde_json::from_slice(body).unwrap_or_default();
+    // Entra descriptions run to several lines of trace and correlation ids; the first is the point.
+    let mut description: String = raw
+        .error_description
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(300)
+        .collect();
+    if description.is_empty() {
+        description = format!("HTTP {status}");
+    }
+    match raw.error.as_str() {
+        "invalid_grant" => FetchError::InvalidGrant(description),
+        "invalid_client" | "unauthorized_client" => FetchError::InvalidClient(description),
+        "" => FetchError::Refused {
+            status,
+            error: "(no OAuth error)".into(),
+            description,
+        },
+        other => FetchError::Refused {
+            status,
+            error: other.chars().take(64).collect(),
+            description,
+        },
+    }
+}
+
+/// Seconds since the Unix epoch, by the wall clock (only to read `expires_on`).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_answers_have_string_numbers() {
+        let issued = parse_issued(
+            br#"{"token_type":"Bearer","expires_in":"3600","ext_expires_in":"3600","expires_on":"1546469802","not_before":"1546465902","resource":"https://api.partnercenter.microsoft.com","access_token":"abc"}"#,
+        )
+        .unwrap();
+        assert_eq!(issued.expires_in, Duration::from_secs(3600));
+        assert_eq!(issued.access_token.expose_secret(), "abc");
+        assert!(issued.refresh_token.is_none());
+    }
+
+    #[test]
+    fn v2_answers_have_numbers_and_refresh_tokens_rotate() {
+        let issued = parse_issued(
+            br#"{"token_type":"Bearer","expires_in":3599,"access_token":"abc","refresh_token":"r2"}"#,
+        )
+        .unwrap();
+        assert_eq!(issued.expires_in, Duration::from_secs(3599));
+        assert_eq!(issued.refresh_token.unwrap().expose_secret(), "r2");
+    }
+
+    #[test]
+    fn expires_on_is_used_when_expires_in_is_missing() {
+        let on = unix_now() + 600;
+        let issued =
+            parse_issued(format!(r#"{{"access_token":"a","expires_on":"{on}"}}"#).as_bytes())
+                .unwrap();
+        assert!((595..=600).contains(&issued.expires_in.as_secs()));
+    }
+
+    #[test]
+    fn unusable_answers_are_errors() {
+        for body in [
+            &br#"{"expires_in":"3600"}"#[..],
+            br#"{"access_token":"","expires_in":"3600"}"#,
+            br#"{"access_token":"a"}"#,
+            br#"{"access_token":"a","expires_in":"soon"}"#,
+            br#"{"access_token":"a","expires_in":"0"}"#,
+            br#"{"access_token":"a","expires_in":"60","token_type":"mac"}"#,
+            b"<html>",
+        ] {
+            assert!(
+                parse_issued(body).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn oauth_refusals_are_named() {
+        let e = parse_refusal(400, br#"{"error":"invalid_grant","error_description":"AADSTS70008: expired.\r\nTrace ID: x"}"#);
+        assert!(matches!(e, FetchError::InvalidGrant(_)));
+        assert!(e.to_string().contains("re-consent needed"));
+        assert!(!e.to_string().contains("Trace ID"));
+        let e = parse_refusal(401, br#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided."}"#);
+        assert!(matches!(e, FetchError::InvalidClient(_)));
+        let e = parse_refusal(503, b"busy");
+        assert!(e.to_string().contains("503"));
+    }
+}

@@ -1,0 +1,537 @@
+//! Token sources: one per configured credential, outside the stack. Each is a cheap handle that
+//! returns the current token, refreshes it ahead of expiry in the background, lets one refresh
+//! run at a time however many callers wait, backs off while the token endpoint fails, and keeps
+//! serving the old token until it really expires.
+
+pub mod endpoint;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::time::Instant;
+
+use crate::config::{CredentialConfig, Grant};
+use endpoint::{Audience, Endpoint, FetchError};
+
+/// First wait after a failed refresh; doubled each failure up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait between refresh attempts while the endpoint fails.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// A token endpoint call's time limit.
+pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why no token can be had.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("credential `{credential}` has no valid token: {cause}")]
+pub struct TokenError {
+    /// The credential's name.
+    pub credential: String,
+    /// The last failure, never a secret.
+    pub cause: String,
+}
+
+/// Why a token source could not be set up at start.
+#[derive(Debug, thiserror::Error)]
+#[error("credential `{credential}`: {reason}")]
+pub struct SetupError {
+    /// The credential's name.
+    pub credential: String,
+    /// What is wrong and what to do.
+    pub reason: String,
+}
+
+/// A bearer token, ready to put in a header. Its value never appears in `Debug`.
+pub struct Token {
+    header: HeaderValue,
+    /// When it stops being valid (tokio clock).
+    pub expires_at: Instant,
+    /// The same instant as Unix seconds (for the expiry metric).
+    pub expires_at_unix: u64,
+    /// When the background task refreshes it.
+    refresh_at: Instant,
+    /// Counts tokens issued by this source, so a 401 replaces only the token it was seen with.
+    generation: u64,
+}
+
+impl Token {
+    /// `Bearer <token>`, marked sensitive so hyper and logs never show it.
+    pub fn header(&self) -> HeaderValue {
+        self.header.clone()
+    }
+
+    fn is_valid(&self, now: Instant) -> bool {
+        now < self.expires_at
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("value", &"[redacted]")
+            .field("expires_at_unix", &self.expires_at_unix)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+/// What a caller of [`TokenSource::refresh`] needs.
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    /// Any valid token (a call with none).
+    Valid,
+    /// A token not yet due for refresh (the background task).
+    Fresh,
+    /// Anything but the token of this generation (the upstream refused it with 401).
+    Replace(u64),
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Successful token requests.
+    pub refreshed: AtomicU64,
+    /// Failed token requests.
+    pub failed: AtomicU64,
+}
+
+struct State {
+    token: Option<Arc<Token>>,
+    /// Token requests made so far; a waiter that sees it move takes that attempt's outcome.
+    attempts: u64,
+    last_error: Option<String>,
+    /// No caller-driven attempt before this, after a failure.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+enum Kind {
+    Static(Arc<Token>),
+    ClientCredentials(Endpoint),
+    RefreshToken {
+        endpoint: Endpoint,
+        current: Mutex<SecretString>,
+        file: Option<PathBuf>,
+    },
+}
+
+struct Inner {
+    name: String,
+    kind: Kind,
+    refresh_before: Duration,
+    state: RwLock<State>,
+    refresh_lock: tokio::sync::Mutex<()>,
+    stats: Stats,
+}
+
+/// A credential's token source; clone freely.
+#[derive(Clone)]
+pub struct TokenSource {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("name", &self.inner.name)
+            .finish()
+    }
+}
+
+impl TokenSource {
+    /// Sets up the source from config: reads secret files, builds the endpoint. Fetches nothing.
+    pub fn new(
+        name: &str,
+        config: &CredentialConfig,
+        http: &reqwest::Client,
+    ) -> Result<TokenSource, SetupError> {
+        let fail = |reason: String| SetupError {
+            credential: name.to_owned(),
+            reason,
+        };
+        let kind = match config.grant {
+            Grant::Static => {
+                let token = config
+                    .token
+                    .as_ref()
+                    .ok_or_else(|| fail("grant `static` needs `token`".into()))?;
+                let far = Duration::from_secs(100 * 365 * 24 * 3600);
+                Kind::Static(Arc::new(Token {
+                    header: bearer(token).map_err(fail)?,
+                    expires_at: Instant::now() + far,
+                    expires_at_unix: endpoint::unix_now() + far.as_secs(),
+                    refresh_at: Instant::now() + far,
+                    generation: 1,
+                }))
+            }
+            Grant::ClientCredentials => {
+                Kind::ClientCredentials(endpoint_for(name, config, http).map_err(fail)?)
+            }
+            Grant::RefreshToken => {
+                let endpoint = endpoint_for(name, config, http).map_err(fail)?;
+                let file = config.refresh_token_file.clone();
+                let stored = match &file {
+                    Some(path) => store::read(path).map_err(|e| {
+                        fail(format!(
+                            "refresh_token_file {} is not readable ({e})",
+                            path.display()
+                        ))
+                    })?,
+                    None => None,
+                };
+                let current = stored.or_else(|| config.refresh_token.clone()).ok_or_else(|| {
+                    fail(format!(
+                        "no refresh token: refresh_token_file {} does not exist or is empty and no refresh_token is set; \
+                         run the App+User consent flow and write the refresh token there",
+                        file.as_ref().map_or("(unset)".into(), |p| p.display().to_string())
+                    ))
+                })?;
+                Kind::RefreshToken {
+                    endpoint,
+                    current: Mutex::new(current),
+                    file,
+                }
+            }
+        };
+        let token = match &kind {
+            Kind::Static(token) => Some(token.clone()),
+            _ => None,
+        };
+        Ok(TokenSource {
+            inner: Arc::new(Inner {
+                name: name.to_owned(),
+                kind,
+                refresh_before: config.refresh_before,
+                state: RwLock::new(State {
+                    token,
+                    attempts: 0,
+                    last_error: None,
+                    retry_at: None,
+                    backoff: MIN_BACKOFF,
+                }),
+                refresh_lock: tokio::sync::Mutex::new(()),
+                stats: Stats::default(),
+            }),
+        })
+    }
+
+    /// The credential's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Refresh counters.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The current token if it is still valid.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        let state = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        state.token.clone().filter(|t| t.is_valid(Instant::now()))
+    }
+
+    /// A valid token: the current one, or a fresh one from the endpoint (one request however
+    /// many callers wait). While the endpoint is failing and in backoff, the last error.
+    pub async fn token(&self) -> Result<Arc<Token>, TokenError> {
+        match self.current() {
+            Some(token) => Ok(token),
+            None => self.refresh(Need::Valid).await,
+        }
+    }
+
+    /// After the upstream refused `rejected` with 401: a different token, or the reason there is none.
+    pub async fn replace(&self, rejected: &Token) -> Result<Arc<Token>, TokenError> {
+        if matches!(self.inner.kind, Kind::Static(_)) {
+            return Err(self.error("the static token was refused by the upstream".into()));
+        }
+        self.refresh(Need::Replace(rejected.generation)).await
+    }
+
+    /// Runs the background refresher until the returned handle is aborted.
+    pub fn spawn_refresher(&self) -> Option<tokio::task::JoinHandle<()>> {
+        if matches!(self.inner.kind, Kind::Static(_)) {
+            return None;
+        }
+        let source = self.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep_until(source.next_attempt_at()).await;
+                // The outcome is logged and counted inside; failures set the next attempt's time.
+                let _ = source.refresh(Need::Fresh).await;
+            }
+        }))
+    }
+
+    fn next_attempt_at(&self) -> Instant {
+        let state = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        match (&state.last_error, &state.retry_at, &state.token) {
+            (Some(_), Some(retry_at), _) => *retry_at,
+            (_, _, Some(token)) => token.refresh_at,
+            _ => Instant::now(),
+        }
+    }
+
+    fn error(&self, cause: String) -> TokenError {
+        TokenError {
+            credential: self.inner.name.clone(),
+            cause,
+        }
+    }
+
+    /// Decides, under the refresh lock, whether a token request is needed for `need`; if a
+    /// request made while we waited already answered it, that answer is returned instead.
+    fn settled(
+        &self,
+        need: Need,
+        attempts_seen: u64,
+        now: Instant,
+    ) -> Option<Result<Arc<Token>, TokenError>> {
+        let state = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        let valid = state.token.clone().filter(|t| t.is_valid(now));
+        match (need, valid) {
+            (Need::Valid, Some(token)) => return Some(Ok(token)),
+            (Need::Fresh, Some(token)) if token.refresh_at > now => return Some(Ok(token)),
+            (Need::Replace(generation), Some(token)) if token.generation != generation => {
+                return Some(Ok(token))
+            }
+            _ => {}
+        }
+        let last_error = state.last_error.clone();
+        if let Some(cause) = last_error {
+            // Someone tried while we waited and failed: share the outcome, don't ask again.
+            let tried_meanwhile = state.attempts != attempts_seen;
+            // Callers do not drive attempts during backoff; the background task does.
+            let backing_off =
+                !matches!(need, Need::Fresh) && state.retry_at.is_some_and(|at| now < at);
+            if tried_meanwhile || backing_off {
+                return Some(Err(self.error(cause)));
+            }
+        }
+        None
+    }
+
+    async fn refresh(&self, need: Need) -> Result<Arc<Token>, TokenError> {
+        let attempts_seen = self
+            .inner
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .attempts;
+        let _one_at_a_time = self.inner.refresh_lock.lock().await;
+        if let Some(outcome) = self.settled(need, attempts_seen, Instant::now()) {
+            return outcome;
+        }
+        let started = Instant::now();
+        let result = self.fetch().await;
+        let mut state = self.inner.state.write().unwrap_or_else(|e| e.into_inner());
+        state.attempts += 1;
+        match result {
+            Ok(issued) => {
+                let generation = state.token.as_ref().map_or(0, |t| t.generation) + 1;
+                let token = Arc::new(
+                    self.make_token(issued, started, generation)
+                        .map_err(|e| self.error(e))?,
+                );
+                self.inner.stats.refreshed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    credential = %self.inner.name,
+                    expires_in_s = token.expires_at.saturating_duration_since(started).as_secs(),
+                    "token refreshed"
+                );
+                state.token = Some(token.clone());
+                state.last_error = None;
+                state.retry_at = None;
+                state.backoff = MIN_BACKOFF;
+                Ok(token)
+            }
+            Err(e) => {
+                self.inner.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let wait = jittered(state.backoff);
+                state.retry_at = Some(Instant::now() + wait);
+                state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+                let still_valid = state
+                    .token
+                    .as_ref()
+                    .is_some_and(|t| t.is_valid(Instant::now()));
+                tracing::warn!(
+                    credential = %self.inner.name,
+                    error = %e,
+                    retry_in_ms = wait.as_millis() as u64,
+                    still_valid,
+                    "token refresh failed"
+                );
+                state.last_error = Some(e.to_string());
+                match state.token.clone().filter(|t| t.is_valid(Instant::now())) {
+                    // The old token still works: callers keep using it.
+                    Some(token) if !matches!(need, Need::Replace(_)) => Ok(token),
+                    _ => Err(self.error(e.to_string())),
+                }
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<endpoint::Issued, FetchError> {
+        match &self.inner.kind {
+            Kind::Static(_) => Err(FetchError::BadResponse(
+                "a static token is never fetched".into(),
+            )),
+            Kind::ClientCredentials(endpoint) => endpoint.client_credentials().await,
+            Kind::RefreshToken {
+                endpoint,
+                current,
+                file,
+            } => {
+                let refresh_token = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let issued = endpoint.refresh(&refresh_token).await?;
+                if let Some(rotated) = &issued.refresh_token {
+                    *current.lock().unwrap_or_else(|e| e.into_inner()) = rotated.clone();
+                    if let Some(path) = file.clone() {
+                        let rotated = rotated.clone();
+                        let written =
+                            tokio::task::spawn_blocking(move || store::write(&path, &rotated))
+                                .await;
+                        if let Some(e) = match written {
+                            Ok(Ok(())) => None,
+                            Ok(Err(e)) => Some(e.to_string()),
+                            Err(e) => Some(e.to_string()),
+                        } {
+                            tracing::error!(
+                                credential = %self.inner.name,
+                                error = %e,
+                                "could not save the rotated refresh token: a restart will need the old one or re-consent"
+                            );
+                        }
+                    }
+                }
+                Ok(issued)
+            }
+        }
+    }
+
+    fn make_token(
+        &self,
+        issued: endpoint::Issued,
+        started: Instant,
+        generation: u64,
+    ) -> Result<Token, String> {
+        let ttl = issued.expires_in;
+        // Refresh `refresh_before` ahead, but never in the first half of a short-lived token's
+        // life, and spread over a quarter of that lead so many sidecars do not refresh together.
+        let lead = self.inner.refresh_before.min(ttl / 2);
+        let spread = lead / 4;
+        let jitter = spread.mul_f64(fastrand::f64());
+        Ok(Token {
+            header: bearer(&issued.access_token)?,
+            expires_at: started + ttl,
+            expires_at_unix: endpoint::unix_now() + ttl.as_secs(),
+            refresh_at: started + ttl - lead - jitter,
+            generation,
+        })
+    }
+}
+
+fn bearer(token: &SecretString) -> Result<HeaderValue, String> {
+    let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose_secret()))
+        .map_err(|_| "the token has characters not allowed in a header".to_owned())?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Between half and all of `wait`.
+fn jittered(wait: Duration) -> Duration {
+    wait.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+fn endpoint_for(
+    name: &str,
+    config: &CredentialConfig,
+    http: &reqwest::Client,
+) -> Result<Endpoint, String> {
+    let secret = match (&config.client_secret, &config.client_secret_file) {
+        (Some(secret), _) => secret.clone(),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                format!(
+                    "client_secret_file {} is not readable ({e})",
+                    path.display()
+                )
+            })?;
+            let secret = text.trim();
+            if secret.is_empty() {
+                return Err(format!("client_secret_file {} is empty", path.display()));
+            }
+            SecretString::from(secret.to_owned())
+        }
+        (None, None) => return Err("needs `client_secret` or `client_secret_file`".into()),
+    };
+    let audience = match (&config.scope, &config.resource) {
+        (Some(scope), _) => Audience::Scope(scope.clone()),
+        (None, Some(resource)) => Audience::Resource(resource.clone()),
+        (None, None) => Audience::Resource(crate::config::DEFAULT_RESOURCE.to_owned()),
+    };
+    let _ = name;
+    Ok(Endpoint {
+        client: http.clone(),
+        url: config.token_url.clone().unwrap_or_default(),
+        client_id: config.client_id.clone().unwrap_or_default(),
+        client_secret: secret,
+        audience,
+    })
+}
+
+/// Every configured credential's source, by name.
+#[derive(Clone, Debug, Default)]
+pub struct TokenSources {
+    sources: Arc<BTreeMap<String, TokenSource>>,
+}
+
+impl TokenSources {
+    /// Sets up one source per `[credentials.NAME]`.
+    pub fn new(
+        credentials: &BTreeMap<String, CredentialConfig>,
+        tls: rustls::ClientConfig,
+        connect_timeout: Duration,
+    ) -> Result<TokenSources, SetupError> {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(connect_timeout)
+            .timeout(TOKEN_TIMEOUT)
+            .no_proxy()
+            .build()
+            .map_err(|e| SetupError {
+                credential: "*".into(),
+                reason: format!("HTTP client: {e}"),
+            })?;
+        let mut sources = BTreeMap::new();
+        for (name, config) in credentials {
+            sources.insert(name.clone(), TokenSource::new(name, config, &http)?);
+        }
+        Ok(TokenSources {
+            sources: Arc::new(sources),
+        })
+    }
+
+    /// The source for a credential name.
+    pub fn get(&self, name: &str) -> Option<&TokenSource> {
+        self.sources.get(name)
+    }
+
+    /// All sources.
+    pub fn iter(&self) -> impl Iterator<Item = &TokenSource> {
+        self.sources.values()
+    }
+
+    /// Starts every background refresher; abort the handles to stop them.
+    pub fn spawn_refreshers(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.sources
+            .values()
+            .filter_map(TokenSource::spawn_refresher)
+            .collect()
+    }
+}
