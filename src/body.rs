@@ -9,7 +9,26 @@ use http_body_util::{BodyExt, Empty, Full};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A streaming body: what hyper hands us, what the upstream returns, or bytes we made.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
+
+/// An error while reading or writing a body (the peer hung up, say).
+///
+/// A named type rather than `BoxError`: a trait object in the request type makes rustc's `Send`
+/// check fail for any async block that holds an inner service's future across an `.await`.
+#[derive(Debug)]
+pub struct BodyError(pub BoxError);
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
 
 /// A request as the stack sees it.
 pub type Request = http::Request<Body>;
@@ -37,7 +56,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    body.map_err(Into::into).boxed_unsync()
+    body.map_err(|e| BodyError(e.into())).boxed_unsync()
 }
 
 /// A copy of a request that has no body (method, URI, version, headers, extensions), for a

@@ -7,6 +7,7 @@
 //! - [`server`]: the accept loop (HTTP/1.1 and HTTP/2 cleartext, header timeout, graceful shutdown).
 //! - [`stack`]: builds the tower stack, outside to inside, from the layers in [`layer`]:
 //!   - [`layer::rescue`]: every error becomes a Partner Center-shaped response ([`error`]).
+//!   - [`layer::tracking`]: MS-RequestId, MS-CorrelationId, MS-CV ([`cv`]); echoed on the response.
 //!   - [`layer::access`]: path normalisation and the route table ([`route`]), inbound keys;
 //!     strips the caller's `Authorization`; 400 / 401 / 403.
 //!   - [`layer::credential`]: the route's service token from [`token`]; 401 → refresh, replay once.
@@ -22,6 +23,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod cv;
 pub mod error;
 pub mod layer;
 pub mod route;
@@ -102,7 +104,10 @@ impl Gateway {
         };
         let listener = bind(config.server.listen, "server.listen").await?;
         let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
+        let tracking =
+            layer::tracking::TrackingSettings::new(&config.tracking).map_err(StartError::Setup)?;
         let parts = stack::Parts {
+            tracking,
             routes,
             keys,
             tokens,

@@ -5,6 +5,7 @@ use crate::body::{Request, Response};
 use crate::layer::access::{AccessLayer, ClientKey};
 use crate::layer::credential::CredentialLayer;
 use crate::layer::rescue::RescueLayer;
+use crate::layer::tracking::{TrackingLayer, TrackingSettings};
 use crate::route::RouteTable;
 use crate::token::TokenSources;
 use crate::upstream::Upstream;
@@ -17,6 +18,8 @@ pub struct Parts {
     pub keys: Vec<ClientKey>,
     /// Token sources, by credential name.
     pub tokens: TokenSources,
+    /// Tracking header settings.
+    pub tracking: TrackingSettings,
     /// The pooled upstream client.
     pub upstream: Upstream,
 }
@@ -32,7 +35,9 @@ pub fn build(
         // Outermost, so that every error from any layer below becomes a Partner Center-shaped
         // response and hyper never sees an `Err`.
         .layer(RescueLayer)
-        // (observe: span and request metrics; tracking: MS-RequestId, MS-CorrelationId, MS-CV.)
+        // (observe: request metrics and the access log.)
+        // Ids are fixed before anything can fail, so every answer, errors included, carries them.
+        .layer(TrackingLayer::new(parts.tracking))
         // Refuse what the route table does not allow before any other work is done.
         .layer(AccessLayer::new(parts.routes, parts.keys))
         // (cache, coalesce, retry: in that order, inside access.)

@@ -20,6 +20,7 @@ use rustls_pki_types::CertificateDer;
 
 use crate::body::{self, Body, BoxError, Request, Response};
 use crate::config::UpstreamConfig;
+use crate::layer::tracking::{Tracking, MS_CV};
 
 /// How long an idle pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -191,6 +192,14 @@ impl tower::Service<Request> for Upstream {
         // HTTP/2 to the upstream is negotiated by ALPN; the version the caller spoke is its own.
         *request.version_mut() = http::Version::HTTP_11;
         strip_hop_by_hop(request.headers_mut());
+        // Each attempt is a new outgoing call: the next correlation vector (cV spec: increment).
+        if let Some(cv) = request
+            .extensions()
+            .get::<Tracking>()
+            .and_then(Tracking::next_cv)
+        {
+            request.headers_mut().insert(MS_CV, cv);
+        }
         // The client writes `Host` (or `:authority`) from the upstream URI.
         request.headers_mut().remove(header::HOST);
 

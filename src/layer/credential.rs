@@ -24,16 +24,6 @@ pub enum CredentialError {
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 
-/// Calls `inner`, boxing its future. (Holding a generic `S::Future` across an `.await` inside an
-/// async block trips rustc's higher-ranked `Send` check; a boxed trait object does not.)
-fn send<S>(inner: &mut S, request: Request) -> BoxFuture
-where
-    S: tower::Service<Request, Response = Response, Error = BoxError>,
-    S::Future: Send + 'static,
-{
-    Box::pin(inner.call(request))
-}
-
 /// Adds [`Credential`] in front of a service.
 #[derive(Clone, Debug)]
 pub struct CredentialLayer {
@@ -90,14 +80,14 @@ where
             .cloned();
         Box::pin(async move {
             let Some(source) = source else {
-                return send(&mut inner, request).await;
+                return inner.call(request).await;
             };
             let token = source.token().await.map_err(CredentialError::from)?;
             request
                 .headers_mut()
                 .insert(header::AUTHORIZATION, token.header());
             let replay = body::clone_bodiless(&request);
-            let response = send(&mut inner, request).await?;
+            let response = inner.call(request).await?;
             let Some(mut replay) = replay.filter(|_| response.status() == StatusCode::UNAUTHORIZED)
             else {
                 return Ok(response);
@@ -112,7 +102,7 @@ where
                         .headers_mut()
                         .insert(header::AUTHORIZATION, fresh.header());
                     std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
-                    send(&mut inner, replay).await
+                    inner.call(replay).await
                 }
                 // No other token to try: the upstream's own 401 is the truest answer.
                 Err(e) => {

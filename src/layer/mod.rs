@@ -4,3 +4,4 @@
 pub mod access;
 pub mod credential;
 pub mod rescue;
+pub mod tracking;

@@ -14,6 +14,7 @@ use crate::body::{BoxError, Request, Response};
 use crate::error::problem;
 use crate::layer::access::AccessError;
 use crate::layer::credential::CredentialError;
+use crate::layer::tracking::{BadTrackingHeader, Tracked};
 use crate::upstream::UpstreamError;
 
 /// Adds [`Rescue`] around a service.
@@ -75,7 +76,14 @@ where
         match self.project().inner.poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
-            Poll::Ready(Err(error)) => Poll::Ready(Ok(error_response(&*error))),
+            Poll::Ready(Err(error)) => Poll::Ready(Ok(match error.downcast::<Tracked>() {
+                Ok(tracked) => {
+                    let mut response = error_response(&*tracked.source);
+                    tracked.tracking.stamp(response.headers_mut());
+                    response
+                }
+                Err(error) => error_response(&*error),
+            })),
         }
     }
 }
@@ -98,6 +106,9 @@ fn classify(error: &(dyn std::error::Error + Send + Sync + 'static)) -> (StatusC
             AccessError::NoRoute { .. } => (StatusCode::FORBIDDEN, "RouteNotAllowed"),
             AccessError::BadKey => (StatusCode::UNAUTHORIZED, "InvalidApiKey"),
         };
+    }
+    if error.downcast_ref::<BadTrackingHeader>().is_some() {
+        return (StatusCode::BAD_REQUEST, "InvalidTrackingHeader");
     }
     if error.downcast_ref::<CredentialError>().is_some() {
         return (StatusCode::SERVICE_UNAVAILABLE, "NoValidCredential");

@@ -1,0 +1,347 @@
+//! `tracking`: the Partner Center tracking headers (reference §1.1–1.4), kept right for every app.
+//!
+//! - `MS-RequestId`: the caller's if it is a GUID, else a new v4 UUID. The same value goes on
+//!   every retry of the call (it is Partner Center's idempotency key); a new call gets a new one.
+//! - `MS-CorrelationId`: the caller's if it is a GUID, else a new v4 UUID.
+//! - A caller's value that is present but not a GUID is refused (400) rather than silently replaced.
+//! - `MS-CV` (when `tracking.correlation_vector`): the caller's vector extended once, or a new one
+//!   seeded; the upstream client increments it before each attempt ([`Tracking::next_cv`]).
+//! - `X-Locale` gets the configured default when absent; `MS-PartnerCenter-Application` is set.
+//!
+//! The ids go into the request's extensions as [`Tracking`], onto the response (errors included,
+//! via [`Tracked`]), and into the call's tracing span.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tracing::Instrument;
+
+use crate::body::{BoxError, Request, Response};
+use crate::cv::CorrelationVector;
+
+/// `MS-RequestId`.
+pub const MS_REQUEST_ID: HeaderName = HeaderName::from_static("ms-requestid");
+/// `MS-CorrelationId`.
+pub const MS_CORRELATION_ID: HeaderName = HeaderName::from_static("ms-correlationid");
+/// `MS-CV`.
+pub const MS_CV: HeaderName = HeaderName::from_static("ms-cv");
+/// `X-Locale`.
+pub const X_LOCALE: HeaderName = HeaderName::from_static("x-locale");
+/// `MS-PartnerCenter-Application`.
+pub const MS_APPLICATION: HeaderName = HeaderName::from_static("ms-partnercenter-application");
+
+/// The tracking layer's own settings.
+#[derive(Debug, Clone)]
+pub struct TrackingSettings {
+    /// `MS-PartnerCenter-Application`.
+    pub application: Option<HeaderValue>,
+    /// `X-Locale` when the caller sends none.
+    pub locale: Option<HeaderValue>,
+    /// Whether to send `MS-CV`.
+    pub correlation_vector: bool,
+}
+
+impl TrackingSettings {
+    /// From `[tracking]`; empty strings mean "do not send".
+    pub fn new(config: &crate::config::TrackingConfig) -> Result<Self, String> {
+        let value = |key: &str, text: &str| -> Result<Option<HeaderValue>, String> {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            HeaderValue::from_str(text)
+                .map(Some)
+                .map_err(|_| format!("tracking.{key} `{text}` is not a valid header value"))
+        };
+        Ok(TrackingSettings {
+            application: value("application", &config.application)?,
+            locale: value("locale", &config.locale)?,
+            correlation_vector: config.correlation_vector,
+        })
+    }
+}
+
+/// A caller's tracking header that is present but malformed (400).
+#[derive(Debug, thiserror::Error)]
+#[error("header {header} must be a GUID (e.g. a45e6643-1caf-4429-8f90-07c03d85bc2b); got {got}")]
+pub struct BadTrackingHeader {
+    /// The header's name.
+    pub header: &'static str,
+    /// What was sent, shortened and made printable.
+    pub got: String,
+}
+
+/// An error from inside the stack, with the call's tracking ids, so the error response carries them.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct Tracked {
+    /// The call's ids.
+    pub tracking: Tracking,
+    /// The error itself.
+    pub source: BoxError,
+}
+
+/// The tracking ids of one call.
+#[derive(Debug, Clone)]
+pub struct Tracking {
+    /// `MS-RequestId`.
+    pub request_id: HeaderValue,
+    /// `MS-CorrelationId`.
+    pub correlation_id: HeaderValue,
+    cv: Option<Arc<Mutex<CorrelationVector>>>,
+}
+
+impl Tracking {
+    /// New ids for a call (and a seeded vector when enabled).
+    pub fn fresh(correlation_vector: bool) -> Tracking {
+        Tracking {
+            request_id: new_guid(),
+            correlation_id: new_guid(),
+            cv: correlation_vector.then(|| Arc::new(Mutex::new(CorrelationVector::seed()))),
+        }
+    }
+
+    /// The ids for an inbound call, from its headers.
+    pub fn from_headers(
+        headers: &HeaderMap,
+        correlation_vector: bool,
+    ) -> Result<Tracking, BadTrackingHeader> {
+        let request_id = guid_or_new(headers, &MS_REQUEST_ID, "MS-RequestId")?;
+        let correlation_id = guid_or_new(headers, &MS_CORRELATION_ID, "MS-CorrelationId")?;
+        let cv = correlation_vector.then(|| {
+            let inbound = headers.get(MS_CV).map(|v| (v, v.to_str().ok().map(CorrelationVector::parse)));
+            let cv = match inbound {
+                Some((_, Some(Ok(mut cv)))) => {
+                    cv.extend();
+                    cv
+                }
+                Some((raw, _)) => {
+                    let fresh = CorrelationVector::seed();
+                    tracing::info!(received = %printable(raw.as_bytes()), seeded = %fresh, "malformed MS-CV replaced by a new vector");
+                    fresh
+                }
+                None => CorrelationVector::seed(),
+            };
+            Arc::new(Mutex::new(cv))
+        });
+        Ok(Tracking {
+            request_id,
+            correlation_id,
+            cv,
+        })
+    }
+
+    /// Increments the vector for the next upstream attempt and returns it (`None` when disabled).
+    pub fn next_cv(&self) -> Option<HeaderValue> {
+        let cv = self.cv.as_ref()?;
+        let mut cv = cv.lock().unwrap_or_else(|e| e.into_inner());
+        cv.increment();
+        HeaderValue::try_from(cv.to_string()).ok()
+    }
+
+    /// The vector as it stands (the last one sent upstream, or the extended inbound one).
+    pub fn cv(&self) -> Option<HeaderValue> {
+        let cv = self
+            .cv
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .to_string();
+        HeaderValue::try_from(cv).ok()
+    }
+
+    /// Puts the ids on a response.
+    pub fn stamp(&self, headers: &mut HeaderMap) {
+        headers.insert(MS_REQUEST_ID, self.request_id.clone());
+        headers.insert(MS_CORRELATION_ID, self.correlation_id.clone());
+        if let Some(cv) = self.cv() {
+            headers.insert(MS_CV, cv);
+        }
+    }
+}
+
+fn new_guid() -> HeaderValue {
+    let mut buf = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(text).expect("a UUID is a valid header value")
+}
+
+fn guid_or_new(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    label: &'static str,
+) -> Result<HeaderValue, BadTrackingHeader> {
+    let Some(value) = headers.get(name) else {
+        return Ok(new_guid());
+    };
+    match value.to_str().ok().map(|s| uuid::Uuid::try_parse(s.trim())) {
+        Some(Ok(_)) => Ok(value.clone()),
+        _ => Err(BadTrackingHeader {
+            header: label,
+            got: printable(value.as_bytes()),
+        }),
+    }
+}
+
+/// At most 64 characters of a header value, with anything unprintable escaped.
+fn printable(bytes: &[u8]) -> String {
+    let mut text: String = bytes
+        .iter()
+        .take(64)
+        .flat_map(|b| std::ascii::escape_default(*b))
+        .map(char::from)
+        .collect();
+    if bytes.len() > 64 {
+        text.push_str("...");
+    }
+    text
+}
+
+/// Adds [`TrackingService`] in front of a service.
+#[derive(Clone, Debug)]
+pub struct TrackingLayer {
+    settings: Arc<TrackingSettings>,
+}
+
+impl TrackingLayer {
+    /// Uses these settings.
+    pub fn new(settings: TrackingSettings) -> Self {
+        TrackingLayer {
+            settings: Arc::new(settings),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for TrackingLayer {
+    type Service = TrackingService<S>;
+
+    fn layer(&self, inner: S) -> TrackingService<S> {
+        TrackingService {
+            inner,
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+/// Keeps or makes the tracking ids; see the module docs.
+#[derive(Clone, Debug)]
+pub struct TrackingService<S> {
+    inner: S,
+    settings: Arc<TrackingSettings>,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+
+impl<S> tower::Service<Request> for TrackingService<S>
+where
+    S: tower::Service<Request, Response = Response, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = BoxError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> BoxFuture {
+        let settings = &self.settings;
+        let tracking = match Tracking::from_headers(request.headers(), settings.correlation_vector)
+        {
+            Ok(tracking) => tracking,
+            Err(bad) => {
+                let tracking = Tracking::fresh(settings.correlation_vector);
+                return Box::pin(std::future::ready(Err(Tracked {
+                    tracking,
+                    source: bad.into(),
+                }
+                .into())));
+            }
+        };
+        let headers = request.headers_mut();
+        headers.insert(MS_REQUEST_ID, tracking.request_id.clone());
+        headers.insert(MS_CORRELATION_ID, tracking.correlation_id.clone());
+        if settings.correlation_vector {
+            // Set per attempt by the upstream client, from `Tracking::next_cv`.
+            headers.remove(MS_CV);
+        }
+        if let Some(locale) = &settings.locale {
+            headers.entry(X_LOCALE).or_insert_with(|| locale.clone());
+        }
+        if let Some(application) = &settings.application {
+            headers.insert(MS_APPLICATION, application.clone());
+        }
+        let span = tracing::info_span!(
+            "call",
+            request_id = ?tracking.request_id,
+            correlation_id = ?tracking.correlation_id,
+            route = tracing::field::Empty,
+        );
+        request.extensions_mut().insert(tracking.clone());
+        let call = self.inner.call(request);
+        Box::pin(
+            async move {
+                match call.await {
+                    Ok(mut response) => {
+                        tracking.stamp(response.headers_mut());
+                        Ok(response)
+                    }
+                    Err(source) => Err(Tracked { tracking, source }.into()),
+                }
+            }
+            .instrument(span),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.parse::<HeaderName>().unwrap(), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn guids_are_kept_and_missing_ones_made() {
+        let t = Tracking::from_headers(
+            &headers(&[("ms-requestid", "a45e6643-1caf-4429-8f90-07c03d85bc2b")]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(t.request_id, "a45e6643-1caf-4429-8f90-07c03d85bc2b");
+        assert!(uuid::Uuid::try_parse(t.correlation_id.to_str().unwrap()).is_ok());
+        assert!(t.cv().is_none());
+    }
+
+    #[test]
+    fn malformed_ids_are_refused_by_name() {
+        for value in [
+            "abc",
+            "a45e6643-1caf-4429-8f90-07c03d85bc2",
+            &"a".repeat(500),
+        ] {
+            let err =
+                Tracking::from_headers(&headers(&[("ms-correlationid", value)]), true).unwrap_err();
+            assert_eq!(err.header, "MS-CorrelationId");
+            assert!(err.got.len() <= 67);
+        }
+    }
+
+    #[test]
+    fn the_inbound_vector_is_extended_once_and_incremented_per_attempt() {
+        let t = Tracking::from_headers(&headers(&[("ms-cv", "5npA0K22CUmWPOzB.4")]), true).unwrap();
+        assert_eq!(t.cv().unwrap(), "5npA0K22CUmWPOzB.4.0");
+        assert_eq!(t.next_cv().unwrap(), "5npA0K22CUmWPOzB.4.1");
+        let retry = t.clone();
+        assert_eq!(retry.next_cv().unwrap(), "5npA0K22CUmWPOzB.4.2");
+        let bad = Tracking::from_headers(&headers(&[("ms-cv", "not a vector")]), true).unwrap();
+        assert_eq!(bad.cv().unwrap().len(), 18);
+    }
+}
