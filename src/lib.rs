@@ -10,6 +10,7 @@
 //!   - [`layer::tracking`]: MS-RequestId, MS-CorrelationId, MS-CV ([`cv`]); echoed on the response.
 //!   - [`layer::access`]: path normalisation and the route table ([`route`]), inbound keys;
 //!     strips the caller's `Authorization`; 400 / 401 / 403.
+//!   - [`layer::retry`]: the call's deadline; backoff with full jitter, Retry-After, a budget.
 //!   - [`layer::credential`]: the route's service token from [`token`]; 401 → refresh, replay once.
 //! - [`upstream`]: the pooled rustls client that sends the call on and streams the answer back.
 //!
@@ -26,6 +27,7 @@ pub mod config;
 pub mod cv;
 pub mod error;
 pub mod layer;
+pub mod metrics;
 pub mod route;
 pub mod sandbox;
 pub mod server;
@@ -106,7 +108,11 @@ impl Gateway {
         let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
         let tracking =
             layer::tracking::TrackingSettings::new(&config.tracking).map_err(StartError::Setup)?;
+        let metrics = std::sync::Arc::new(metrics::Metrics::new());
+        let retry = layer::retry::RetrySettings::new(&config.retry, config.upstream.deadline);
         let parts = stack::Parts {
+            retry,
+            metrics,
             tracking,
             routes,
             keys,

@@ -5,6 +5,7 @@ use crate::body::{Request, Response};
 use crate::layer::access::{AccessLayer, ClientKey};
 use crate::layer::credential::CredentialLayer;
 use crate::layer::rescue::RescueLayer;
+use crate::layer::retry::{RetryLayer, RetrySettings};
 use crate::layer::tracking::{TrackingLayer, TrackingSettings};
 use crate::route::RouteTable;
 use crate::token::TokenSources;
@@ -18,6 +19,10 @@ pub struct Parts {
     pub keys: Vec<ClientKey>,
     /// Token sources, by credential name.
     pub tokens: TokenSources,
+    /// Retry policy and the call deadline.
+    pub retry: RetrySettings,
+    /// Where every layer counts what it does.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Tracking header settings.
     pub tracking: TrackingSettings,
     /// The pooled upstream client.
@@ -40,7 +45,10 @@ pub fn build(
         .layer(TrackingLayer::new(parts.tracking))
         // Refuse what the route table does not allow before any other work is done.
         .layer(AccessLayer::new(parts.routes, parts.keys))
-        // (cache, coalesce, retry: in that order, inside access.)
+        // (cache, coalesce: in that order, inside access.)
+        // The deadline and the retries wrap every attempt, inside the cache and coalescing so a
+        // shared or stored answer is the one that came after retrying.
+        .layer(RetryLayer::new(parts.retry, parts.metrics.clone()))
         // Innermost but the client: every attempt, and the 401 replay, carries a current token.
         .layer(CredentialLayer::new(parts.tokens))
         .service(parts.upstream)

@@ -4,4 +4,5 @@
 pub mod access;
 pub mod credential;
 pub mod rescue;
+pub mod retry;
 pub mod tracking;

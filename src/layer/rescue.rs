@@ -14,6 +14,7 @@ use crate::body::{BoxError, Request, Response};
 use crate::error::problem;
 use crate::layer::access::AccessError;
 use crate::layer::credential::CredentialError;
+use crate::layer::retry::DeadlineExceeded;
 use crate::layer::tracking::{BadTrackingHeader, Tracked};
 use crate::upstream::UpstreamError;
 
@@ -109,6 +110,9 @@ fn classify(error: &(dyn std::error::Error + Send + Sync + 'static)) -> (StatusC
     }
     if error.downcast_ref::<BadTrackingHeader>().is_some() {
         return (StatusCode::BAD_REQUEST, "InvalidTrackingHeader");
+    }
+    if error.downcast_ref::<DeadlineExceeded>().is_some() {
+        return (StatusCode::GATEWAY_TIMEOUT, "DeadlineExceeded");
     }
     if error.downcast_ref::<CredentialError>().is_some() {
         return (StatusCode::SERVICE_UNAVAILABLE, "NoValidCredential");

@@ -1,0 +1,362 @@
+//! `retry`: one deadline for the whole call, and, on routes with `retry = true`, retries of
+//! transient failures: the statuses in `retry.statuses`, connect errors and attempt timeouts.
+//!
+//! - Delay: full jitter, a random time in `[0, min(max_delay, base_delay * 2^n)]` for retry n.
+//! - `Retry-After` (delta-seconds or HTTP-date) on 429 and 503 replaces the backoff when it is
+//!   within `max_retry_after` and the deadline; otherwise the upstream's answer goes back at once.
+//!   A 429 is retried only with a `Retry-After` (Partner Center's throttling guidance, reference §2.4).
+//! - A budget shared by every call (tower's `TpsBudget`): retries may add `budget_ratio` of recent
+//!   calls, but always `budget_min_per_second`. When it is spent the upstream's last answer goes
+//!   back and the exhaustion is counted.
+//! - Only `GET` and `HEAD` without a body are retried; a response is handed on only when no retry
+//!   will follow, so a body that has started streaming to the caller is never retried.
+//! - Every attempt carries the same `MS-RequestId`; the upstream client increments `MS-CV`.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use http::{header, HeaderMap, Method, StatusCode};
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::body::{self, BoxError, Request, Response};
+use crate::metrics::Metrics;
+use crate::route::Route;
+use crate::upstream::UpstreamError;
+
+/// How long the budget remembers calls.
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// The call ran out of time.
+#[derive(Debug, thiserror::Error)]
+#[error("the call did not finish within {0:?} (upstream.deadline), retries included")]
+pub struct DeadlineExceeded(pub Duration);
+
+/// Why an attempt is retried (a metric label and a log field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetryReason {
+    /// The upstream answered a status in `retry.statuses`.
+    Status,
+    /// 429 with `Retry-After`.
+    Throttled,
+    /// Connect refused or failed.
+    Connect,
+    /// No response headers within `attempt_timeout`.
+    Timeout,
+}
+
+impl RetryReason {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::Status => "status",
+            RetryReason::Throttled => "throttled",
+            RetryReason::Connect => "connect",
+            RetryReason::Timeout => "timeout",
+        }
+    }
+}
+
+/// How many attempts a call took; put in the response's extensions for the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempts(pub u32);
+
+/// The retry layer's own settings.
+#[derive(Debug, Clone)]
+pub struct RetrySettings {
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    /// Backoff base.
+    pub base_delay: Duration,
+    /// Backoff cap.
+    pub max_delay: Duration,
+    /// Statuses that are retried.
+    pub statuses: HashSet<u16>,
+    /// A longer `Retry-After` is not waited for.
+    pub max_retry_after: Duration,
+    /// Retries may add at most this share to upstream traffic...
+    pub budget_ratio: f64,
+    /// ...but always this many a second.
+    pub budget_min_per_second: u32,
+    /// The whole call's time limit.
+    pub deadline: Duration,
+}
+
+impl RetrySettings {
+    /// From `[retry]` and `upstream.deadline`.
+    pub fn new(retry: &crate::config::RetryConfig, deadline: Duration) -> Self {
+        RetrySettings {
+            max_attempts: retry.max_attempts.max(1),
+            base_delay: retry.base_delay,
+            max_delay: retry.max_delay,
+            statuses: retry.statuses.iter().copied().collect(),
+            max_retry_after: retry.max_retry_after,
+            budget_ratio: retry.budget_ratio,
+            budget_min_per_second: retry.budget_min_per_second,
+            deadline,
+        }
+    }
+
+    /// Full jitter for retry `n` (0-based): uniform in `[0, min(max_delay, base * 2^n)]`.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let ceiling = self
+            .base_delay
+            .saturating_mul(1u32 << n.min(20))
+            .min(self.max_delay);
+        ceiling.mul_f64(fastrand::f64())
+    }
+}
+
+/// Adds [`Retry`] in front of a service.
+#[derive(Clone)]
+pub struct RetryLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    settings: RetrySettings,
+    budget: TpsBudget,
+    metrics: Arc<Metrics>,
+}
+
+impl RetryLayer {
+    /// Uses these settings; the budget is shared by every clone.
+    pub fn new(settings: RetrySettings, metrics: Arc<Metrics>) -> Self {
+        let budget = TpsBudget::new(
+            BUDGET_WINDOW,
+            settings.budget_min_per_second,
+            settings.budget_ratio as f32,
+        );
+        RetryLayer {
+            shared: Arc::new(Shared {
+                settings,
+                budget,
+                metrics,
+            }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Bounds the call by the deadline and retries transient failures; see the module docs.
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+
+impl<S> tower::Service<Request> for Retry<S>
+where
+    S: tower::Service<Request, Response = Response, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = BoxError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> BoxFuture {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let limit = shared.settings.deadline;
+            let deadline = Instant::now() + limit;
+            match tokio::time::timeout_at(deadline, shared.run(inner, request, deadline)).await {
+                Ok(result) => result,
+                Err(_) => Err(DeadlineExceeded(limit).into()),
+            }
+        })
+    }
+}
+
+/// What to do after an attempt.
+enum Next {
+    /// Hand this outcome to the caller.
+    Done,
+    /// Wait, then try again.
+    RetryAfter(Duration, RetryReason),
+}
+
+impl Shared {
+    async fn run<S>(
+        &self,
+        mut inner: S,
+        request: Request,
+        deadline: Instant,
+    ) -> Result<Response, BoxError>
+    where
+        S: tower::Service<Request, Response = Response, Error = BoxError>,
+    {
+        let retryable = request
+            .extensions()
+            .get::<Arc<Route>>()
+            .is_some_and(|r| r.retry)
+            && matches!(*request.method(), Method::GET | Method::HEAD);
+        let mut spare = if retryable {
+            body::clone_bodiless(&request)
+        } else {
+            None
+        };
+        let mut request = request;
+        self.budget.deposit();
+        let mut attempt: u32 = 1;
+        loop {
+            std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+            let outcome = inner.call(request).await;
+            let next = match (&spare, &outcome) {
+                (Some(_), _) if attempt < self.settings.max_attempts => {
+                    self.next(&outcome, attempt, deadline)
+                }
+                _ => Next::Done,
+            };
+            let (delay, reason) = match next {
+                Next::Done => return with_attempts(outcome, attempt),
+                Next::RetryAfter(delay, reason) => (delay, reason),
+            };
+            if !self.budget.withdraw() {
+                self.metrics.retry_budget_exhausted.inc();
+                tracing::warn!(
+                    attempt,
+                    reason = reason.as_str(),
+                    "retry budget spent: answering with the last outcome"
+                );
+                return with_attempts(outcome, attempt);
+            }
+            self.metrics.retries.get_or_create(&reason.into()).inc();
+            tracing::info!(
+                attempt,
+                reason = reason.as_str(),
+                delay_ms = delay.as_millis() as u64,
+                status = outcome.as_ref().ok().map(|r| r.status().as_u16()),
+                "retrying"
+            );
+            // The answer we are not giving is dropped (its connection is closed, not reused).
+            drop(outcome);
+            tokio::time::sleep(delay).await;
+            request = spare.take().expect("checked above");
+            spare = body::clone_bodiless(&request);
+            attempt += 1;
+        }
+    }
+
+    fn next(&self, outcome: &Result<Response, BoxError>, attempt: u32, deadline: Instant) -> Next {
+        let (reason, retry_after) = match outcome {
+            Ok(response) => {
+                let status = response.status();
+                let retry_after = match status {
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                        retry_after(response.headers(), SystemTime::now())
+                    }
+                    _ => None,
+                };
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    match retry_after {
+                        Some(_) => (RetryReason::Throttled, retry_after),
+                        None => return Next::Done,
+                    }
+                } else if self.settings.statuses.contains(&status.as_u16()) {
+                    (RetryReason::Status, retry_after)
+                } else {
+                    return Next::Done;
+                }
+            }
+            Err(error) => match error.downcast_ref::<UpstreamError>() {
+                Some(UpstreamError::Connect(_)) => (RetryReason::Connect, None),
+                Some(UpstreamError::Timeout(_)) => (RetryReason::Timeout, None),
+                _ => return Next::Done,
+            },
+        };
+        let delay = match retry_after {
+            Some(wait) if wait > self.settings.max_retry_after => return Next::Done,
+            Some(wait) => wait,
+            None => self.settings.backoff(attempt - 1),
+        };
+        if Instant::now() + delay >= deadline {
+            return Next::Done;
+        }
+        Next::RetryAfter(delay, reason)
+    }
+}
+
+fn with_attempts(outcome: Result<Response, BoxError>, attempts: u32) -> Result<Response, BoxError> {
+    outcome.map(|mut response| {
+        response.extensions_mut().insert(Attempts(attempts));
+        response
+    })
+}
+
+/// `Retry-After` as delta-seconds or an HTTP-date (RFC 9110 §10.2.3); `None` if absent or unreadable.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> RetrySettings {
+        RetrySettings::new(
+            &crate::config::RetryConfig::default(),
+            Duration::from_secs(60),
+        )
+    }
+
+    #[test]
+    fn full_jitter_stays_within_its_ceiling() {
+        let s = settings();
+        for n in 0..10 {
+            let ceiling = (s.base_delay * 2u32.pow(n)).min(s.max_delay);
+            for _ in 0..200 {
+                assert!(s.backoff(n) <= ceiling);
+            }
+        }
+        // Spread out, not fixed: 200 draws at n = 3 are not all alike.
+        let draws: HashSet<u128> = (0..200).map(|_| s.backoff(3).as_micros()).collect();
+        assert!(draws.len() > 100);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers, SystemTime::now()), None);
+        headers.insert(header::RETRY_AFTER, "57".parse().unwrap());
+        assert_eq!(
+            retry_after(&headers, SystemTime::now()),
+            Some(Duration::from_secs(57))
+        );
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(120));
+        headers.insert(header::RETRY_AFTER, later.parse().unwrap());
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(120)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(120));
+        headers.insert(header::RETRY_AFTER, past.parse().unwrap());
+        assert_eq!(retry_after(&headers, now), Some(Duration::ZERO));
+        headers.insert(header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&headers, now), None);
+    }
+}

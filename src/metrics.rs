@@ -1,0 +1,257 @@
+//! The Prometheus metrics of the contract (DESIGN.md §1), in one registry. Labels come only from
+//! bounded sets: route names from the config, status classes, outcome enums.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::layer::retry::RetryReason;
+
+/// `Content-Type` of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Latency buckets: 1 ms doubling to about 32 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// `{route, status}`: a call's route and status class (`2xx`...`5xx`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    /// Route name, or `none` when no route matched.
+    pub route: String,
+    /// `2xx`, `4xx`, ...
+    pub status: &'static str,
+}
+
+/// `{route}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// Route name.
+    pub route: String,
+}
+
+/// `{route, outcome}` for an upstream attempt.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// Route name.
+    pub route: String,
+    /// `2xx`...`5xx`, or `connect_error`, `timeout`, `error`.
+    pub outcome: &'static str,
+}
+
+/// `{route, result}` for a cache lookup.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// Route name.
+    pub route: String,
+    /// `hit`, `miss`, `stale`, `bypass`.
+    pub result: &'static str,
+}
+
+/// `{reason}` for a retry.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// Why the attempt was retried.
+    pub reason: Reason,
+}
+
+/// [`RetryReason`] as a label value.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Reason {
+    /// A retryable status.
+    status,
+    /// 429 with Retry-After.
+    throttled,
+    /// Connect failure.
+    connect,
+    /// Attempt timeout.
+    timeout,
+}
+
+impl From<RetryReason> for RetryLabels {
+    fn from(reason: RetryReason) -> Self {
+        let reason = match reason {
+            RetryReason::Status => Reason::status,
+            RetryReason::Throttled => Reason::throttled,
+            RetryReason::Connect => Reason::connect,
+            RetryReason::Timeout => Reason::timeout,
+        };
+        RetryLabels { reason }
+    }
+}
+
+/// `{credential, result}` for a token refresh.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// Credential name.
+    pub credential: String,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// `{credential}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabel {
+    /// Credential name.
+    pub credential: String,
+}
+
+/// `{version}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Every metric pcgate exports; shared as `Arc<Metrics>`.
+pub struct Metrics {
+    registry: Registry,
+    /// `pcgate_requests_total{route,status}`.
+    pub requests: Family<RouteStatus, Counter>,
+    /// `pcgate_request_duration_seconds{route}`.
+    pub request_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// `pcgate_upstream_requests_total{route,outcome}`.
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    /// `pcgate_upstream_duration_seconds{route}`.
+    pub upstream_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// `pcgate_cache_lookups_total{route,result}`.
+    pub cache_lookups: Family<CacheLabels, Counter>,
+    /// `pcgate_cache_bytes`.
+    pub cache_bytes: Gauge,
+    /// `pcgate_cache_entries`.
+    pub cache_entries: Gauge,
+    /// `pcgate_coalesced_requests_total{route}`: calls answered by another call's upstream fetch.
+    pub coalesced: Family<RouteLabel, Counter>,
+    /// `pcgate_retries_total{reason}`.
+    pub retries: Family<RetryLabels, Counter>,
+    /// `pcgate_retry_budget_exhausted_total`.
+    pub retry_budget_exhausted: Counter,
+    /// `pcgate_token_refreshes_total{credential,result}`.
+    pub token_refreshes: Family<TokenLabels, Counter>,
+    /// `pcgate_token_expiry_timestamp_seconds{credential}`.
+    pub token_expiry: Family<CredentialLabel, Gauge>,
+    /// `pcgate_inflight_requests`.
+    pub inflight: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("pcgate");
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            upstream_requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(latency_histogram),
+            cache_lookups: Family::default(),
+            cache_bytes: Gauge::default(),
+            cache_entries: Gauge::default(),
+            coalesced: Family::default(),
+            retries: Family::default(),
+            retry_budget_exhausted: Counter::default(),
+            token_refreshes: Family::default(),
+            token_expiry: Family::default(),
+            inflight: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "requests",
+            "Calls answered, by route and status class",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time from request to response headers, by route",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "upstream_requests",
+            "Upstream attempts, by route and outcome",
+            m.upstream_requests.clone(),
+        );
+        r.register(
+            "upstream_duration_seconds",
+            "Upstream attempt time to response headers, by route",
+            m.upstream_duration.clone(),
+        );
+        r.register(
+            "cache_lookups",
+            "Cache lookups, by route and result",
+            m.cache_lookups.clone(),
+        );
+        r.register(
+            "cache_bytes",
+            "Bytes held by the response cache",
+            m.cache_bytes.clone(),
+        );
+        r.register(
+            "cache_entries",
+            "Entries in the response cache",
+            m.cache_entries.clone(),
+        );
+        r.register(
+            "coalesced_requests",
+            "Calls answered by another identical call's upstream fetch",
+            m.coalesced.clone(),
+        );
+        r.register("retries", "Upstream retries, by reason", m.retries.clone());
+        r.register(
+            "retry_budget_exhausted",
+            "Retries not made because the retry budget was spent",
+            m.retry_budget_exhausted.clone(),
+        );
+        r.register(
+            "token_refreshes",
+            "Token requests to the identity endpoint, by credential and result",
+            m.token_refreshes.clone(),
+        );
+        r.register(
+            "token_expiry_timestamp_seconds",
+            "When the credential's current token expires (Unix seconds)",
+            m.token_expiry.clone(),
+        );
+        r.register(
+            "inflight_requests",
+            "Calls being served now",
+            m.inflight.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        r.register("build_info", "pcgate's version", build_info);
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition (OpenMetrics), for `GET /metrics`.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(8 * 1024);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// `2xx`, `3xx`, `4xx` or `5xx` (`1xx` too, for completeness).
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
