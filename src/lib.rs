@@ -25,6 +25,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod cv;
+pub mod demo;
 pub mod error;
 pub mod layer;
 pub mod metrics;

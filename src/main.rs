@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use pcgate::config::Config;
+use pcgate::sandbox::{self, Sandbox, SandboxOptions};
 
 /// Exit status for a bad config or command line (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -43,6 +44,40 @@ enum Command {
         #[arg(long, env = "PCGATE_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// A local stand-in for the Partner Center billing API and its token endpoint, for offline
+    /// work, tests and benchmarks. Inspect it at /__sandbox/requests, change faults with
+    /// POST /__sandbox/faults.
+    Sandbox(SandboxArgs),
+    /// The sandbox and the gateway together in one process, ready for curl; Ctrl-C stops both.
+    Demo,
+}
+
+#[derive(clap::Args)]
+struct SandboxArgs {
+    /// Address to serve on.
+    #[arg(long, default_value_t = sandbox::DEFAULT_LISTEN)]
+    listen: std::net::SocketAddr,
+    /// How many invoices to generate.
+    #[arg(long, default_value_t = sandbox::DEFAULT_INVOICES)]
+    invoices: usize,
+    /// Seed for the generated data (same seed, same data).
+    #[arg(long, default_value_t = sandbox::DEFAULT_SEED)]
+    seed: u64,
+    /// Lifetime of the access tokens it issues.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    token_ttl: std::time::Duration,
+    /// Share of API calls answered with --fail-status (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Status of injected failures.
+    #[arg(long, default_value_t = sandbox::DEFAULT_FAIL_STATUS)]
+    fail_status: u16,
+    /// Delay added to every API answer.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    latency: std::time::Duration,
+    /// API calls per second above which it answers 429 with Retry-After (e.g. 50/s).
+    #[arg(long, value_parser = sandbox::parse_rate_limit)]
+    rate_limit: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +95,46 @@ fn main() -> ExitCode {
             }
             Err(e) => config_error(&config, &e),
         },
+        Command::Sandbox(args) => runtime().block_on(async {
+            let options = SandboxOptions {
+                listen: args.listen,
+                invoices: args.invoices,
+                seed: args.seed,
+                token_ttl: args.token_ttl,
+                fail_rate: args.fail_rate,
+                fail_status: args.fail_status,
+                latency: args.latency,
+                rate_limit: args.rate_limit,
+                ..SandboxOptions::default()
+            };
+            match Sandbox::bind(options).await {
+                Ok(sandbox) => {
+                    println!(
+                        "pcgate sandbox on {}\n  token endpoint {}\n  client_id {} / client_secret {} / refresh token {}",
+                        sandbox.base_url(),
+                        sandbox.token_url(),
+                        sandbox::SANDBOX_CLIENT_ID,
+                        sandbox::SANDBOX_CLIENT_SECRET,
+                        sandbox::SANDBOX_REFRESH_TOKEN
+                    );
+                    sandbox.serve(shutdown_signal()).await;
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pcgate sandbox: {e}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+            }
+        }),
+        Command::Demo => runtime().block_on(async {
+            match pcgate::demo::run(shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pcgate demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
         Command::Run { config: path } => {
             let config = match Config::load(&path) {
                 Ok(config) => config,

@@ -219,3 +219,148 @@ pub async fn raw_status(addr: SocketAddr, request: &[u8]) -> u16 {
 pub fn raw_get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes()
 }
+
+/// A sandbox serving in this process; shut down when dropped.
+pub struct TestSandbox {
+    pub base_url: String,
+    pub token_url: String,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for TestSandbox {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts a sandbox on 127.0.0.1:0 with these options.
+pub async fn start_sandbox(options: pcgate::sandbox::SandboxOptions) -> TestSandbox {
+    let options = pcgate::sandbox::SandboxOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..options
+    };
+    let sandbox = pcgate::sandbox::Sandbox::bind(options)
+        .await
+        .expect("sandbox binds");
+    let (base_url, token_url) = (sandbox.base_url(), sandbox.token_url());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(sandbox.serve(async move {
+        let _ = stopped.await;
+    }));
+    TestSandbox {
+        base_url,
+        token_url,
+        stop: Some(stop),
+    }
+}
+
+impl TestSandbox {
+    /// Changes the sandbox's faults (a partial JSON update).
+    pub async fn faults(&self, update: serde_json::Value) {
+        let response = client()
+            .post(format!("{}/__sandbox/faults", self.base_url))
+            .json(&update)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "faults update refused: {}",
+            response.text().await.unwrap()
+        );
+    }
+
+    /// The sandbox's request log.
+    pub async fn log(&self) -> serde_json::Value {
+        client()
+            .get(format!("{}/__sandbox/requests", self.base_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// How many requests reached a sandbox route (`token`, `summary`, `invoices`...).
+    pub async fn count(&self, route: &str) -> u64 {
+        self.log().await["counts"][route].as_u64().unwrap_or(0)
+    }
+
+    /// The recent requests to one route, oldest first.
+    pub async fn recent(&self, route: &str) -> Vec<serde_json::Value> {
+        let log = self.log().await;
+        log["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["route"] == route)
+            .cloned()
+            .collect()
+    }
+
+    /// Empties the request log.
+    pub async fn reset_log(&self) {
+        client()
+            .delete(format!("{}/__sandbox/requests", self.base_url))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// The gateway config for this sandbox: the shipped route table, `app` and `user`
+    /// credentials against its token endpoint, with `knobs` added to their tables.
+    pub fn gateway_toml(&self, knobs: Knobs) -> String {
+        use pcgate::sandbox::{SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, SANDBOX_REFRESH_TOKEN};
+        let routes = pcgate::demo::SHIPPED_CONFIG
+            .split_once("[[routes]]")
+            .map(|(_, rest)| format!("[[routes]]{rest}"))
+            .unwrap();
+        format!(
+            r#"
+            [upstream]
+            base_url = "{base}"
+            {upstream}
+            [credentials.app]
+            grant = "client_credentials"
+            token_url = "{token_url}"
+            client_id = "{SANDBOX_CLIENT_ID}"
+            client_secret = "{SANDBOX_CLIENT_SECRET}"
+            resource = "https://api.partnercenter.microsoft.com"
+            {app}
+            [credentials.user]
+            grant = "refresh_token"
+            token_url = "{token_url}"
+            client_id = "{SANDBOX_CLIENT_ID}"
+            client_secret = "{SANDBOX_CLIENT_SECRET}"
+            {user}
+            {rest}
+            {routes}
+            "#,
+            base = self.base_url,
+            token_url = self.token_url,
+            upstream = knobs.upstream,
+            app = knobs.app,
+            user = knobs
+                .user
+                .unwrap_or(&format!("refresh_token = \"{SANDBOX_REFRESH_TOKEN}\"")),
+            rest = knobs.rest,
+        )
+    }
+}
+
+/// Extra TOML lines for [`TestSandbox::gateway_toml`], by table.
+#[derive(Default, Clone, Copy)]
+pub struct Knobs<'a> {
+    /// Lines in `[upstream]`.
+    pub upstream: &'a str,
+    /// Lines in `[credentials.app]`.
+    pub app: &'a str,
+    /// Lines in `[credentials.user]`; `None` gives it the sandbox's inline refresh token.
+    pub user: Option<&'a str>,
+    /// Whole tables after the credentials (`[retry]`, `[[access.clients]]`...).
+    pub rest: &'a str,
+}

@@ -1,0 +1,344 @@
+//! Issue 4: service credentials against the sandbox's token endpoint, over real HTTP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pcgate::sandbox::{SandboxOptions, SANDBOX_CLIENT_SECRET, SANDBOX_REFRESH_TOKEN};
+use serde_json::json;
+use tokio::time::Instant;
+
+fn sandbox_with_ttl(ttl: Duration) -> SandboxOptions {
+    SandboxOptions {
+        token_ttl: ttl,
+        ..SandboxOptions::default()
+    }
+}
+
+async fn get(gateway: &TestGateway, path: &str) -> reqwest::Response {
+    client().get(gateway.url(path)).send().await.unwrap()
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pcgate-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn short_lived_tokens_are_refreshed_ahead_of_expiry_with_no_caller_error() {
+    let sandbox = start_sandbox(sandbox_with_ttl(Duration::from_secs(2))).await;
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs {
+        app: "refresh_before = \"1s\"",
+        ..Knobs::default()
+    }))
+    .await;
+
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(30) && calls < 2_000 {
+        let response = get(&gateway, "/v1/invoices?size=1").await;
+        assert_eq!(
+            response.status(),
+            200,
+            "call {calls} at {:?}",
+            started.elapsed()
+        );
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A 2 s token refreshed 1 s (minus jitter) ahead: one fetch every 0.75–1 s over 30 s.
+    let fetched = sandbox.count("token").await;
+    assert!(fetched >= 25, "only {fetched} token requests in 30 s");
+    assert!(calls > 100);
+}
+
+#[tokio::test]
+async fn a_failing_token_endpoint_is_ridden_out_until_the_token_expires_then_503() {
+    let sandbox = start_sandbox(sandbox_with_ttl(Duration::from_secs(3))).await;
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs {
+        app: "refresh_before = \"2s\"",
+        ..Knobs::default()
+    }))
+    .await;
+    assert_eq!(get(&gateway, "/v1/invoices?size=1").await.status(), 200);
+    let token_fetched_at = Instant::now();
+    sandbox.faults(json!({"token_fail_status": 503})).await;
+
+    // Until the 3 s token expires, calls succeed though every refresh fails.
+    while token_fetched_at.elapsed() < Duration::from_millis(2_500) {
+        assert_eq!(get(&gateway, "/v1/invoices?size=1").await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed_refreshes = sandbox
+        .recent("token")
+        .await
+        .iter()
+        .filter(|r| r["status"] == 503)
+        .count();
+    assert!(
+        failed_refreshes >= 1,
+        "no refresh was attempted while the token lived"
+    );
+
+    // Then: 503 in the Partner Center shape, naming the credential, never the secret.
+    let deadline = Instant::now() + WAIT;
+    let response = loop {
+        let response = get(&gateway, "/v1/invoices?size=1").await;
+        if response.status() != 200 || Instant::now() > deadline {
+            break response;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("ms-requestid"));
+    let text = response.text().await.unwrap();
+    let fault: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(fault["errorName"], "NoValidCredential");
+    assert!(
+        fault["description"].as_str().unwrap().contains("`app`"),
+        "{text}"
+    );
+    assert!(!text.contains(SANDBOX_CLIENT_SECRET));
+
+    // The endpoint recovers: so do the calls (the backoff is at most a minute; the test waits less).
+    sandbox.faults(json!({"token_fail_status": null})).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if get(&gateway, "/v1/invoices?size=1").await.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "calls did not recover after the token endpoint did"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_first_calls_make_one_token_request() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let toml = sandbox.gateway_toml(Knobs::default());
+    let config = pcgate::config::Config::from_toml(&toml).unwrap();
+    let mut config = config;
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    // Bind, then serve: the background refresher starts with serve, the calls race it.
+    let gateway = start_with(config).await;
+    let calls = (0..100).map(|_| {
+        let url = gateway.url("/v1/invoices?size=1");
+        tokio::spawn(async move { client().get(url).send().await.unwrap().status() })
+    });
+    for call in futures_util::future::join_all(calls).await {
+        assert_eq!(call.unwrap(), 200);
+    }
+    // One token request per configured credential: `app` for these 100 calls (and its background
+    // refresher, which shares the single flight), `user` from its own background refresher.
+    let log = sandbox.log().await;
+    assert_eq!(log["counts"]["token"], 2, "{}", log["counts"]);
+}
+
+#[tokio::test]
+async fn the_callers_authorization_never_reaches_the_upstream() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let response = client()
+        .get(gateway.url("/v1/invoices/summary"))
+        .header("Authorization", "Bearer callers-own-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = sandbox.recent("summary").await;
+    let auth = seen[0]["headers"]["authorization"].as_str().unwrap();
+    assert!(auth.starts_with("Bearer sbx-app-"), "{auth}");
+    assert!(!auth.contains("callers-own-token"));
+}
+
+#[tokio::test]
+async fn app_user_routes_get_the_user_credential() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let response = get(&gateway, "/v1/invoices/summaries").await;
+    assert_eq!(response.status(), 200);
+    let seen = sandbox.recent("summaries").await;
+    assert!(seen[0]["headers"]["authorization"]
+        .as_str()
+        .unwrap()
+        .starts_with("Bearer sbx-user-"));
+}
+
+#[tokio::test]
+async fn an_upstream_401_refreshes_once_and_replays_once_with_the_same_request_id() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    assert_eq!(get(&gateway, "/v1/invoices/summary").await.status(), 200);
+    let tokens_before = sandbox.count("token").await;
+    sandbox.faults(json!({"revoke_tokens": true})).await;
+    sandbox.reset_log().await;
+
+    let response = get(&gateway, "/v1/invoices/summary?fresh=1").await;
+    assert_eq!(response.status(), 200);
+    let attempts = sandbox.recent("summary").await;
+    assert_eq!(attempts.len(), 2, "one refused attempt, one replay");
+    assert_eq!(attempts[0]["status"], 401);
+    assert_eq!(attempts[1]["status"], 200);
+    let token_requests = sandbox.count("token").await;
+    assert_eq!(
+        token_requests, 1,
+        "one refresh (log reset after {tokens_before})"
+    );
+    // The replay is the same call: same MS-RequestId, next MS-CV.
+    let header = |i: usize, name: &str| attempts[i]["headers"][name].as_str().unwrap().to_owned();
+    assert_eq!(header(0, "ms-requestid"), header(1, "ms-requestid"));
+    let (first, second) = (header(0, "ms-cv"), header(1, "ms-cv"));
+    assert!(
+        first.ends_with(".1") && second.ends_with(".2"),
+        "{first} {second}"
+    );
+    assert_eq!(first.trim_end_matches(".1"), second.trim_end_matches(".2"));
+    assert_ne!(header(0, "authorization"), header(1, "authorization"));
+}
+
+#[tokio::test]
+async fn rotated_refresh_tokens_are_persisted_and_reused_after_a_restart() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let dir = temp_dir("rotation");
+    let file = dir.join("refresh-token");
+    std::fs::write(&file, format!("{SANDBOX_REFRESH_TOKEN}\n")).unwrap();
+    let user = format!("refresh_token_file = \"{}\"", file.display());
+    let toml = sandbox.gateway_toml(Knobs {
+        user: Some(&user),
+        ..Knobs::default()
+    });
+
+    let gateway = start_gateway(&toml).await;
+    assert_eq!(get(&gateway, "/v1/invoices/summaries").await.status(), 200);
+    drop(gateway);
+    let rotated = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    assert_ne!(
+        rotated, SANDBOX_REFRESH_TOKEN,
+        "the rotated token was not written back"
+    );
+    assert!(rotated.starts_with("sbx-refresh-"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    // The sandbox rotates strictly: only the rotated token works now. A restart must use it.
+    let restarted = start_gateway(&toml).await;
+    assert_eq!(
+        get(&restarted, "/v1/invoices/summaries").await.status(),
+        200
+    );
+    let refreshes: Vec<_> = sandbox.recent("token").await;
+    assert!(
+        refreshes.iter().all(|r| r["status"] == 200),
+        "a refresh was refused: {refreshes:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_revoked_refresh_token_is_reported_as_needing_consent() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let toml = sandbox.gateway_toml(Knobs {
+        user: Some("refresh_token = \"revoked-long-ago\""),
+        ..Knobs::default()
+    });
+    let gateway = start_gateway(&toml).await;
+    let response = get(&gateway, "/v1/invoices/summaries").await;
+    assert_eq!(response.status(), 503);
+    let fault: serde_json::Value = response.json().await.unwrap();
+    let description = fault["description"].as_str().unwrap();
+    assert!(
+        description.contains("`user`") && description.contains("re-consent needed"),
+        "{description}"
+    );
+}
+
+#[tokio::test]
+async fn readyz_waits_for_every_credential_a_route_uses() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    sandbox.faults(json!({"token_fail_status": 500})).await;
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let readyz = format!("http://{}/readyz", gateway.admin);
+    let response = client().get(&readyz).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("app") && text.contains("user"), "{text}");
+
+    sandbox.faults(json!({"token_fail_status": null})).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // A caller's call drives a fetch once the backoff has passed; so does the background task.
+        let _ = get(&gateway, "/v1/invoices/summaries").await;
+        let _ = get(&gateway, "/v1/invoices/summary").await;
+        if client().get(&readyz).send().await.unwrap().status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn inbound_keys_are_required_when_configured() {
+    use sha2::Digest;
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let hash = hex(&sha2::Sha256::digest(b"billing-app-key"));
+    let rest = format!("[[access.clients]]\nname = \"billing\"\nkey_sha256 = \"{hash}\"\n");
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs {
+        rest: &rest,
+        ..Knobs::default()
+    }))
+    .await;
+    let call = |key: Option<&'static str>| {
+        let mut request = client().get(gateway.url("/v1/invoices/summary"));
+        if let Some(key) = key {
+            request = request.header("Authorization", format!("Bearer {key}"));
+        }
+        async move { request.send().await.unwrap().status() }
+    };
+    assert_eq!(call(None).await, 401);
+    assert_eq!(call(Some("wrong-key")).await, 401);
+    assert_eq!(sandbox.count("summary").await, 0);
+    assert_eq!(call(Some("billing-app-key")).await, 200);
+    let seen = sandbox.recent("summary").await;
+    assert!(!seen[0]["headers"]["authorization"]
+        .as_str()
+        .unwrap()
+        .contains("billing-app-key"));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn a_missing_secret_file_is_a_start_up_error_naming_the_credential_and_file() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let toml = sandbox.gateway_toml(Knobs::default()).replacen(
+        &format!("client_secret = \"{SANDBOX_CLIENT_SECRET}\""),
+        "client_secret_file = \"/nonexistent/pc-secret\"",
+        1,
+    );
+    let config = pcgate::config::Config::from_toml(&toml).unwrap();
+    let error = pcgate::Gateway::bind(config)
+        .await
+        .err()
+        .expect("start-up fails")
+        .to_string();
+    assert!(
+        error.contains("credential `app`") && error.contains("/nonexistent/pc-secret"),
+        "{error}"
+    );
+}
