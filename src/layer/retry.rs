@@ -318,6 +318,241 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use tower::{Layer, Service, ServiceExt};
+
+    /// One scripted upstream answer: a status with an optional Retry-After, or a connect error.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        Status(u16, Option<&'static str>),
+        ConnectError,
+        Hang,
+    }
+
+    /// A retry layer over a scripted inner service that records when each attempt came.
+    #[allow(clippy::type_complexity)]
+    fn harness(
+        settings: RetrySettings,
+        script: Vec<Answer>,
+    ) -> (
+        impl Service<Request, Response = Response, Error = BoxError>,
+        Arc<Mutex<Vec<Instant>>>,
+        Arc<Metrics>,
+    ) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let script = Arc::new(script);
+        let inner = tower::service_fn(move |_request: Request| {
+            let (calls, script) = (seen.clone(), script.clone());
+            async move {
+                let n = {
+                    let mut calls = calls.lock().unwrap();
+                    calls.push(Instant::now());
+                    calls.len() - 1
+                };
+                match script.get(n).or(script.last()).copied().unwrap() {
+                    Answer::Status(status, retry_after) => {
+                        let mut response = Response::new(body::empty());
+                        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                        if let Some(value) = retry_after {
+                            response
+                                .headers_mut()
+                                .insert(header::RETRY_AFTER, value.parse().unwrap());
+                        }
+                        Ok(response)
+                    }
+                    Answer::ConnectError => Err(UpstreamError::Connect("refused".into()).into()),
+                    Answer::Hang => {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        unreachable!("the deadline ends the call first")
+                    }
+                }
+            }
+        });
+        let metrics = Arc::new(Metrics::new());
+        (
+            RetryLayer::new(settings, metrics.clone()).layer(inner),
+            calls,
+            metrics,
+        )
+    }
+
+    fn get(retry: bool) -> Request {
+        let mut request = Request::new(body::empty());
+        request.extensions_mut().insert(Arc::new(Route {
+            name: "test".into(),
+            credential: None,
+            cache_ttl: None,
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            coalesce: false,
+            retry,
+        }));
+        request
+    }
+
+    async fn call(
+        service: &mut impl Service<Request, Response = Response, Error = BoxError>,
+        request: Request,
+    ) -> Result<Response, BoxError> {
+        service.ready().await?.call(request).await
+    }
+
+    fn gaps(calls: &Mutex<Vec<Instant>>) -> Vec<Duration> {
+        calls
+            .lock()
+            .unwrap()
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_500s_then_200_waits_twice_within_the_jitter_bounds() {
+        let s = settings();
+        let (base, max) = (s.base_delay, s.max_delay);
+        for _ in 0..20 {
+            let (mut service, calls, metrics) = harness(
+                settings(),
+                vec![
+                    Answer::Status(500, None),
+                    Answer::Status(500, None),
+                    Answer::Status(200, None),
+                ],
+            );
+            let response = call(&mut service, get(true)).await.unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.extensions().get::<Attempts>(), Some(&Attempts(3)));
+            let gaps = gaps(&calls);
+            assert_eq!(gaps.len(), 2);
+            assert!(gaps[0] <= base, "{gaps:?}");
+            assert!(gaps[1] <= (base * 2).min(max), "{gaps:?}");
+            let retried = metrics
+                .retries
+                .get_or_create(&RetryReason::Status.into())
+                .get();
+            assert_eq!(retried, 2);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn always_500_gives_max_attempts_then_the_500() {
+        let (mut service, calls, _) = harness(settings(), vec![Answer::Status(500, None)]);
+        let response = call(&mut service, get(true)).await.unwrap();
+        assert_eq!(response.status(), 500);
+        assert_eq!(
+            calls.lock().unwrap().len(),
+            settings().max_attempts as usize
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_honoured_within_the_limit_and_not_beyond() {
+        let (mut service, calls, _) = harness(
+            settings(),
+            vec![Answer::Status(429, Some("2")), Answer::Status(200, None)],
+        );
+        assert_eq!(call(&mut service, get(true)).await.unwrap().status(), 200);
+        assert_eq!(gaps(&calls), [Duration::from_secs(2)]);
+
+        let (mut service, calls, _) = harness(
+            settings(),
+            vec![Answer::Status(503, Some("3600")), Answer::Status(200, None)],
+        );
+        let started = Instant::now();
+        assert_eq!(call(&mut service, get(true)).await.unwrap().status(), 503);
+        assert_eq!(calls.lock().unwrap().len(), 1);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+
+        // A 429 without Retry-After is not retried: the caller is told to slow down.
+        let (mut service, calls, _) = harness(
+            settings(),
+            vec![Answer::Status(429, None), Answer::Status(200, None)],
+        );
+        assert_eq!(call(&mut service, get(true)).await.unwrap().status(), 429);
+        assert_eq!(calls.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_failures_are_retried() {
+        let (mut service, calls, metrics) = harness(
+            settings(),
+            vec![Answer::ConnectError, Answer::Status(200, None)],
+        );
+        assert_eq!(call(&mut service, get(true)).await.unwrap().status(), 200);
+        assert_eq!(calls.lock().unwrap().len(), 2);
+        assert_eq!(
+            metrics
+                .retries
+                .get_or_create(&RetryReason::Connect.into())
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_ends_the_call() {
+        let s = RetrySettings {
+            deadline: Duration::from_secs(5),
+            ..settings()
+        };
+        let (mut service, _, _) = harness(s, vec![Answer::Hang]);
+        let started = Instant::now();
+        let error = call(&mut service, get(false)).await.unwrap_err();
+        assert!(error.downcast_ref::<DeadlineExceeded>().is_some());
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_that_would_pass_the_deadline_is_not_made() {
+        let s = RetrySettings {
+            deadline: Duration::from_secs(3),
+            ..settings()
+        };
+        let (mut service, calls, _) = harness(
+            s,
+            vec![Answer::Status(503, Some("5")), Answer::Status(200, None)],
+        );
+        assert_eq!(call(&mut service, get(true)).await.unwrap().status(), 503);
+        assert_eq!(calls.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn routes_without_retry_and_requests_with_bodies_are_not_retried() {
+        let (mut service, calls, _) = harness(
+            settings(),
+            vec![Answer::Status(500, None), Answer::Status(200, None)],
+        );
+        assert_eq!(call(&mut service, get(false)).await.unwrap().status(), 500);
+        assert_eq!(calls.lock().unwrap().len(), 1);
+        let (mut service, calls, _) = harness(
+            settings(),
+            vec![Answer::Status(500, None), Answer::Status(200, None)],
+        );
+        let mut post = get(true);
+        *post.method_mut() = Method::POST;
+        assert_eq!(call(&mut service, post).await.unwrap().status(), 500);
+        assert_eq!(calls.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_stops_retries_growing_with_traffic() {
+        let s = RetrySettings {
+            budget_min_per_second: 1,
+            budget_ratio: 0.1,
+            ..settings()
+        };
+        let (mut service, calls, metrics) = harness(s, vec![Answer::Status(500, None)]);
+        for _ in 0..300 {
+            assert_eq!(call(&mut service, get(true)).await.unwrap().status(), 500);
+        }
+        let attempts = calls.lock().unwrap().len();
+        let retries = attempts - 300;
+        // Unbudgeted: 300 calls × 3 retries = 900. Budgeted: the reserve (1/s over the 10 s
+        // window) plus 10% of the calls, give or take the window sliding under paused time.
+        assert!(retries < 150, "{retries} retries for 300 calls");
+        assert!(metrics.retry_budget_exhausted.get() > 100);
+    }
 
     fn settings() -> RetrySettings {
         RetrySettings::new(
