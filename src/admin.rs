@@ -1,5 +1,5 @@
-//! The admin listener: `GET /healthz` (the process is alive) and `GET /readyz` (every credential a
-//! route uses holds a valid token).
+//! The admin listener: `GET /healthz` (the process is alive), `GET /readyz` (every credential a
+//! route uses holds a valid token), `GET /metrics` (Prometheus), `POST /cache/purge[?prefix=]`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,33 +9,39 @@ use hyper::body::Incoming;
 
 use crate::body::{self, Response};
 use crate::error::problem;
+use crate::layer::cache::Store;
+use crate::metrics::Metrics;
 use crate::token::TokenSources;
 
 /// What the admin endpoints report on.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Admin {
     /// Token sources by credential name.
     pub tokens: TokenSources,
     /// The credentials some route uses: readiness waits for these.
     pub used: Arc<[String]>,
+    /// The response cache (purge, size gauges).
+    pub store: Arc<Store>,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Admin {
     /// Answers one admin request.
     pub async fn handle(self, request: http::Request<Incoming>) -> Result<Response, Infallible> {
-        let get = matches!(*request.method(), Method::GET | Method::HEAD);
-        let response = match (get, request.uri().path()) {
-            (true, "/healthz") => plain(StatusCode::OK, "ok\n".into()),
-            (true, "/readyz") => self.readiness(),
-            (false, "/healthz" | "/readyz") => problem(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "MethodNotAllowed",
-                "use GET",
-            ),
+        let response = match (request.method(), request.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
+            (&Method::GET | &Method::HEAD, "/readyz") => self.readiness(),
+            (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
+            (&Method::POST, "/cache/purge") => self.purge(request.uri().query()),
+            (_, "/healthz" | "/readyz" | "/metrics") => {
+                problem(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "use GET")
+            }
+            (_, "/cache/purge") => problem(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "use POST"),
             (_, path) => problem(
                 StatusCode::NOT_FOUND,
                 "NotFound",
-                &format!("no admin endpoint {path}: try /healthz or /readyz"),
+                &format!("no admin endpoint {path}: try /healthz, /readyz, /metrics or POST /cache/purge"),
             ),
         };
         Ok(response)
@@ -49,10 +55,15 @@ impl Admin {
             .map(String::as_str)
             .collect();
         if missing.is_empty() {
-            plain(StatusCode::OK, "ready\n".into())
+            text(
+                StatusCode::OK,
+                "text/plain; charset=utf-8",
+                "ready\n".into(),
+            )
         } else {
-            plain(
+            text(
                 StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
                 format!(
                     "not ready: no valid token yet for credential {}\n",
                     missing.join(", ")
@@ -60,14 +71,52 @@ impl Admin {
             )
         }
     }
+
+    fn metrics(&self) -> Response {
+        // Gauges read from elsewhere are brought up to date at scrape time.
+        self.store.usage();
+        text(
+            StatusCode::OK,
+            crate::metrics::CONTENT_TYPE,
+            self.metrics.encode(),
+        )
+    }
+
+    fn purge(&self, query: Option<&str>) -> Response {
+        let prefix = query.and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "prefix")
+                .map(|(_, v)| v.into_owned())
+        });
+        if let Some(p) = &prefix {
+            if !p.starts_with('/') {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidPrefix",
+                    "prefix must be a path, e.g. /v1/invoices/summary",
+                );
+            }
+        }
+        let purged = self.store.purge(prefix.as_deref());
+        tracing::info!(
+            purged,
+            prefix = prefix.as_deref().unwrap_or("(all)"),
+            "cache purged"
+        );
+        text(
+            StatusCode::OK,
+            "application/json",
+            format!("{{\"purged\":{purged}}}\n"),
+        )
+    }
 }
 
-fn plain(status: StatusCode, text: String) -> Response {
+fn text(status: StatusCode, content_type: &'static str, text: String) -> Response {
     let mut response = Response::new(body::full(text));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        http::HeaderValue::from_static(content_type),
     );
     response
 }

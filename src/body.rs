@@ -74,3 +74,87 @@ pub fn clone_bodiless(request: &Request) -> Option<Request> {
     *copy.extensions_mut() = request.extensions().clone();
     Some(copy)
 }
+
+/// A whole response held in memory: what the cache stores and what coalesced callers share.
+#[derive(Debug, Clone)]
+pub struct Buffered {
+    /// The status.
+    pub status: http::StatusCode,
+    /// The HTTP version the upstream spoke (kept for completeness; hyper re-frames on the way out).
+    pub version: http::Version,
+    /// The end-to-end headers.
+    pub headers: http::HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Buffered {
+    /// A fresh response with these parts (the bytes are shared, not copied).
+    pub fn to_response(&self) -> Response {
+        let mut response = Response::new(full(self.body.clone()));
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers.clone();
+        response
+    }
+
+    /// Roughly how much memory it holds (body, headers, and a little for the structure).
+    pub fn weight(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        self.body.len() + headers + 64
+    }
+}
+
+/// The outcome of [`buffer_up_to`].
+pub enum Limited {
+    /// The whole response, within the limit.
+    Whole(Buffered),
+    /// Larger than the limit: the response again, its body the bytes read so far followed by the rest.
+    TooBig(Response),
+}
+
+/// Reads a response's body into memory if it is at most `limit` bytes. A larger one is handed back
+/// as a stream (nothing lost), so it can go on to its caller without being held whole.
+pub async fn buffer_up_to(response: Response, limit: usize) -> Result<Limited, BodyError> {
+    use http_body::Body as _;
+    let (parts, mut body) = response.into_parts();
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) || body.size_hint().lower() > limit as u64 {
+        return Ok(Limited::TooBig(Response::from_parts(parts, body)));
+    }
+    let mut read: Vec<http_body::Frame<Bytes>> = Vec::new();
+    let mut size = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Some(data) = frame.data_ref() {
+            size += data.len();
+        }
+        read.push(frame);
+        if size > limit {
+            let prefix = futures_util::stream::iter(read.into_iter().map(Ok::<_, BodyError>));
+            let rest = http_body_util::BodyStream::new(body);
+            let stream = futures_util::StreamExt::chain(prefix, rest);
+            let body = http_body_util::StreamBody::new(stream).boxed_unsync();
+            return Ok(Limited::TooBig(Response::from_parts(parts, body)));
+        }
+    }
+    let mut bytes = bytes::BytesMut::with_capacity(size);
+    for frame in read {
+        if let Ok(data) = frame.into_data() {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(Limited::Whole(Buffered {
+        status: parts.status,
+        version: parts.version,
+        headers: parts.headers,
+        body: bytes.freeze(),
+    }))
+}

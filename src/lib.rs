@@ -10,6 +10,8 @@
 //!   - [`layer::tracking`]: MS-RequestId, MS-CorrelationId, MS-CV ([`cv`]); echoed on the response.
 //!   - [`layer::access`]: path normalisation and the route table ([`route`]), inbound keys;
 //!     strips the caller's `Authorization`; 400 / 401 / 403.
+//!   - [`layer::cache`]: fresh and stale answers from memory (moka), `Cache-Status`, `Age`.
+//!   - [`layer::coalesce`]: identical in-flight calls share one upstream fetch.
 //!   - [`layer::retry`]: the call's deadline; backoff with full jitter, Retry-After, a budget.
 //!   - [`layer::credential`]: the route's service token from [`token`]; 401 → refresh, replay once.
 //! - [`upstream`]: the pooled rustls client that sends the call on and streams the answer back.
@@ -83,10 +85,12 @@ impl Gateway {
     /// start-up error (a secret file missing, a port taken) surfaces here, before serving.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let tls = upstream::tls_config(config.upstream.ca_file.as_deref())?;
+        let metrics = std::sync::Arc::new(metrics::Metrics::new());
         let tokens = token::TokenSources::new(
             &config.credentials,
             tls.clone(),
             config.upstream.connect_timeout,
+            metrics.clone(),
         )?;
         let routes = route::RouteTable::new(&config.routes).map_err(StartError::Setup)?;
         let upstream = upstream::Upstream::new(&config.upstream, tls).map_err(StartError::Setup)?;
@@ -109,9 +113,14 @@ impl Gateway {
         let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
         let tracking =
             layer::tracking::TrackingSettings::new(&config.tracking).map_err(StartError::Setup)?;
-        let metrics = std::sync::Arc::new(metrics::Metrics::new());
         let retry = layer::retry::RetrySettings::new(&config.retry, config.upstream.deadline);
+        let store = std::sync::Arc::new(layer::cache::Store::new(
+            config.cache.max_bytes.as_u64(),
+            config.cache.max_entry_bytes.as_u64(),
+            metrics.clone(),
+        ));
         let parts = stack::Parts {
+            store,
             retry,
             metrics,
             tracking,
@@ -170,6 +179,8 @@ impl Gateway {
         let admin_state = admin::Admin {
             tokens: tokens.clone(),
             used: used.into(),
+            store: parts.store.clone(),
+            metrics: parts.metrics.clone(),
         };
         let service = stack::build(parts)
             .map_request(|request: http::Request<hyper::body::Incoming>| request.map(body::boxed));

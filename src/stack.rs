@@ -3,6 +3,8 @@
 
 use crate::body::{Request, Response};
 use crate::layer::access::{AccessLayer, ClientKey};
+use crate::layer::cache::{CacheLayer, Store};
+use crate::layer::coalesce::CoalesceLayer;
 use crate::layer::credential::CredentialLayer;
 use crate::layer::rescue::RescueLayer;
 use crate::layer::retry::{RetryLayer, RetrySettings};
@@ -19,6 +21,8 @@ pub struct Parts {
     pub keys: Vec<ClientKey>,
     /// Token sources, by credential name.
     pub tokens: TokenSources,
+    /// The response cache.
+    pub store: std::sync::Arc<Store>,
     /// Retry policy and the call deadline.
     pub retry: RetrySettings,
     /// Where every layer counts what it does.
@@ -45,7 +49,14 @@ pub fn build(
         .layer(TrackingLayer::new(parts.tracking))
         // Refuse what the route table does not allow before any other work is done.
         .layer(AccessLayer::new(parts.routes, parts.keys))
-        // (cache, coalesce: in that order, inside access.)
+        // Inside access, so only allowed calls are looked up, keyed with the route's credential.
+        .layer(CacheLayer::new(parts.store.clone(), parts.metrics.clone()))
+        // Misses (and background refreshes) of identical calls share one upstream fetch.
+        .layer(CoalesceLayer::new(
+            parts.store.max_entry_bytes(),
+            parts.retry.deadline,
+            parts.metrics.clone(),
+        ))
         // The deadline and the retries wrap every attempt, inside the cache and coalescing so a
         // shared or stored answer is the one that came after retrying.
         .layer(RetryLayer::new(parts.retry, parts.metrics.clone()))

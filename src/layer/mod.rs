@@ -2,6 +2,8 @@
 //! [`crate::stack`].
 
 pub mod access;
+pub mod cache;
+pub mod coalesce;
 pub mod credential;
 pub mod rescue;
 pub mod retry;

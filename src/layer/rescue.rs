@@ -13,6 +13,7 @@ use pin_project_lite::pin_project;
 use crate::body::{BoxError, Request, Response};
 use crate::error::problem;
 use crate::layer::access::AccessError;
+use crate::layer::coalesce::SharedError;
 use crate::layer::credential::CredentialError;
 use crate::layer::retry::DeadlineExceeded;
 use crate::layer::tracking::{BadTrackingHeader, Tracked};
@@ -101,6 +102,10 @@ pub fn error_response(error: &(dyn std::error::Error + Send + Sync + 'static)) -
 }
 
 fn classify(error: &(dyn std::error::Error + Send + Sync + 'static)) -> (StatusCode, &'static str) {
+    // A coalesced caller gets the shared fetch's error: classify what it points at.
+    if let Some(SharedError(shared)) = error.downcast_ref::<SharedError>() {
+        return classify(&***shared);
+    }
     if let Some(e) = error.downcast_ref::<AccessError>() {
         return match e {
             AccessError::BadPath(_) => (StatusCode::BAD_REQUEST, "InvalidPath"),

@@ -332,9 +332,8 @@ fn seek_line_items(
         None => LINE_ITEM_PAGE_MAX,
     };
     // Items are in the invoice's currency; asking for another currency finds none.
-    let currency_matches = param(query, "currencycode").map_or(true, |code| {
-        code.eq_ignore_ascii_case(invoice.currency.code)
-    });
+    let currency_matches = param(query, "currencycode")
+        .is_none_or(|code| code.eq_ignore_ascii_case(invoice.currency.code));
     let total = if billing && currency_matches {
         invoice.line_items.len()
     } else {

@@ -17,6 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
 use crate::config::{CredentialConfig, Grant};
+use crate::metrics::{CredentialLabel, Metrics, TokenLabels};
 use endpoint::{Audience, Endpoint, FetchError};
 
 /// First wait after a failed refresh; doubled each failure up to [`MAX_BACKOFF`].
@@ -127,6 +128,7 @@ struct Inner {
     state: RwLock<State>,
     refresh_lock: tokio::sync::Mutex<()>,
     stats: Stats,
+    metrics: Arc<Metrics>,
 }
 
 /// A credential's token source; clone freely.
@@ -149,6 +151,7 @@ impl TokenSource {
         name: &str,
         config: &CredentialConfig,
         http: &reqwest::Client,
+        metrics: Arc<Metrics>,
     ) -> Result<TokenSource, SetupError> {
         let fail = |reason: String| SetupError {
             credential: name.to_owned(),
@@ -216,6 +219,7 @@ impl TokenSource {
                 }),
                 refresh_lock: tokio::sync::Mutex::new(()),
                 stats: Stats::default(),
+                metrics,
             }),
         })
     }
@@ -275,6 +279,18 @@ impl TokenSource {
             (_, _, Some(token)) => token.refresh_at,
             _ => Instant::now(),
         }
+    }
+
+    fn count(&self, result: &'static str) {
+        let labels = TokenLabels {
+            credential: self.inner.name.clone(),
+            result,
+        };
+        self.inner
+            .metrics
+            .token_refreshes
+            .get_or_create(&labels)
+            .inc();
     }
 
     fn error(&self, cause: String) -> TokenError {
@@ -339,6 +355,15 @@ impl TokenSource {
                         .map_err(|e| self.error(e))?,
                 );
                 self.inner.stats.refreshed.fetch_add(1, Ordering::Relaxed);
+                self.count("ok");
+                let label = CredentialLabel {
+                    credential: self.inner.name.clone(),
+                };
+                self.inner
+                    .metrics
+                    .token_expiry
+                    .get_or_create(&label)
+                    .set(token.expires_at_unix as i64);
                 tracing::info!(
                     credential = %self.inner.name,
                     expires_in_s = token.expires_at.saturating_duration_since(started).as_secs(),
@@ -352,6 +377,7 @@ impl TokenSource {
             }
             Err(e) => {
                 self.inner.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.count("error");
                 let wait = jittered(state.backoff);
                 state.retry_at = Some(Instant::now() + wait);
                 state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
@@ -497,6 +523,7 @@ impl TokenSources {
         credentials: &BTreeMap<String, CredentialConfig>,
         tls: rustls::ClientConfig,
         connect_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Result<TokenSources, SetupError> {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
@@ -510,7 +537,10 @@ impl TokenSources {
             })?;
         let mut sources = BTreeMap::new();
         for (name, config) in credentials {
-            sources.insert(name.clone(), TokenSource::new(name, config, &http)?);
+            sources.insert(
+                name.clone(),
+                TokenSource::new(name, config, &http, metrics.clone())?,
+            );
         }
         Ok(TokenSources {
             sources: Arc::new(sources),

@@ -1,0 +1,201 @@
+//! `coalesce`: identical calls in flight at the same time share one upstream call, on routes with
+//! `coalesce = true`. "Identical" is the cache [`Key`].
+//!
+//! The shared fetch runs in its own task, so a first caller that hangs up does not fail the others;
+//! each caller waits at most the call's deadline. The answer is buffered to be shared; one larger
+//! than `cache.max_entry_bytes` is not: it streams to the caller that started the fetch, and the
+//! others go on their own.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::{FutureExt, Shared};
+use http::Method;
+use tokio::sync::oneshot;
+use tower::ServiceExt;
+
+use crate::body::{self, BoxError, Buffered, Limited, Request, Response};
+use crate::layer::cache::Key;
+use crate::layer::retry::DeadlineExceeded;
+use crate::metrics::{Metrics, RouteLabel};
+use crate::route::Route;
+
+/// The shared fetch failed; every caller that waited on it gets this, pointing at the cause.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct SharedError(pub Arc<BoxError>);
+
+/// What a shared fetch came to.
+#[derive(Clone)]
+enum Outcome {
+    /// The whole answer, for everyone.
+    Whole(Arc<Buffered>),
+    /// Too large to share: it went to the caller that started the fetch.
+    TooBig,
+    /// The fetch failed.
+    Failed(Arc<BoxError>),
+}
+
+type Flight = Shared<Pin<Box<dyn Future<Output = Outcome> + Send>>>;
+
+/// Adds [`Coalesce`] in front of a service.
+#[derive(Clone)]
+pub struct CoalesceLayer {
+    shared: Arc<State>,
+}
+
+struct State {
+    flights: Mutex<HashMap<Key, Flight>>,
+    max_entry_bytes: usize,
+    deadline: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl CoalesceLayer {
+    /// Shares answers up to `max_entry_bytes`; followers wait at most `deadline`.
+    pub fn new(max_entry_bytes: usize, deadline: Duration, metrics: Arc<Metrics>) -> Self {
+        CoalesceLayer {
+            shared: Arc::new(State {
+                flights: Mutex::new(HashMap::new()),
+                max_entry_bytes,
+                deadline,
+                metrics,
+            }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for CoalesceLayer {
+    type Service = Coalesce<S>;
+
+    fn layer(&self, inner: S) -> Coalesce<S> {
+        Coalesce {
+            inner,
+            state: self.shared.clone(),
+        }
+    }
+}
+
+/// Folds identical in-flight calls into one; see the module docs.
+#[derive(Clone)]
+pub struct Coalesce<S> {
+    inner: S,
+    state: Arc<State>,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+
+impl<S> tower::Service<Request> for Coalesce<S>
+where
+    S: tower::Service<Request, Response = Response, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = BoxError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> BoxFuture {
+        let wanted = request
+            .extensions()
+            .get::<Arc<Route>>()
+            .is_some_and(|r| r.coalesce)
+            && matches!(*request.method(), Method::GET | Method::HEAD);
+        let Some(spare) = body::clone_bodiless(&request).filter(|_| wanted) else {
+            return Box::pin(self.inner.call(request));
+        };
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let state = self.state.clone();
+        let key = Key::get_or_insert(&mut request);
+        let route = request
+            .extensions()
+            .get::<Arc<Route>>()
+            .map(|r| r.name.clone())
+            .unwrap_or_default();
+
+        let mut flights = state.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flight) = flights.get(&key).cloned() {
+            drop(flights);
+            state
+                .metrics
+                .coalesced
+                .get_or_create(&RouteLabel { route })
+                .inc();
+            return Box::pin(async move {
+                match state.wait(flight).await? {
+                    Outcome::Whole(buffered) => Ok(buffered.to_response()),
+                    Outcome::Failed(error) => Err(SharedError(error).into()),
+                    // Too large to share: this caller fetches for itself.
+                    Outcome::TooBig => inner.oneshot(spare).await,
+                }
+            });
+        }
+        let (big_tx, big_rx) = oneshot::channel();
+        let fetch = tokio::spawn(state.clone().fetch(inner, request, key.clone(), big_tx));
+        let flight: Flight = async move {
+            fetch.await.unwrap_or_else(|e| {
+                Outcome::Failed(Arc::new(format!("shared fetch ended: {e}").into()))
+            })
+        }
+        .boxed()
+        .shared();
+        flights.insert(key, flight.clone());
+        drop(flights);
+        Box::pin(async move {
+            match state.wait(flight).await? {
+                Outcome::Whole(buffered) => Ok(buffered.to_response()),
+                Outcome::Failed(error) => Err(SharedError(error).into()),
+                Outcome::TooBig => big_rx
+                    .await
+                    .map_err(|_| "the streamed answer was lost".into()),
+            }
+        })
+    }
+}
+
+impl State {
+    /// Waits for a flight, at most the call's deadline.
+    async fn wait(&self, flight: Flight) -> Result<Outcome, BoxError> {
+        tokio::time::timeout(self.deadline, flight)
+            .await
+            .map_err(|_| DeadlineExceeded(self.deadline).into())
+    }
+
+    /// The shared fetch, in its own task: call the upstream, buffer the answer, publish it.
+    async fn fetch<S>(
+        self: Arc<Self>,
+        inner: S,
+        request: Request,
+        key: Key,
+        big: oneshot::Sender<Response>,
+    ) -> Outcome
+    where
+        S: tower::Service<Request, Response = Response, Error = BoxError>,
+    {
+        let outcome = match inner.oneshot(request).await {
+            Err(error) => Outcome::Failed(Arc::new(error)),
+            Ok(response) => match body::buffer_up_to(response, self.max_entry_bytes).await {
+                Ok(Limited::Whole(buffered)) => Outcome::Whole(Arc::new(buffered)),
+                Ok(Limited::TooBig(response)) => {
+                    let _ = big.send(response);
+                    Outcome::TooBig
+                }
+                Err(error) => Outcome::Failed(Arc::new(error.into())),
+            },
+        };
+        // Later arrivals start a new fetch (or find the answer in the cache, outside).
+        self.flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        outcome
+    }
+}

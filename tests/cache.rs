@@ -1,0 +1,373 @@
+//! Issue 6: the summary cache and request coalescing, end to end against the sandbox's request log.
+//! (TTL expiry and stale-while-revalidate timing are unit-tested under paused time in
+//! `src/layer/cache/mod.rs`.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pcgate::sandbox::SandboxOptions;
+use serde_json::json;
+
+/// The shipped routes, or these instead when given.
+async fn setup(rest: &str) -> (TestSandbox, TestGateway) {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs {
+        rest,
+        ..Knobs::default()
+    }))
+    .await;
+    (sandbox, gateway)
+}
+
+async fn concurrent_gets(
+    gateway: &TestGateway,
+    path: &str,
+    n: usize,
+) -> Vec<(u16, String, bytes::Bytes)> {
+    let calls = (0..n).map(|_| {
+        let url = gateway.url(path);
+        tokio::spawn(async move {
+            let response = client().get(url).send().await.unwrap();
+            let status = response.status().as_u16();
+            let cache = response
+                .headers()
+                .get("cache-status")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            (status, cache, response.bytes().await.unwrap())
+        })
+    });
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_hundred_identical_cold_calls_make_one_upstream_call() {
+    let (sandbox, gateway) = setup("").await;
+    // Slow the upstream so all hundred arrive while the first is in flight.
+    sandbox.faults(json!({"latency": "300ms"})).await;
+    for (path, route) in [
+        ("/v1/invoices/summary", "summary"),
+        ("/v1/invoices?size=5&offset=0", "invoices"),
+    ] {
+        let answers = concurrent_gets(&gateway, path, 100).await;
+        assert!(answers.iter().all(|(status, _, _)| *status == 200));
+        assert!(
+            answers.iter().all(|(_, _, body)| *body == answers[0].2),
+            "everyone gets the same answer"
+        );
+        assert_eq!(sandbox.count(route).await, 1, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn a_second_call_within_the_ttl_is_a_hit_with_age() {
+    let (sandbox, gateway) = setup("").await;
+    let first = client()
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.headers()["cache-status"], "pcgate; fwd=miss; stored");
+    let first_body = first.bytes().await.unwrap();
+    let second = client()
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    let cache_status = second.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        cache_status.starts_with("pcgate; hit; ttl="),
+        "{cache_status}"
+    );
+    assert!(second.headers().contains_key("age"));
+    assert!(second.headers().contains_key("ms-requestid"));
+    assert_eq!(second.bytes().await.unwrap(), first_body);
+    assert_eq!(sandbox.count("summary").await, 1);
+}
+
+#[tokio::test]
+async fn calls_that_may_see_different_answers_do_not_share() {
+    let (sandbox, gateway) = setup("").await;
+    let client = client();
+    for accept in ["application/json", "application/json; q=0.9", "*/*"] {
+        let response = client
+            .get(gateway.url("/v1/invoices/summary"))
+            .header("Accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    for locale in ["en-US", "de-DE"] {
+        client
+            .get(gateway.url("/v1/invoices/summary"))
+            .header("X-Locale", locale)
+            .send()
+            .await
+            .unwrap();
+    }
+    // en-US is the configured default: the same key as sending none with Accept absent.
+    assert_eq!(sandbox.count("summary").await, 4);
+
+    // Pages of a seek-paged collection differ only by MS-ContinuationToken: never merged.
+    sandbox.faults(json!({"latency": "200ms"})).await;
+    let page = |token: &'static str| {
+        let request = client
+            .get(gateway.url("/v1/invoices/D020DJRDVV/lineitems?provider=onetime&invoicelineitemtype=billinglineitems&currencycode=USD&period=current&size=5&seekOperation=Next"))
+            .header("MS-ContinuationToken", token);
+        async move { request.send().await.unwrap().status() }
+    };
+    let (a, b) = tokio::join!(page("token-a"), page("token-b"));
+    // The sandbox refuses forged tokens (400); what matters is that both calls reached it.
+    assert_eq!(a, b);
+    assert_eq!(sandbox.count("lineitems").await, 2);
+}
+
+const SHORT: &str = r#"
+[[routes]]
+name = "summary"
+match = "GET /v1/invoices/summary"
+credential = "app"
+cache_ttl = "1s"
+stale_if_error = "1h"
+coalesce = true
+retry = false
+"#;
+
+#[tokio::test]
+async fn a_failing_upstream_gets_the_stale_answer_within_stale_if_error() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let toml = sandbox.gateway_toml(Knobs::default());
+    let toml = format!("{}{SHORT}", toml.split("[[routes]]").next().unwrap());
+    let gateway = start_gateway(&toml).await;
+    let fresh = client()
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    sandbox
+        .faults(json!({"fail_rate": 1.0, "fail_status": 500}))
+        .await;
+
+    let stale = client()
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 200);
+    let cache_status = stale.headers()["cache-status"].to_str().unwrap().to_owned();
+    assert!(
+        cache_status.starts_with("pcgate; fwd=stale"),
+        "{cache_status}"
+    );
+    assert!(cache_status.contains("fwd-status=500"), "{cache_status}");
+    assert!(
+        stale.headers()["age"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(stale.bytes().await.unwrap(), fresh);
+    assert_eq!(
+        sandbox.count("summary").await,
+        2,
+        "the upstream was asked, and failed"
+    );
+}
+
+#[tokio::test]
+async fn error_responses_are_never_stored() {
+    let (sandbox, gateway) = setup("").await;
+    sandbox.faults(json!({"script": [404]})).await;
+    let first = client()
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 404);
+    assert_eq!(first.headers()["cache-status"], "pcgate; fwd=miss");
+    let second = client()
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(sandbox.count("summary").await, 2);
+}
+
+#[tokio::test]
+async fn no_cache_fetches_fresh_and_no_store_is_not_stored() {
+    let (sandbox, gateway) = setup("").await;
+    let client = client();
+    client
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    let forced = client
+        .get(gateway.url("/v1/invoices/summary"))
+        .header("Cache-Control", "no-cache")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        forced.headers()["cache-status"],
+        "pcgate; fwd=request; stored"
+    );
+    let forced = client
+        .get(gateway.url("/v1/invoices/summary"))
+        .header("Cache-Control", "max-age=0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        forced.headers()["cache-status"],
+        "pcgate; fwd=request; stored"
+    );
+    assert_eq!(sandbox.count("summary").await, 3);
+
+    client
+        .get(gateway.url("/v1/invoices/summaries"))
+        .header("Cache-Control", "no-store")
+        .send()
+        .await
+        .unwrap();
+    let after = client
+        .get(gateway.url("/v1/invoices/summaries"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.headers()["cache-status"], "pcgate; fwd=miss; stored");
+    assert_eq!(sandbox.count("summaries").await, 2);
+}
+
+#[tokio::test]
+async fn the_leader_hanging_up_leaves_the_followers_answered() {
+    let (sandbox, gateway) = setup("").await;
+    sandbox.faults(json!({"latency": "500ms"})).await;
+    let leader_url = gateway.url("/v1/invoices/summary");
+    let leader = tokio::spawn(async move { client().get(leader_url).send().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let followers = tokio::spawn({
+        let url = gateway.url("/v1/invoices/summary");
+        async move {
+            let calls = (0..5).map(|_| {
+                let url = url.clone();
+                async move { client().get(url).send().await.unwrap().status() }
+            });
+            futures_util::future::join_all(calls).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leader.abort();
+    let statuses = tokio::time::timeout(WAIT, followers)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(statuses, vec![200; 5]);
+    assert_eq!(sandbox.count("summary").await, 1);
+}
+
+#[tokio::test]
+async fn purge_empties_the_cache() {
+    let (sandbox, gateway) = setup("").await;
+    let client = client();
+    client
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(gateway.url("/v1/invoices/summaries"))
+        .send()
+        .await
+        .unwrap();
+    let purge = |query: &'static str| {
+        let request = client.post(format!("http://{}/cache/purge{query}", gateway.admin));
+        async move {
+            request
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    // Whole segments: `/v1/invoices/summary` is not a prefix of `/v1/invoices/summaries`.
+    assert_eq!(purge("?prefix=/v1/invoices/summary").await["purged"], 1);
+    assert_eq!(purge("?prefix=/v1/invoices/summary").await["purged"], 0);
+    client
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge("?prefix=/v1/invoices").await["purged"], 2);
+    client
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge("").await["purged"], 1);
+    let after = client
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.headers()["cache-status"], "pcgate; fwd=miss; stored");
+    assert_eq!(sandbox.count("summary").await, 4);
+}
+
+#[tokio::test]
+async fn max_bytes_holds_under_many_distinct_keys() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let rest = "[cache]\nmax_bytes = \"64KiB\"\nmax_entry_bytes = \"16KiB\"\n";
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs {
+        rest,
+        ..Knobs::default()
+    }))
+    .await;
+    let client = client();
+    for i in 0..400 {
+        let response = client
+            .get(gateway.url(&format!("/v1/invoices/summary?n={i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let metrics = client
+        .get(format!("http://{}/metrics", gateway.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let (bytes, entries) = (gauge("pcgate_cache_bytes "), gauge("pcgate_cache_entries "));
+    assert!(bytes <= 64.0 * 1024.0, "{bytes} bytes cached");
+    assert!(entries > 10.0 && entries < 400.0, "{entries} entries");
+}
