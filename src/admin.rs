@@ -32,7 +32,7 @@ impl Admin {
         let response = match (request.method(), request.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
             (&Method::GET | &Method::HEAD, "/readyz") => self.readiness(),
-            (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
+            (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(request.headers()),
             (&Method::POST, "/cache/purge") => self.purge(request.uri().query()),
             (_, "/healthz" | "/readyz" | "/metrics") => {
                 problem(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "use GET")
@@ -72,14 +72,27 @@ impl Admin {
         }
     }
 
-    fn metrics(&self) -> Response {
+    fn metrics(&self, headers: &http::HeaderMap) -> Response {
         // Gauges read from elsewhere are brought up to date at scrape time.
         self.store.usage();
-        text(
-            StatusCode::OK,
-            crate::metrics::CONTENT_TYPE,
-            self.metrics.encode(),
-        )
+        let openmetrics = headers
+            .get_all(http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("application/openmetrics-text"));
+        if openmetrics {
+            text(
+                StatusCode::OK,
+                crate::metrics::OPENMETRICS,
+                self.metrics.encode_openmetrics(),
+            )
+        } else {
+            text(
+                StatusCode::OK,
+                crate::metrics::PROMETHEUS_TEXT,
+                self.metrics.encode(),
+            )
+        }
     }
 
     fn purge(&self, query: Option<&str>) -> Response {

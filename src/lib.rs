@@ -6,6 +6,7 @@
 //! Modules, in the order a call meets them:
 //! - [`server`]: the accept loop (HTTP/1.1 and HTTP/2 cleartext, header timeout, graceful shutdown).
 //! - [`stack`]: builds the tower stack, outside to inside, from the layers in [`layer`]:
+//!   - [`layer::observe`]: request metrics ([`metrics`]) and the access log, errors included.
 //!   - [`layer::rescue`]: every error becomes a Partner Center-shaped response ([`error`]).
 //!   - [`layer::tracking`]: MS-RequestId, MS-CorrelationId, MS-CV ([`cv`]); echoed on the response.
 //!   - [`layer::access`]: path normalisation and the route table ([`route`]), inbound keys;
@@ -93,7 +94,8 @@ impl Gateway {
             metrics.clone(),
         )?;
         let routes = route::RouteTable::new(&config.routes).map_err(StartError::Setup)?;
-        let upstream = upstream::Upstream::new(&config.upstream, tls).map_err(StartError::Setup)?;
+        let upstream = upstream::Upstream::new(&config.upstream, tls, metrics.clone())
+            .map_err(StartError::Setup)?;
         let keys = config
             .access
             .clients

@@ -10,8 +10,10 @@ use prometheus_client::registry::Registry;
 
 use crate::layer::retry::RetryReason;
 
-/// `Content-Type` of [`Metrics::encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// `Content-Type` of [`Metrics::encode_openmetrics`]'s output.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// `Content-Type` of [`Metrics::encode`]'s output (the classic format promtool checks).
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Latency buckets: 1 ms doubling to about 32 s.
 fn latency_histogram() -> Histogram {
@@ -236,13 +238,51 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// The text exposition (OpenMetrics), for `GET /metrics`.
-    pub fn encode(&self) -> String {
+    /// The OpenMetrics text exposition (what a Prometheus server asks for first).
+    pub fn encode_openmetrics(&self) -> String {
         let mut text = String::with_capacity(8 * 1024);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
     }
+
+    /// The classic Prometheus text format (0.0.4), for everything else (curl, promtool).
+    pub fn encode(&self) -> String {
+        to_prometheus_text(&self.encode_openmetrics())
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4: a counter family's `HELP` and `TYPE` name
+/// its `_total` series, and there is no `# EOF`. Everything else is the same in both.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            help = Some(line);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "unknown" => (name.to_owned(), "untyped"),
+                other => (name.to_owned(), other),
+            };
+            if let Some(text) = help.take().and_then(|h| h.strip_prefix("# HELP ")) {
+                let text = text.split_once(' ').map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// `2xx`, `3xx`, `4xx` or `5xx` (`1xx` too, for completeness).

@@ -6,6 +6,7 @@ use crate::layer::access::{AccessLayer, ClientKey};
 use crate::layer::cache::{CacheLayer, Store};
 use crate::layer::coalesce::CoalesceLayer;
 use crate::layer::credential::CredentialLayer;
+use crate::layer::observe::ObserveLayer;
 use crate::layer::rescue::RescueLayer;
 use crate::layer::retry::{RetryLayer, RetrySettings};
 use crate::layer::tracking::{TrackingLayer, TrackingSettings};
@@ -41,10 +42,11 @@ pub fn build(
        + Send
        + 'static {
     tower::ServiceBuilder::new()
-        // Outermost, so that every error from any layer below becomes a Partner Center-shaped
-        // response and hyper never sees an `Err`.
+        // Outermost: it measures and logs each call as the caller saw it, errors included.
+        .layer(ObserveLayer::new(parts.metrics.clone()))
+        // Every error from any layer below becomes a Partner Center-shaped response; hyper
+        // never sees an `Err`.
         .layer(RescueLayer)
-        // (observe: request metrics and the access log.)
         // Ids are fixed before anything can fail, so every answer, errors included, carries them.
         .layer(TrackingLayer::new(parts.tracking))
         // Refuse what the route table does not allow before any other work is done.

@@ -20,7 +20,10 @@ use rustls_pki_types::CertificateDer;
 
 use crate::body::{self, Body, BoxError, Request, Response};
 use crate::config::UpstreamConfig;
+use crate::layer::observe::CallInfo;
 use crate::layer::tracking::{Tracking, MS_CV};
+use crate::metrics::{status_class, Metrics, RouteLabel, UpstreamLabels};
+use crate::route::Route;
 
 /// How long an idle pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -141,11 +144,16 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     base: Arc<BaseUrl>,
     attempt_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
     /// Builds the pooled client from `[upstream]`.
-    pub fn new(config: &UpstreamConfig, tls: rustls::ClientConfig) -> Result<Upstream, String> {
+    pub fn new(
+        config: &UpstreamConfig,
+        tls: rustls::ClientConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstream, String> {
         let base = BaseUrl::parse(&config.base_url)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -166,6 +174,7 @@ impl Upstream {
             client,
             base: Arc::new(base),
             attempt_timeout: config.attempt_timeout,
+            metrics,
         })
     }
 }
@@ -203,10 +212,37 @@ impl tower::Service<Request> for Upstream {
         // The client writes `Host` (or `:authority`) from the upstream URI.
         request.headers_mut().remove(header::HOST);
 
+        if let Some(info) = request.extensions().get::<Arc<CallInfo>>() {
+            info.add_attempt();
+        }
+        let route = request
+            .extensions()
+            .get::<Arc<Route>>()
+            .map_or_else(String::new, |r| r.name.clone());
         let sent = self.client.request(request);
         let limit = self.attempt_timeout;
+        let metrics = self.metrics.clone();
         Box::pin(async move {
-            let response = match tokio::time::timeout(limit, sent).await {
+            let started = tokio::time::Instant::now();
+            let result = tokio::time::timeout(limit, sent).await;
+            let outcome = match &result {
+                Ok(Ok(response)) => status_class(response.status()),
+                Ok(Err(e)) if e.is_connect() => "connect_error",
+                Ok(Err(_)) => "error",
+                Err(_) => "timeout",
+            };
+            metrics
+                .upstream_requests
+                .get_or_create(&UpstreamLabels {
+                    route: route.clone(),
+                    outcome,
+                })
+                .inc();
+            metrics
+                .upstream_duration
+                .get_or_create(&RouteLabel { route })
+                .observe(started.elapsed().as_secs_f64());
+            let response = match result {
                 Err(_) => return Err(UpstreamError::Timeout(limit).into()),
                 Ok(Err(e)) if e.is_connect() => {
                     return Err(UpstreamError::Connect(error_chain(&e)).into())

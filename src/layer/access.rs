@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::body::{BoxError, Request, Response};
+use crate::layer::observe::CallInfo;
 use crate::route::{normalize_path, PathError, Route, RouteTable};
 
 /// Why `access` refused a call.
@@ -116,6 +117,10 @@ where
     fn call(&mut self, mut request: Request) -> Self::Future {
         match self.admit(&mut request) {
             Ok(route) => {
+                if let Some(info) = request.extensions().get::<Arc<CallInfo>>() {
+                    info.set_route(&route.name);
+                }
+                tracing::Span::current().record("route", route.name.as_str());
                 request.extensions_mut().insert(route);
                 Either::Right(self.inner.call(request))
             }

@@ -5,6 +5,7 @@ pub mod access;
 pub mod cache;
 pub mod coalesce;
 pub mod credential;
+pub mod observe;
 pub mod rescue;
 pub mod retry;
 pub mod tracking;

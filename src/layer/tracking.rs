@@ -281,7 +281,8 @@ where
             route = tracing::field::Empty,
         );
         request.extensions_mut().insert(tracking.clone());
-        let call = self.inner.call(request);
+        // Inner layers' `call` runs in the span too, so `access` can record the route on it.
+        let call = span.in_scope(|| self.inner.call(request));
         Box::pin(
             async move {
                 match call.await {

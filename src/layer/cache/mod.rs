@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, Buffered, Limited, Request, Response};
+use crate::layer::observe::CallInfo;
 use crate::metrics::{CacheLabels, Metrics};
 use crate::route::Route;
 
@@ -288,6 +289,7 @@ where
         let key = Key::get_or_insert(&mut request);
         Box::pin(async move {
             let asks = caller_asks(request.headers());
+            let info = request.extensions().get::<Arc<CallInfo>>().cloned();
             let now = Instant::now();
             let entry = match asks {
                 Asks::Anything => shared.store.get(&key),
@@ -296,7 +298,7 @@ where
             if let Some(entry) = &entry {
                 let age = now.saturating_duration_since(entry.stored_at);
                 if age < entry.ttl {
-                    shared.count(&route, CacheStatus::Hit);
+                    shared.count(&route, CacheStatus::Hit, info.as_ref());
                     let left = (entry.ttl - age).as_secs();
                     return Ok(from_entry(
                         entry,
@@ -306,7 +308,7 @@ where
                     ));
                 }
                 if age < entry.ttl + entry.swr {
-                    shared.count(&route, CacheStatus::Stale);
+                    shared.count(&route, CacheStatus::Stale, info.as_ref());
                     shared.revalidate(inner, request, key.clone(), (ttl, swr, sie));
                     let over = (age - entry.ttl).as_secs();
                     return Ok(from_entry(
@@ -321,7 +323,6 @@ where
                 Asks::Anything => CacheStatus::Miss,
                 Asks::Fresh | Asks::NoStore => CacheStatus::Bypass,
             };
-            shared.count(&route, status);
             let fwd = if status == CacheStatus::Miss {
                 "miss"
             } else {
@@ -339,6 +340,7 @@ where
                 Err(_) => Some(0),
             };
             if let (Some(upstream_status), Some(entry)) = (failed, &fallback) {
+                shared.count(&route, CacheStatus::Stale, info.as_ref());
                 let age = Instant::now().saturating_duration_since(entry.stored_at);
                 let detail = match upstream_status {
                     0 => String::new(),
@@ -355,6 +357,7 @@ where
                     &format!("pcgate; fwd=stale{detail}"),
                 ));
             }
+            shared.count(&route, status, info.as_ref());
             let response = outcome?;
             if asks == Asks::NoStore {
                 return Ok(with_status(response, status, &format!("pcgate; fwd={fwd}")));
@@ -367,7 +370,10 @@ where
 }
 
 impl Shared {
-    fn count(&self, route: &str, status: CacheStatus) {
+    fn count(&self, route: &str, status: CacheStatus, info: Option<&Arc<CallInfo>>) {
+        if let Some(info) = info {
+            info.set_cache(status);
+        }
         self.metrics
             .cache_lookups
             .get_or_create(&CacheLabels {

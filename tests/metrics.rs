@@ -1,0 +1,156 @@
+//! Issue 8: the counters move by exactly what the calls did. The last scrape is written to
+//! `target/tmp/pcgate-scrape.prom`, where `.ci/run` checks it with `promtool check metrics`.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use pcgate::sandbox::SandboxOptions;
+use serde_json::json;
+
+/// `name{labels}` → value, from the Prometheus text format.
+fn parse(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn scrape(gateway: &TestGateway) -> (String, HashMap<String, f64>) {
+    let response = client()
+        .get(format!("http://{}/metrics", gateway.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = response.text().await.unwrap();
+    let values = parse(&text);
+    (text, values)
+}
+
+#[tokio::test]
+async fn counters_move_by_exactly_what_the_calls_did() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let rest = "[retry]\nbase_delay = \"10ms\"\nmax_delay = \"20ms\"\n";
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs {
+        rest,
+        ..Knobs::default()
+    }))
+    .await;
+    let client = client();
+    let get = |path: &str| {
+        let request = client.get(gateway.url(path));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+
+    // One miss, then two hits.
+    for _ in 0..3 {
+        assert_eq!(get("/v1/invoices/summary").await, 200);
+    }
+    // Ten identical calls in flight together: one upstream call, nine coalesced.
+    sandbox.faults(json!({"latency": "300ms"})).await;
+    let calls: Vec<_> = (0..10).map(|_| get("/v1/invoices?size=3")).collect();
+    assert!(futures_util::future::join_all(calls)
+        .await
+        .iter()
+        .all(|s| *s == 200));
+    sandbox.faults(json!({"latency": "0s"})).await;
+    // One 500, retried once.
+    sandbox.faults(json!({"script": [500]})).await;
+    assert_eq!(get("/v1/invoices?size=4").await, 200);
+    // Refused before any work.
+    assert_eq!(get("/v1/customers").await, 403);
+    // The App+User route, so the `user` token was surely used.
+    assert_eq!(get("/v1/invoices/summaries").await, 200);
+
+    let (text, m) = scrape(&gateway).await;
+    let v = |series: &str| {
+        m.get(series)
+            .copied()
+            .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    assert_eq!(
+        v(r#"pcgate_cache_lookups_total{route="summary",result="miss"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"pcgate_cache_lookups_total{route="summary",result="hit"}"#),
+        2.0
+    );
+    assert_eq!(
+        v(r#"pcgate_coalesced_requests_total{route="invoices"}"#),
+        9.0
+    );
+    assert_eq!(v(r#"pcgate_retries_total{reason="status"}"#), 1.0);
+    assert_eq!(v("pcgate_retry_budget_exhausted_total"), 0.0);
+    assert_eq!(
+        v(r#"pcgate_requests_total{route="summary",status="2xx"}"#),
+        3.0
+    );
+    assert_eq!(
+        v(r#"pcgate_requests_total{route="invoices",status="2xx"}"#),
+        11.0
+    );
+    assert_eq!(
+        v(r#"pcgate_requests_total{route="none",status="4xx"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"pcgate_request_duration_seconds_count{route="summary"}"#),
+        3.0
+    );
+    assert_eq!(
+        v(r#"pcgate_upstream_requests_total{route="summary",outcome="2xx"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"pcgate_upstream_requests_total{route="invoices",outcome="5xx"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"pcgate_upstream_requests_total{route="invoices",outcome="2xx"}"#),
+        2.0
+    );
+    assert_eq!(
+        v(r#"pcgate_token_refreshes_total{credential="app",result="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"pcgate_token_refreshes_total{credential="user",result="ok"}"#),
+        1.0
+    );
+    assert!(v(r#"pcgate_token_expiry_timestamp_seconds{credential="app"}"#) > 1.7e9);
+    assert_eq!(v("pcgate_inflight_requests"), 0.0);
+    assert_eq!(v("pcgate_cache_entries"), 2.0, "summary and summaries");
+    assert_eq!(v(r#"pcgate_build_info{version="0.1.0"}"#), 1.0);
+    // What the sandbox saw agrees.
+    assert_eq!(sandbox.count("summary").await, 1);
+    assert_eq!(sandbox.count("invoices").await, 3);
+
+    // Keep the scrape for `promtool check metrics` in CI.
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pcgate-scrape.prom");
+    std::fs::write(path, &text).unwrap();
+
+    // A Prometheus server asks for OpenMetrics, and gets it.
+    let openmetrics = client
+        .get(format!("http://{}/metrics", gateway.admin))
+        .header(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(openmetrics.trim_end().ends_with("# EOF"));
+}
