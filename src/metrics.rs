@@ -1,6 +1,8 @@
 //! The Prometheus metrics of the contract (DESIGN.md §1), in one registry. Labels come only from
 //! bounded sets: route names from the config, status classes, outcome enums.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -24,7 +26,7 @@ fn latency_histogram() -> Histogram {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteStatus {
     /// Route name, or `none` when no route matched.
-    pub route: String,
+    pub route: Arc<str>,
     /// `2xx`, `4xx`, ...
     pub status: &'static str,
 }
@@ -33,14 +35,14 @@ pub struct RouteStatus {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     /// Route name.
-    pub route: String,
+    pub route: Arc<str>,
 }
 
 /// `{route, outcome}` for an upstream attempt.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     /// Route name.
-    pub route: String,
+    pub route: Arc<str>,
     /// `2xx`...`5xx`, or `connect_error`, `timeout`, `error`.
     pub outcome: &'static str,
 }
@@ -49,7 +51,7 @@ pub struct UpstreamLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
     /// Route name.
-    pub route: String,
+    pub route: Arc<str>,
     /// `hit`, `miss`, `stale`, `bypass`.
     pub result: &'static str,
 }

@@ -179,8 +179,8 @@ fn segments_match(pattern: &[Segment], path: &[String]) -> bool {
 /// What a matched route asks of the inner layers; put in the request's extensions by `access`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    /// Label for logs and metrics.
-    pub name: String,
+    /// Label for logs and metrics (shared, so labelling a metric does not allocate).
+    pub name: Arc<str>,
     /// The credential whose token is sent upstream.
     pub credential: Option<String>,
     /// Cache freshness for 200 responses.
@@ -207,7 +207,7 @@ impl RouteTable {
         let mut entries = Vec::new();
         for config in routes {
             let route = Arc::new(Route {
-                name: config.name().to_owned(),
+                name: config.name().into(),
                 credential: config.credential.clone(),
                 cache_ttl: config.cache_ttl,
                 stale_while_revalidate: config.stale_while_revalidate,
@@ -258,7 +258,7 @@ mod tests {
         let path = normalize_path(path).ok()?;
         table()
             .find(&method.parse().unwrap(), &path)
-            .map(|r| r.name.clone())
+            .map(|r| r.name.to_string())
     }
 
     #[test]
@@ -339,7 +339,7 @@ mod tests {
                 .find(&Method::GET, &normalize_path(p).unwrap())
                 .unwrap()
                 .name
-                .clone()
+                .to_string()
         };
         assert_eq!(find("/v1/invoices/summary"), "specific");
         assert_eq!(find("/v1/invoices/D1"), "general");

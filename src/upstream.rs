@@ -218,7 +218,7 @@ impl tower::Service<Request> for Upstream {
         let route = request
             .extensions()
             .get::<Arc<Route>>()
-            .map_or_else(String::new, |r| r.name.clone());
+            .map_or_else(|| Arc::from(""), |r| r.name.clone());
         let sent = self.client.request(request);
         let limit = self.attempt_timeout;
         let metrics = self.metrics.clone();

@@ -120,7 +120,7 @@ where
                 if let Some(info) = request.extensions().get::<Arc<CallInfo>>() {
                     info.set_route(&route.name);
                 }
-                tracing::Span::current().record("route", route.name.as_str());
+                tracing::Span::current().record("route", &*route.name);
                 request.extensions_mut().insert(route);
                 Either::Right(self.inner.call(request))
             }

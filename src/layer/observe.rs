@@ -20,15 +20,15 @@ use crate::metrics::{status_class, Metrics, RouteLabel, RouteStatus};
 /// What the inner layers learned about one call.
 #[derive(Debug, Default)]
 pub struct CallInfo {
-    route: OnceLock<String>,
+    route: OnceLock<Arc<str>>,
     cache: OnceLock<CacheStatus>,
     attempts: AtomicU32,
 }
 
 impl CallInfo {
     /// The call matched this route (set by `access`).
-    pub fn set_route(&self, name: &str) {
-        let _ = self.route.set(name.to_owned());
+    pub fn set_route(&self, name: &Arc<str>) {
+        let _ = self.route.set(name.clone());
     }
 
     /// What the cache did (set by `cache`).
@@ -42,8 +42,11 @@ impl CallInfo {
     }
 
     /// The route's name, `none` before (or without) a match.
-    pub fn route(&self) -> &str {
-        self.route.get().map_or("none", String::as_str)
+    pub fn route(&self) -> Arc<str> {
+        self.route
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Arc::from("none"))
     }
 }
 
@@ -105,8 +108,9 @@ where
         let info = Arc::new(CallInfo::default());
         request.extensions_mut().insert(info.clone());
         let started = Instant::now();
-        let method = request.method().clone();
-        let path = request.uri().path().to_owned();
+        // Only kept when the access log is on.
+        let logged = tracing::enabled!(target: "pcgate::access", tracing::Level::INFO)
+            .then(|| (request.method().clone(), request.uri().path().to_owned()));
         self.metrics.inflight.inc();
         let in_flight = InFlight(self.metrics.clone());
         let metrics = self.metrics.clone();
@@ -114,23 +118,24 @@ where
         Box::pin(async move {
             let result = call.await;
             drop(in_flight);
-            if let Ok(response) = &result {
-                let elapsed = started.elapsed();
-                let route = info.route();
-                let status = response.status();
-                metrics
-                    .requests
-                    .get_or_create(&RouteStatus {
-                        route: route.to_owned(),
-                        status: status_class(status),
-                    })
-                    .inc();
-                metrics
-                    .request_duration
-                    .get_or_create(&RouteLabel {
-                        route: route.to_owned(),
-                    })
-                    .observe(elapsed.as_secs_f64());
+            let Ok(response) = &result else {
+                return result;
+            };
+            let elapsed = started.elapsed();
+            let route = info.route();
+            let status = response.status();
+            let labels = RouteStatus {
+                route: route.clone(),
+                status: status_class(status),
+            };
+            metrics.requests.get_or_create(&labels).inc();
+            metrics
+                .request_duration
+                .get_or_create(&RouteLabel {
+                    route: route.clone(),
+                })
+                .observe(elapsed.as_secs_f64());
+            if let Some((method, path)) = logged {
                 let header = |name| {
                     response
                         .headers()
@@ -142,7 +147,7 @@ where
                     target: "pcgate::access",
                     %method,
                     path,
-                    route,
+                    route = &*route,
                     status = status.as_u16(),
                     duration_ms = elapsed.as_secs_f64() * 1000.0,
                     cache_status = info.cache.get().map_or("none", |c| c.as_str()),

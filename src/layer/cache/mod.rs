@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::{self, Either, Ready};
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::time::Instant;
 use tower::ServiceExt;
@@ -227,7 +228,7 @@ pub struct Cache<S> {
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 
 /// The route's cache windows, if it is cached.
-fn windows(request: &Request) -> Option<(Duration, Duration, Duration, String)> {
+fn windows(request: &Request) -> Option<(Duration, Duration, Duration, Arc<str>)> {
     let route = request.extensions().get::<Arc<Route>>()?;
     let ttl = route.cache_ttl?;
     Some((
@@ -271,54 +272,58 @@ where
 {
     type Response = Response;
     type Error = BoxError;
-    type Future = BoxFuture;
+    type Future = Either<Ready<Result<Response, BoxError>>, BoxFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> BoxFuture {
+    fn call(&mut self, mut request: Request) -> Self::Future {
         let cacheable = matches!(*request.method(), Method::GET | Method::HEAD)
-            && body::clone_bodiless(&request).is_some();
+            && http_body::Body::is_end_stream(request.body());
         let Some((ttl, swr, sie, route)) = windows(&request).filter(|_| cacheable) else {
-            return Box::pin(self.inner.call(request));
+            return Either::Right(Box::pin(self.inner.call(request)));
         };
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         let key = Key::get_or_insert(&mut request);
-        Box::pin(async move {
-            let asks = caller_asks(request.headers());
-            let info = request.extensions().get::<Arc<CallInfo>>().cloned();
-            let now = Instant::now();
-            let entry = match asks {
-                Asks::Anything => shared.store.get(&key),
-                Asks::Fresh | Asks::NoStore => None,
-            };
-            if let Some(entry) = &entry {
-                let age = now.saturating_duration_since(entry.stored_at);
-                if age < entry.ttl {
-                    shared.count(&route, CacheStatus::Hit, info.as_ref());
-                    let left = (entry.ttl - age).as_secs();
-                    return Ok(from_entry(
-                        entry,
-                        age,
-                        CacheStatus::Hit,
-                        &format!("pcgate; hit; ttl={left}"),
-                    ));
-                }
-                if age < entry.ttl + entry.swr {
-                    shared.count(&route, CacheStatus::Stale, info.as_ref());
-                    shared.revalidate(inner, request, key.clone(), (ttl, swr, sie));
-                    let over = (age - entry.ttl).as_secs();
-                    return Ok(from_entry(
-                        entry,
-                        age,
-                        CacheStatus::Stale,
-                        &format!("pcgate; hit; ttl=-{over}; detail=stale-while-revalidate"),
-                    ));
-                }
+        let asks = caller_asks(request.headers());
+        let info = request.extensions().get::<Arc<CallInfo>>().cloned();
+        let now = Instant::now();
+        let entry = match asks {
+            Asks::Anything => shared.store.get(&key),
+            Asks::Fresh | Asks::NoStore => None,
+        };
+        // Hits are answered here, without touching the layers below or allocating a future.
+        if let Some(entry) = &entry {
+            let age = now.saturating_duration_since(entry.stored_at);
+            if age < entry.ttl {
+                shared.count(&route, CacheStatus::Hit, info.as_ref());
+                let left = (entry.ttl - age).as_secs();
+                let response = from_entry(
+                    entry,
+                    age,
+                    CacheStatus::Hit,
+                    &format!("pcgate; hit; ttl={left}"),
+                );
+                return Either::Left(future::ready(Ok(response)));
             }
+            if age < entry.ttl + entry.swr {
+                shared.count(&route, CacheStatus::Stale, info.as_ref());
+                shared.revalidate(self.inner.clone(), request, key, (ttl, swr, sie));
+                let over = (age - entry.ttl).as_secs();
+                let cache_status =
+                    format!("pcgate; hit; ttl=-{over}; detail=stale-while-revalidate");
+                return Either::Left(future::ready(Ok(from_entry(
+                    entry,
+                    age,
+                    CacheStatus::Stale,
+                    &cache_status,
+                ))));
+            }
+        }
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Either::Right(Box::pin(async move {
             let status = match asks {
                 Asks::Anything => CacheStatus::Miss,
                 Asks::Fresh | Asks::NoStore => CacheStatus::Bypass,
@@ -365,19 +370,19 @@ where
             shared
                 .store_response(response, key, (ttl, swr, sie), status, fwd)
                 .await
-        })
+        }))
     }
 }
 
 impl Shared {
-    fn count(&self, route: &str, status: CacheStatus, info: Option<&Arc<CallInfo>>) {
+    fn count(&self, route: &Arc<str>, status: CacheStatus, info: Option<&Arc<CallInfo>>) {
         if let Some(info) = info {
             info.set_cache(status);
         }
         self.metrics
             .cache_lookups
             .get_or_create(&CacheLabels {
-                route: route.to_owned(),
+                route: route.clone(),
                 result: status.as_str(),
             })
             .inc();
