@@ -18,6 +18,10 @@ use crate::body::Response;
 /// How long a client may take to send a request's headers before the connection is closed.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most a request's head (request line and headers) may take; larger gets 431. Partner
+/// Center calls carry a few small headers; a 100 KiB header is an attack or a bug.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Knobs for one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
@@ -48,8 +52,12 @@ pub async fn serve<S>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
 
