@@ -6,9 +6,19 @@ use pcgate::layer::cache::Key;
 
 fuzz_target!(|input: (&str, &str, &[u8], &[u8], &[u8])| {
     let (path, query, accept, locale, token) = input;
-    let uri = if query.is_empty() { path.to_owned() } else { format!("{path}?{query}") };
-    let Ok(mut request) = http::Request::get(uri.as_str()).body(pcgate::body::empty()) else { return };
-    for (name, value) in [("accept", accept), ("x-locale", locale), ("ms-continuationtoken", token)] {
+    let uri = if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    };
+    let Ok(mut request) = http::Request::get(uri.as_str()).body(pcgate::body::empty()) else {
+        return;
+    };
+    for (name, value) in [
+        ("accept", accept),
+        ("x-locale", locale),
+        ("ms-continuationtoken", token),
+    ] {
         if let Ok(value) = http::HeaderValue::from_bytes(value) {
             request.headers_mut().insert(name, value);
         }

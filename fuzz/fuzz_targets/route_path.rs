@@ -11,14 +11,19 @@ use pcgate::route::{normalize_path, RouteTable};
 fn table() -> &'static RouteTable {
     static TABLE: OnceLock<RouteTable> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let config = pcgate::config::Config::from_toml(pcgate::demo::SHIPPED_CONFIG).expect("shipped config");
+        let config = pcgate::config::Config::from_toml(pcgate::demo::SHIPPED_CONFIG)
+            .expect("shipped config");
         RouteTable::new(&config.routes).expect("shipped routes")
     })
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(raw) = std::str::from_utf8(data) else { return };
-    let Ok(path) = normalize_path(raw) else { return };
+    let Ok(raw) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(path) = normalize_path(raw) else {
+        return;
+    };
     let canonical = path.as_str();
     assert!(canonical.starts_with('/'));
     for segment in path.segments() {

@@ -11,8 +11,12 @@ fuzz_target!(|input: (u16, &[u8])| {
         assert!(!issued.expires_in.is_zero());
     }
     match parse_refusal(status, body) {
-        FetchError::InvalidGrant(d) | FetchError::InvalidClient(d) => assert!(d.chars().count() <= 300),
-        FetchError::Refused { error, description, .. } => {
+        FetchError::InvalidGrant(d) | FetchError::InvalidClient(d) => {
+            assert!(d.chars().count() <= 300)
+        }
+        FetchError::Refused {
+            error, description, ..
+        } => {
             assert!(error.chars().count() <= 64);
             assert!(description.chars().count() <= 300);
         }
