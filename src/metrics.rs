@@ -151,7 +151,10 @@ impl Default for Metrics {
 impl Metrics {
     /// A registry with every metric registered.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("pcgate");
+        let mut root = Registry::default();
+        // The process metrics keep their standard unprefixed names.
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("pcgate");
         let m = Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
@@ -168,7 +171,7 @@ impl Metrics {
             inflight: Gauge::default(),
             registry: Registry::default(),
         };
-        let r = &mut registry;
+        let r = registry;
         r.register(
             "requests",
             "Calls answered, by route and status class",
@@ -237,7 +240,10 @@ impl Metrics {
             })
             .set(1);
         r.register("build_info", "pcgate's version", build_info);
-        Metrics { registry, ..m }
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
     /// The OpenMetrics text exposition (what a Prometheus server asks for first).
@@ -285,6 +291,78 @@ fn to_prometheus_text(openmetrics: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `process_cpu_seconds_total`, `process_resident_memory_bytes` and `process_open_fds`, read
+/// from `/proc/self` at each scrape (Linux; elsewhere they are left out).
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// Clock ticks per second in `/proc/self/stat` (USER_HZ, fixed at 100 in Linux's user ABI).
+const USER_HZ: f64 = 100.0;
+
+impl ProcessCollector {
+    fn cpu_seconds() -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name (field 2) may hold spaces; the fields after its `)` are fixed.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let (utime, stime): (f64, f64) =
+            (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+        Some((utime + stime) / USER_HZ)
+    }
+
+    fn resident_bytes() -> Option<i64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    fn open_fds() -> Option<i64> {
+        Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as i64)
+    }
+}
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        if let Some(cpu) = Self::cpu_seconds() {
+            let counter = ConstCounter::new(cpu);
+            let metric = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent",
+                None,
+                counter.metric_type(),
+            )?;
+            counter.encode(metric)?;
+        }
+        if let Some(bytes) = Self::resident_bytes() {
+            let gauge = ConstGauge::new(bytes);
+            let metric = encoder.encode_descriptor(
+                "process_resident_memory_bytes",
+                "Resident memory",
+                None,
+                gauge.metric_type(),
+            )?;
+            gauge.encode(metric)?;
+        }
+        if let Some(fds) = Self::open_fds() {
+            let gauge = ConstGauge::new(fds);
+            let metric = encoder.encode_descriptor(
+                "process_open_fds",
+                "Open file descriptors",
+                None,
+                gauge.metric_type(),
+            )?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
+    }
 }
 
 /// `2xx`, `3xx`, `4xx` or `5xx` (`1xx` too, for completeness).

@@ -131,6 +131,10 @@ async fn counters_move_by_exactly_what_the_calls_did() {
     assert_eq!(v("pcgate_inflight_requests"), 0.0);
     assert_eq!(v("pcgate_cache_entries"), 2.0, "summary and summaries");
     assert_eq!(v(r#"pcgate_build_info{version="0.1.0"}"#), 1.0);
+    // Process metrics, read from /proc at the scrape.
+    assert!(v("process_resident_memory_bytes") > 1e6);
+    assert!(v("process_open_fds") >= 3.0);
+    assert!(v("process_cpu_seconds_total") > 0.0);
     // What the sandbox saw agrees.
     assert_eq!(sandbox.count("summary").await, 1);
     assert_eq!(sandbox.count("invoices").await, 3);
