@@ -97,6 +97,22 @@ impl Buffered {
         response
     }
 
+    /// Drops what belongs to one caller's exchange and must not reach another caller with a
+    /// stored or shared copy: cookies, the tracking ids (each call stamps its own), `Age` and
+    /// `Cache-Status` (set per answer).
+    pub fn keep_shareable_headers(&mut self) {
+        for name in [
+            "set-cookie",
+            "ms-requestid",
+            "ms-correlationid",
+            "ms-cv",
+            "age",
+            "cache-status",
+        ] {
+            self.headers.remove(name);
+        }
+    }
+
     /// Roughly how much memory it holds (body, headers, and a little for the structure).
     pub fn weight(&self) -> usize {
         let headers: usize = self

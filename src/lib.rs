@@ -184,8 +184,13 @@ impl Gateway {
             store: parts.store.clone(),
             metrics: parts.metrics.clone(),
         };
-        let service = stack::build(parts)
-            .map_request(|request: http::Request<hyper::body::Incoming>| request.map(body::boxed));
+        // Hop-by-hop headers belong to the caller's connection: they go as the request enters,
+        // before any layer adds a header that `Connection: <name>` could otherwise remove.
+        let service =
+            stack::build(parts).map_request(|mut request: http::Request<hyper::body::Incoming>| {
+                upstream::strip_hop_by_hop(request.headers_mut());
+                request.map(body::boxed)
+            });
         let admin_service = tower::service_fn(move |request| admin_state.clone().handle(request));
 
         let refreshers = tokens.spawn_refreshers();

@@ -52,7 +52,11 @@ pub fn build(
         // Refuse what the route table does not allow before any other work is done.
         .layer(AccessLayer::new(parts.routes, parts.keys))
         // Inside access, so only allowed calls are looked up, keyed with the route's credential.
-        .layer(CacheLayer::new(parts.store.clone(), parts.metrics.clone()))
+        .layer(CacheLayer::new(
+            parts.store.clone(),
+            parts.metrics.clone(),
+            parts.retry.deadline,
+        ))
         // Misses (and background refreshes) of identical calls share one upstream fetch.
         .layer(CoalesceLayer::new(
             parts.store.max_entry_bytes(),

@@ -200,7 +200,9 @@ impl tower::Service<Request> for Upstream {
         *request.uri_mut() = uri;
         // HTTP/2 to the upstream is negotiated by ALPN; the version the caller spoke is its own.
         *request.version_mut() = http::Version::HTTP_11;
-        strip_hop_by_hop(request.headers_mut());
+        // The caller's hop-by-hop headers went as the request entered; this catches any that
+        // a layer put back, without honouring a `Connection` list (which could name ours).
+        strip_fixed_hop_by_hop(request.headers_mut());
         // Each attempt is a new outgoing call: the next correlation vector (cV spec: increment).
         if let Some(cv) = request
             .extensions()
@@ -281,6 +283,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
+    strip_fixed_hop_by_hop(headers);
+}
+
+/// Removes the hop-by-hop headers RFC 9110 §7.6.1 names, but not those a `Connection` header lists.
+fn strip_fixed_hop_by_hop(headers: &mut HeaderMap) {
     for name in [
         header::CONNECTION,
         header::PROXY_AUTHENTICATE,

@@ -371,3 +371,76 @@ async fn max_bytes_holds_under_many_distinct_keys() {
     assert!(bytes <= 64.0 * 1024.0, "{bytes} bytes cached");
     assert!(entries > 10.0 && entries < 400.0, "{entries} entries");
 }
+
+#[tokio::test]
+async fn encodings_and_conditional_requests_are_not_shared() {
+    let (sandbox, gateway) = setup("").await;
+    let client = client();
+    client
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    let gzip = client
+        .get(gateway.url("/v1/invoices/summary"))
+        .header("Accept-Encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gzip.headers()["cache-status"], "pcgate; fwd=miss; stored");
+    let conditional = client
+        .get(gateway.url("/v1/invoices/summary"))
+        .header("If-None-Match", "\"abc\"")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        conditional.headers().get("cache-status").is_none(),
+        "a conditional request bypasses the cache"
+    );
+    assert_eq!(sandbox.count("summary").await, 3);
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_does_not_leave_its_callers_stuck_on_a_dead_fetch() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    // Headers at once, then a body that never comes (the first time only).
+    let origin = origin(move |_| {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                let stream = futures_util::stream::pending::<
+                    Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                >();
+                pcgate::body::Response::new(pcgate::body::boxed(http_body_util::StreamBody::new(
+                    stream,
+                )))
+            } else {
+                text(200, "whole")
+            }
+        }
+    })
+    .await;
+    let toml = format!(
+        "[upstream]\nbase_url = \"{}\"\ndeadline = \"1s\"\nattempt_timeout = \"1s\"\n[[routes]]\nmatch = \"GET /v1/invoices\"\ncoalesce = true\n",
+        origin.base_url()
+    );
+    let gateway = start_gateway(&toml).await;
+    let first = client()
+        .get(gateway.url("/v1/invoices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 504);
+    let second = client()
+        .get(gateway.url("/v1/invoices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(second.text().await.unwrap(), "whole");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

@@ -342,3 +342,41 @@ async fn a_missing_secret_file_is_a_start_up_error_naming_the_credential_and_fil
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_connection_header_cannot_strip_the_service_token() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let response = client()
+        .get(gateway.url("/v1/invoices?size=1"))
+        .header("Connection", "authorization, x-locale")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = sandbox.recent("invoices").await;
+    assert!(seen[0]["headers"]["authorization"]
+        .as_str()
+        .unwrap()
+        .starts_with("Bearer sbx-app-"));
+    assert_eq!(seen[0]["headers"]["x-locale"], "en-US");
+    assert_eq!(sandbox.count("token").await, 2, "no extra token request");
+}
+
+#[tokio::test]
+async fn an_upstream_that_keeps_refusing_fresh_tokens_does_not_get_a_token_request_per_call() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    assert_eq!(get(&gateway, "/v1/invoices?size=1").await.status(), 200);
+    let tokens_before = sandbox.count("token").await;
+    // Every answer a 401, as when consent or a role is missing.
+    sandbox
+        .faults(json!({"script": [401, 401, 401, 401, 401, 401, 401, 401, 401, 401]}))
+        .await;
+    for i in 0..5 {
+        let response = get(&gateway, &format!("/v1/invoices?size={}", i + 2)).await;
+        assert_eq!(response.status(), 401, "the upstream's own 401 goes back");
+    }
+    // One replacement for the first 401; none for the 401s on the fresh token that followed.
+    assert_eq!(sandbox.count("token").await, tokens_before + 1);
+}

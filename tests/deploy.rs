@@ -552,7 +552,7 @@ fn check_promql(expr: &str, catalog: &Catalog, context: &str) -> BTreeSet<String
             }
             continue;
         }
-        if !word.starts_with("pcgate_") {
+        if !word.starts_with("pcgate_") && !word.starts_with("process_") {
             continue;
         }
         let labels = catalog

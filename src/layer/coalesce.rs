@@ -14,12 +14,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::{FutureExt, Shared};
-use http::Method;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, Buffered, Limited, Request, Response};
-use crate::layer::cache::Key;
+use crate::layer::cache::{shareable, Key};
 use crate::layer::retry::DeadlineExceeded;
 use crate::metrics::{Metrics, RouteLabel};
 use crate::route::Route;
@@ -107,7 +107,7 @@ where
             .extensions()
             .get::<Arc<Route>>()
             .is_some_and(|r| r.coalesce)
-            && matches!(*request.method(), Method::GET | Method::HEAD);
+            && shareable(&request);
         let Some(spare) = body::clone_bodiless(&request).filter(|_| wanted) else {
             return Box::pin(self.inner.call(request));
         };
@@ -119,7 +119,7 @@ where
             .extensions()
             .get::<Arc<Route>>()
             .map(|r| r.name.clone())
-            .unwrap_or_default();
+            .unwrap_or_else(|| Arc::from(""));
 
         let mut flights = state.flights.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(flight) = flights.get(&key).cloned() {
@@ -129,12 +129,18 @@ where
                 .coalesced
                 .get_or_create(&RouteLabel { route })
                 .inc();
+            let started = Instant::now();
             return Box::pin(async move {
                 match state.wait(flight).await? {
                     Outcome::Whole(buffered) => Ok(buffered.to_response()),
                     Outcome::Failed(error) => Err(SharedError(error).into()),
-                    // Too large to share: this caller fetches for itself.
-                    Outcome::TooBig => inner.oneshot(spare).await,
+                    // Too large to share: this caller fetches for itself, in what is left of its time.
+                    Outcome::TooBig => {
+                        let left = state.deadline.saturating_sub(started.elapsed());
+                        tokio::time::timeout(left, inner.oneshot(spare))
+                            .await
+                            .map_err(|_| DeadlineExceeded(state.deadline))?
+                    }
                 }
             });
         }
@@ -161,6 +167,23 @@ where
     }
 }
 
+/// Takes a flight out of the map however its fetch ends: answered, failed, timed out, panicked.
+struct Landing {
+    state: Arc<State>,
+    key: Key,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        // Later arrivals start a new fetch (or find the answer in the cache, outside).
+        self.state
+            .flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
 impl State {
     /// Waits for a flight, at most the call's deadline.
     async fn wait(&self, flight: Flight) -> Result<Outcome, BoxError> {
@@ -180,22 +203,30 @@ impl State {
     where
         S: tower::Service<Request, Response = Response, Error = BoxError>,
     {
-        let outcome = match inner.oneshot(request).await {
-            Err(error) => Outcome::Failed(Arc::new(error)),
-            Ok(response) => match body::buffer_up_to(response, self.max_entry_bytes).await {
-                Ok(Limited::Whole(buffered)) => Outcome::Whole(Arc::new(buffered)),
-                Ok(Limited::TooBig(response)) => {
-                    let _ = big.send(response);
-                    Outcome::TooBig
-                }
-                Err(error) => Outcome::Failed(Arc::new(error.into())),
-            },
+        let _landing = Landing {
+            state: self.clone(),
+            key,
         };
-        // Later arrivals start a new fetch (or find the answer in the cache, outside).
-        self.flights
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
-        outcome
+        // The deadline covers the body too: an upstream that sends headers and then stalls must
+        // not hold every identical caller on this flight.
+        let fetched = tokio::time::timeout(self.deadline, async {
+            match inner.oneshot(request).await {
+                Err(error) => Outcome::Failed(Arc::new(error)),
+                Ok(response) => match body::buffer_up_to(response, self.max_entry_bytes).await {
+                    Ok(Limited::Whole(mut buffered)) => {
+                        buffered.keep_shareable_headers();
+                        Outcome::Whole(Arc::new(buffered))
+                    }
+                    Ok(Limited::TooBig(response)) => {
+                        let _ = big.send(response);
+                        Outcome::TooBig
+                    }
+                    Err(error) => Outcome::Failed(Arc::new(error.into())),
+                },
+            }
+        })
+        .await;
+        fetched
+            .unwrap_or_else(|_| Outcome::Failed(Arc::new(DeadlineExceeded(self.deadline).into())))
     }
 }

@@ -6,6 +6,9 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+/// The longest lifetime a token is taken to have, whatever the endpoint says.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// What the endpoint gave us.
 pub struct Issued {
     /// The bearer token.
@@ -182,6 +185,8 @@ pub fn parse_issued(body: &[u8]) -> Result<Issued, FetchError> {
             "the token is already expired".into(),
         ));
     }
+    // Entra tokens live about an hour; a day bounds anything odd an endpoint may claim.
+    let seconds = seconds.min(MAX_TOKEN_LIFETIME.as_secs());
     Ok(Issued {
         access_token,
         expires_in: Duration::from_secs(seconds),
@@ -267,6 +272,13 @@ mod tests {
             parse_issued(format!(r#"{{"access_token":"a","expires_on":"{on}"}}"#).as_bytes())
                 .unwrap();
         assert!((595..=600).contains(&issued.expires_in.as_secs()));
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_capped() {
+        let issued =
+            parse_issued(br#"{"access_token":"a","expires_in":"99999999999999"}"#).unwrap();
+        assert_eq!(issued.expires_in, MAX_TOKEN_LIFETIME);
     }
 
     #[test]

@@ -24,6 +24,10 @@ use endpoint::{Audience, Endpoint, FetchError};
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest wait between refresh attempts while the endpoint fails.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// After a 401 made us fetch a token, another 401 within this long is answered as it is: an
+/// upstream that refuses fresh tokens (missing consent or role) must not turn every call into a
+/// token request.
+pub const REPLACE_INTERVAL: Duration = Duration::from_secs(10);
 /// A token endpoint call's time limit.
 pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -109,6 +113,8 @@ struct State {
     /// No caller-driven attempt before this, after a failure.
     retry_at: Option<Instant>,
     backoff: Duration,
+    /// When a 401 last made us fetch a new token.
+    last_replace: Option<Instant>,
 }
 
 enum Kind {
@@ -126,7 +132,7 @@ struct Inner {
     kind: Kind,
     refresh_before: Duration,
     state: RwLock<State>,
-    refresh_lock: tokio::sync::Mutex<()>,
+    refresh_lock: Arc<tokio::sync::Mutex<()>>,
     stats: Stats,
     metrics: Arc<Metrics>,
 }
@@ -216,8 +222,9 @@ impl TokenSource {
                     last_error: None,
                     retry_at: None,
                     backoff: MIN_BACKOFF,
+                    last_replace: None,
                 }),
-                refresh_lock: tokio::sync::Mutex::new(()),
+                refresh_lock: Arc::new(tokio::sync::Mutex::new(())),
                 stats: Stats::default(),
                 metrics,
             }),
@@ -318,6 +325,16 @@ impl TokenSource {
             }
             _ => {}
         }
+        if matches!(need, Need::Replace(_))
+            && state
+                .last_replace
+                .is_some_and(|at| now < at + REPLACE_INTERVAL)
+        {
+            return Some(Err(self.error(
+                "the upstream refused a token fetched moments ago (401); not fetching another yet"
+                    .into(),
+            )));
+        }
         let last_error = state.last_error.clone();
         if let Some(cause) = last_error {
             // Someone tried while we waited and failed: share the outcome, don't ask again.
@@ -339,21 +356,36 @@ impl TokenSource {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .attempts;
-        let _one_at_a_time = self.inner.refresh_lock.lock().await;
+        let one_at_a_time = self.inner.refresh_lock.clone().lock_owned().await;
         if let Some(outcome) = self.settled(need, attempts_seen, Instant::now()) {
             return outcome;
         }
+        // The exchange runs in its own task, holding the lock: a caller that hangs up (or a
+        // deadline) cannot cancel it between the endpoint rotating the refresh token and the
+        // new one being kept, which would lose the only valid refresh token.
+        let source = self.clone();
+        let exchange = tokio::spawn(async move {
+            let _one_at_a_time = one_at_a_time;
+            source.exchange(need).await
+        });
+        exchange
+            .await
+            .unwrap_or_else(|e| Err(self.error(format!("the refresh task ended: {e}"))))
+    }
+
+    /// One token request and its outcome recorded; called with the refresh lock held.
+    async fn exchange(&self, need: Need) -> Result<Arc<Token>, TokenError> {
         let started = Instant::now();
-        let result = self.fetch().await;
+        let result = self.fetch().await.map_err(|e| e.to_string());
         let mut state = self.inner.state.write().unwrap_or_else(|e| e.into_inner());
         state.attempts += 1;
-        match result {
-            Ok(issued) => {
-                let generation = state.token.as_ref().map_or(0, |t| t.generation) + 1;
-                let token = Arc::new(
-                    self.make_token(issued, started, generation)
-                        .map_err(|e| self.error(e))?,
-                );
+        if matches!(need, Need::Replace(_)) {
+            state.last_replace = Some(started);
+        }
+        let generation = state.token.as_ref().map_or(0, |t| t.generation) + 1;
+        match result.and_then(|issued| self.make_token(issued, started, generation)) {
+            Ok(token) => {
+                let token = Arc::new(token);
                 self.inner.stats.refreshed.fetch_add(1, Ordering::Relaxed);
                 self.count("ok");
                 let label = CredentialLabel {
@@ -392,11 +424,11 @@ impl TokenSource {
                     still_valid,
                     "token refresh failed"
                 );
-                state.last_error = Some(e.to_string());
+                state.last_error = Some(e.clone());
                 match state.token.clone().filter(|t| t.is_valid(Instant::now())) {
                     // The old token still works: callers keep using it.
                     Some(token) if !matches!(need, Need::Replace(_)) => Ok(token),
-                    _ => Err(self.error(e.to_string())),
+                    _ => Err(self.error(e)),
                 }
             }
         }

@@ -13,7 +13,7 @@
 
 mod key;
 
-pub use key::{Key, MS_CONTINUATION_TOKEN};
+pub use key::{shareable, Key, MS_CONTINUATION_TOKEN};
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -23,12 +23,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::{self, Either, Ready};
-use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, Buffered, Limited, Request, Response};
 use crate::layer::observe::CallInfo;
+use crate::layer::retry::DeadlineExceeded;
 use crate::metrics::{CacheLabels, Metrics};
 use crate::route::Route;
 
@@ -192,16 +193,19 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Keys with a background refresh running: one at a time per key.
     revalidating: Mutex<HashSet<Key>>,
+    /// The call's deadline (`upstream.deadline`), which also bounds reading a body to store.
+    deadline: Duration,
 }
 
 impl CacheLayer {
-    /// Caches into `store`.
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>) -> Self {
+    /// Caches into `store`; a body being stored must arrive within `deadline`.
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, deadline: Duration) -> Self {
         CacheLayer {
             shared: Arc::new(Shared {
                 store,
                 metrics,
                 revalidating: Mutex::new(HashSet::new()),
+                deadline,
             }),
         }
     }
@@ -279,8 +283,7 @@ where
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
-        let cacheable = matches!(*request.method(), Method::GET | Method::HEAD)
-            && http_body::Body::is_end_stream(request.body());
+        let cacheable = shareable(&request);
         let Some((ttl, swr, sie, route)) = windows(&request).filter(|_| cacheable) else {
             return Either::Right(Box::pin(self.inner.call(request)));
         };
@@ -400,21 +403,17 @@ impl Shared {
         if response.status() != StatusCode::OK {
             return Ok(with_status(response, status, &format!("pcgate; fwd={fwd}")));
         }
-        match body::buffer_up_to(response, self.store.max_entry_bytes()).await? {
+        // The deadline covers reading the body too: an upstream that stalls mid-body fails the call.
+        let read = body::buffer_up_to(response, self.store.max_entry_bytes());
+        let read = tokio::time::timeout(self.deadline, read)
+            .await
+            .map_err(|_| DeadlineExceeded(self.deadline))?;
+        match read? {
             Limited::TooBig(response) => {
                 Ok(with_status(response, status, &format!("pcgate; fwd={fwd}")))
             }
             Limited::Whole(mut buffered) => {
-                for name in [
-                    "ms-requestid",
-                    "ms-correlationid",
-                    "ms-cv",
-                    "age",
-                    "set-cookie",
-                ] {
-                    buffered.headers.remove(name);
-                }
-                buffered.headers.remove(CACHE_STATUS);
+                buffered.keep_shareable_headers();
                 let entry = Entry {
                     response: buffered,
                     stored_at: Instant::now(),
@@ -521,7 +520,10 @@ mod tests {
         });
         let metrics = Arc::new(Metrics::new());
         let store = Arc::new(Store::new(1 << 20, 1 << 16, metrics.clone()));
-        (CacheLayer::new(store, metrics).layer(inner), calls)
+        (
+            CacheLayer::new(store, metrics, Duration::from_secs(60)).layer(inner),
+            calls,
+        )
     }
 
     fn summary() -> Request {
