@@ -328,38 +328,40 @@ impl prometheus_client::collector::Collector for ProcessCollector {
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder,
     ) -> std::fmt::Result {
-        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
         use prometheus_client::metrics::counter::ConstCounter;
         use prometheus_client::metrics::gauge::ConstGauge;
+        fn one(
+            encoder: &mut DescriptorEncoder,
+            name: &str,
+            help: &str,
+            metric: impl EncodeMetric,
+        ) -> std::fmt::Result {
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+        }
         if let Some(cpu) = Self::cpu_seconds() {
-            let counter = ConstCounter::new(cpu);
-            let metric = encoder.encode_descriptor(
+            one(
+                &mut encoder,
                 "process_cpu_seconds",
                 "User and system CPU time spent",
-                None,
-                counter.metric_type(),
+                ConstCounter::new(cpu),
             )?;
-            counter.encode(metric)?;
         }
         if let Some(bytes) = Self::resident_bytes() {
-            let gauge = ConstGauge::new(bytes);
-            let metric = encoder.encode_descriptor(
+            one(
+                &mut encoder,
                 "process_resident_memory_bytes",
                 "Resident memory",
-                None,
-                gauge.metric_type(),
+                ConstGauge::new(bytes),
             )?;
-            gauge.encode(metric)?;
         }
         if let Some(fds) = Self::open_fds() {
-            let gauge = ConstGauge::new(fds);
-            let metric = encoder.encode_descriptor(
+            one(
+                &mut encoder,
                 "process_open_fds",
                 "Open file descriptors",
-                None,
-                gauge.metric_type(),
+                ConstGauge::new(fds),
             )?;
-            gauge.encode(metric)?;
         }
         Ok(())
     }
