@@ -444,3 +444,22 @@ async fn a_body_that_stalls_does_not_leave_its_callers_stuck_on_a_dead_fetch() {
     assert_eq!(second.text().await.unwrap(), "whole");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_arriving_before_during_and_after_a_cold_fetch_make_one_upstream_call() {
+    let (sandbox, gateway) = setup("").await;
+    sandbox.faults(json!({"latency": "100ms"})).await;
+    // 200 calls spread over about 300 ms: some join the fetch, some arrive as it lands, the rest
+    // find the stored answer. The answer is stored before the fetch lets go of its key.
+    let calls = (0..200).map(|i| {
+        let url = gateway.url("/v1/invoices/summary?cold=1");
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_micros(1_500 * i)).await;
+            client().get(url).send().await.unwrap().status()
+        })
+    });
+    for status in futures_util::future::join_all(calls).await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(sandbox.count("summary").await, 1);
+}

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, Buffered, Limited, Request, Response};
-use crate::layer::cache::{shareable, Key};
+use crate::layer::cache::{shareable, Key, StoreOnArrival};
 use crate::layer::retry::DeadlineExceeded;
 use crate::metrics::{Metrics, RouteLabel};
 use crate::route::Route;
@@ -207,6 +207,7 @@ impl State {
             state: self.clone(),
             key,
         };
+        let store = request.extensions().get::<Arc<StoreOnArrival>>().cloned();
         // The deadline covers the body too: an upstream that sends headers and then stalls must
         // not hold every identical caller on this flight.
         let fetched = tokio::time::timeout(self.deadline, async {
@@ -215,6 +216,10 @@ impl State {
                 Ok(response) => match body::buffer_up_to(response, self.max_entry_bytes).await {
                     Ok(Limited::Whole(mut buffered)) => {
                         buffered.keep_shareable_headers();
+                        // Into the cache (on cached routes) before the flight lands.
+                        if let Some(store) = &store {
+                            store.store(&buffered);
+                        }
                         Outcome::Whole(Arc::new(buffered))
                     }
                     Ok(Limited::TooBig(response)) => {

@@ -182,6 +182,38 @@ impl Store {
     }
 }
 
+/// Lets the layer that fetches an answer for a cached route store it at once, before it tells
+/// anyone the fetch is over. `coalesce` calls it before taking its flight out of its map, so a
+/// caller arriving in between finds the answer in the cache instead of starting a second fetch
+/// (the same guarantee as nginx's `proxy_cache_lock`).
+pub struct StoreOnArrival {
+    store: Arc<Store>,
+    key: Key,
+    windows: (Duration, Duration, Duration),
+}
+
+impl StoreOnArrival {
+    /// Stores `answer` if it is a `200` within the entry size limit.
+    pub fn store(&self, answer: &Buffered) {
+        if answer.status != StatusCode::OK || answer.body.len() > self.store.max_entry_bytes() {
+            return;
+        }
+        let mut response = answer.clone();
+        response.keep_shareable_headers();
+        let (ttl, swr, sie) = self.windows;
+        self.store.put(
+            self.key.clone(),
+            Entry {
+                response,
+                stored_at: Instant::now(),
+                ttl,
+                swr,
+                sie,
+            },
+        );
+    }
+}
+
 /// Adds [`Cache`] in front of a service.
 #[derive(Clone)]
 pub struct CacheLayer {
@@ -339,6 +371,14 @@ where
             // A stale entry still within stale-if-error is the fallback if the fetch fails.
             let fallback =
                 entry.filter(|e| now.saturating_duration_since(e.stored_at) < e.ttl + e.sie);
+            if asks != Asks::NoStore {
+                let hook = StoreOnArrival {
+                    store: shared.store.clone(),
+                    key: key.clone(),
+                    windows: (ttl, swr, sie),
+                };
+                request.extensions_mut().insert(Arc::new(hook));
+            }
             let outcome = inner.oneshot(request).await;
             let failed = match &outcome {
                 Ok(response) => response
