@@ -8,7 +8,6 @@ pub mod store;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -96,15 +95,6 @@ enum Need {
     Replace(u64),
 }
 
-/// Counters for metrics and tests.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Successful token requests.
-    pub refreshed: AtomicU64,
-    /// Failed token requests.
-    pub failed: AtomicU64,
-}
-
 struct State {
     token: Option<Arc<Token>>,
     /// Token requests made so far; a waiter that sees it move takes that attempt's outcome.
@@ -133,7 +123,6 @@ struct Inner {
     refresh_before: Duration,
     state: RwLock<State>,
     refresh_lock: Arc<tokio::sync::Mutex<()>>,
-    stats: Stats,
     metrics: Arc<Metrics>,
 }
 
@@ -179,10 +168,10 @@ impl TokenSource {
                 }))
             }
             Grant::ClientCredentials => {
-                Kind::ClientCredentials(endpoint_for(name, config, http).map_err(fail)?)
+                Kind::ClientCredentials(endpoint_for(config, http).map_err(fail)?)
             }
             Grant::RefreshToken => {
-                let endpoint = endpoint_for(name, config, http).map_err(fail)?;
+                let endpoint = endpoint_for(config, http).map_err(fail)?;
                 let file = config.refresh_token_file.clone();
                 let stored = match &file {
                     Some(path) => store::read(path).map_err(|e| {
@@ -225,7 +214,6 @@ impl TokenSource {
                     last_replace: None,
                 }),
                 refresh_lock: Arc::new(tokio::sync::Mutex::new(())),
-                stats: Stats::default(),
                 metrics,
             }),
         })
@@ -234,11 +222,6 @@ impl TokenSource {
     /// The credential's name.
     pub fn name(&self) -> &str {
         &self.inner.name
-    }
-
-    /// Refresh counters.
-    pub fn stats(&self) -> &Stats {
-        &self.inner.stats
     }
 
     /// The current token if it is still valid.
@@ -386,7 +369,6 @@ impl TokenSource {
         match result.and_then(|issued| self.make_token(issued, started, generation)) {
             Ok(token) => {
                 let token = Arc::new(token);
-                self.inner.stats.refreshed.fetch_add(1, Ordering::Relaxed);
                 self.count("ok");
                 let label = CredentialLabel {
                     credential: self.inner.name.clone(),
@@ -408,7 +390,6 @@ impl TokenSource {
                 Ok(token)
             }
             Err(e) => {
-                self.inner.stats.failed.fetch_add(1, Ordering::Relaxed);
                 self.count("error");
                 let wait = jittered(state.backoff);
                 state.retry_at = Some(Instant::now() + wait);
@@ -506,11 +487,8 @@ fn jittered(wait: Duration) -> Duration {
     wait.mul_f64(0.5 + fastrand::f64() / 2.0)
 }
 
-fn endpoint_for(
-    name: &str,
-    config: &CredentialConfig,
-    http: &reqwest::Client,
-) -> Result<Endpoint, String> {
+/// The token endpoint of a credential, its client secret read (from the file if so configured).
+fn endpoint_for(config: &CredentialConfig, http: &reqwest::Client) -> Result<Endpoint, String> {
     let secret = match (&config.client_secret, &config.client_secret_file) {
         (Some(secret), _) => secret.clone(),
         (None, Some(path)) => {
@@ -533,7 +511,6 @@ fn endpoint_for(
         (None, Some(resource)) => Audience::Resource(resource.clone()),
         (None, None) => Audience::Resource(crate::config::DEFAULT_RESOURCE.to_owned()),
     };
-    let _ = name;
     Ok(Endpoint {
         client: http.clone(),
         url: config.token_url.clone().unwrap_or_default(),
@@ -582,11 +559,6 @@ impl TokenSources {
     /// The source for a credential name.
     pub fn get(&self, name: &str) -> Option<&TokenSource> {
         self.sources.get(name)
-    }
-
-    /// All sources.
-    pub fn iter(&self) -> impl Iterator<Item = &TokenSource> {
-        self.sources.values()
     }
 
     /// Starts every background refresher; abort the handles to stop them.
