@@ -30,6 +30,10 @@ impl std::error::Error for BodyError {
     }
 }
 
+/// The future most layers return: boxed, since it holds an inner service's future across awaits.
+pub type BoxFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, BoxError>> + Send>>;
+
 /// A request as the stack sees it.
 pub type Request = http::Request<Body>;
 

@@ -1,9 +1,7 @@
 //! The innermost service: sends the call to Partner Center over a pooled hyper-util client on
 //! rustls (HTTP/2 or HTTP/1.1 by ALPN), and streams the answer back.
 
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-use crate::body::{self, Body, BoxError, Request, Response};
+use crate::body::{self, Body, BoxError, BoxFuture, Request, Response};
 use crate::config::UpstreamConfig;
 use crate::layer::observe::CallInfo;
 use crate::layer::tracking::{Tracking, MS_CV};
@@ -182,7 +180,7 @@ impl Upstream {
 impl tower::Service<Request> for Upstream {
     type Response = Response;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+    type Future = BoxFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))

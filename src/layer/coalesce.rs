@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::body::{self, BoxError, Buffered, Limited, Request, Response};
+use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Response};
 use crate::layer::cache::{shareable, Key, StoreOnArrival};
 use crate::layer::retry::DeadlineExceeded;
 use crate::metrics::{Metrics, RouteLabel};
@@ -86,8 +86,6 @@ pub struct Coalesce<S> {
     inner: S,
     state: Arc<State>,
 }
-
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 
 impl<S> tower::Service<Request> for Coalesce<S>
 where

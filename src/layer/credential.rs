@@ -3,14 +3,12 @@
 //! upstream 401 it asks the source for a different token (one refresh, shared with every other
 //! call that saw the same 401) and replays the call once.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{header, StatusCode};
 
-use crate::body::{self, BoxError, Request, Response};
+use crate::body::{self, BoxError, BoxFuture, Request, Response};
 use crate::route::Route;
 use crate::token::{TokenError, TokenSources};
 
@@ -21,8 +19,6 @@ pub enum CredentialError {
     #[error(transparent)]
     NoToken(#[from] TokenError),
 }
-
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 
 /// Adds [`Credential`] in front of a service.
 #[derive(Clone, Debug)]

@@ -13,8 +13,6 @@
 //! - Every attempt carries the same `MS-RequestId`; the upstream client increments `MS-CV`.
 
 use std::collections::HashSet;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -23,7 +21,7 @@ use http::{header, HeaderMap, Method, StatusCode};
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::body::{self, BoxError, Request, Response};
+use crate::body::{self, BoxError, BoxFuture, Request, Response};
 use crate::metrics::Metrics;
 use crate::route::Route;
 use crate::upstream::UpstreamError;
@@ -158,8 +156,6 @@ pub struct Retry<S> {
     inner: S,
     shared: Arc<Shared>,
 }
-
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 
 impl<S> tower::Service<Request> for Retry<S>
 where

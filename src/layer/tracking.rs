@@ -11,15 +11,13 @@
 //! The ids go into the request's extensions as [`Tracking`], onto the response (errors included,
 //! via [`Tracked`]), and into the call's tracing span.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tracing::Instrument;
 
-use crate::body::{BoxError, Request, Response};
+use crate::body::{BoxError, BoxFuture, Request, Response};
 use crate::cv::CorrelationVector;
 
 /// `MS-RequestId`.
@@ -234,8 +232,6 @@ pub struct TrackingService<S> {
     inner: S,
     settings: Arc<TrackingSettings>,
 }
-
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 
 impl<S> tower::Service<Request> for TrackingService<S>
 where

@@ -16,8 +16,6 @@ mod key;
 pub use key::{shareable, Key, MS_CONTINUATION_TOKEN};
 
 use std::collections::HashSet;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -27,7 +25,7 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::body::{self, BoxError, Buffered, Limited, Request, Response};
+use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Response};
 use crate::layer::observe::CallInfo;
 use crate::layer::retry::DeadlineExceeded;
 use crate::metrics::{CacheLabels, Metrics};
@@ -260,8 +258,6 @@ pub struct Cache<S> {
     inner: S,
     shared: Arc<Shared>,
 }
-
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 
 /// The route's cache windows, if it is cached.
 fn windows(request: &Request) -> Option<(Duration, Duration, Duration, Arc<str>)> {
