@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 
 use crate::body::{self, Response};
 use crate::error::problem;
+use crate::host::{HostError, HostRule};
 use crate::layer::cache::Store;
 use crate::metrics::Metrics;
 use crate::token::TokenSources;
@@ -16,6 +17,8 @@ use crate::token::TokenSources;
 /// What the admin endpoints report on.
 #[derive(Clone)]
 pub struct Admin {
+    /// The `Host` names and the `Origin` answered.
+    pub hosts: HostRule,
     /// Token sources by credential name.
     pub tokens: TokenSources,
     /// The credentials some route uses: readiness waits for these.
@@ -29,7 +32,29 @@ pub struct Admin {
 impl Admin {
     /// Answers one admin request.
     pub async fn handle(self, request: http::Request<Incoming>) -> Result<Response, Infallible> {
-        let response = match (request.method(), request.uri().path()) {
+        let mut response = match self.route(&request) {
+            Ok(response) => response,
+            Err(error @ HostError::Misdirected(_)) => problem(
+                StatusCode::MISDIRECTED_REQUEST,
+                "MisdirectedRequest",
+                &error.to_string(),
+            ),
+            Err(error @ HostError::ForeignOrigin(_)) => {
+                problem(StatusCode::FORBIDDEN, "ForeignOrigin", &error.to_string())
+            }
+        };
+        // Health, metrics and purge answers are about this moment: no cache may keep them.
+        response.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        Ok(response)
+    }
+
+    fn route(&self, request: &http::Request<Incoming>) -> Result<Response, HostError> {
+        self.hosts.check_host(request)?;
+        self.hosts.check_origin(request)?;
+        Ok(match (request.method(), request.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
             (&Method::GET | &Method::HEAD, "/readyz") => self.readiness(),
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(request.headers()),
@@ -43,8 +68,7 @@ impl Admin {
                 "NotFound",
                 &format!("no admin endpoint {path}: try /healthz, /readyz, /metrics or POST /cache/purge"),
             ),
-        };
-        Ok(response)
+        })
     }
 
     fn readiness(&self) -> Response {

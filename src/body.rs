@@ -26,8 +26,57 @@ impl std::fmt::Display for BodyError {
 
 impl std::error::Error for BodyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.source()
+        // The wrapped error is the cause, so classifying by the cause chain finds it.
+        Some(&*self.0)
     }
+}
+
+/// The caller's request body broke (bad chunk framing, a length that does not match): a 400.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body could not be read: it is malformed or was cut short")]
+pub struct ClientBodyError;
+
+/// Marks whether the caller's request body broke while it was sent on. hyper's client reports
+/// only "incomplete message" then, so the upstream client looks here to tell whose fault it was.
+#[derive(Debug, Clone, Default)]
+pub struct ClientBody(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl ClientBody {
+    /// Whether reading the caller's body failed.
+    pub fn failed(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The upstream's response body broke after its head arrived (a reset, a short body): a 502.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream's answer broke off: {0}")]
+pub struct UpstreamBodyError(#[source] pub hyper::Error);
+
+/// The caller's request as hyper hands it over; a body error is recorded in the request's
+/// [`ClientBody`] so it is blamed on the caller.
+pub fn from_client(request: http::Request<hyper::body::Incoming>) -> Request {
+    use http_body::Body as _;
+    let (mut parts, incoming) = request.into_parts();
+    if incoming.is_end_stream() {
+        return Request::from_parts(parts, empty());
+    }
+    let state = ClientBody::default();
+    parts.extensions.insert(state.clone());
+    let body = incoming
+        .map_err(move |e| {
+            state.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            BodyError(Box::new(e))
+        })
+        .boxed_unsync();
+    Request::from_parts(parts, body)
+}
+
+/// The upstream's response body, with errors that say they are the upstream's.
+pub fn from_upstream(incoming: hyper::body::Incoming) -> Body {
+    incoming
+        .map_err(|e| BodyError(Box::new(UpstreamBodyError(e))))
+        .boxed_unsync()
 }
 
 /// The future most layers return: boxed, since it holds an inner service's future across awaits.

@@ -60,6 +60,9 @@ pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
 /// ...but always at least this many retries a second.
 pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+/// The most `retry.budget_min_per_second` may be (tower's budget needs it below `i32::MAX`;
+/// anything near this is already "no budget").
+pub const MAX_BUDGET_MIN_PER_SECOND: u32 = 1_000_000;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +114,9 @@ pub struct ServerConfig {
     /// How long a client may take to send its request headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Host names the admin port (and a gateway port without inbound keys) answers besides IP
+    /// literals and `localhost`: DNS rebinding needs a name, so other names get 421.
+    pub admin_hosts: Vec<String>,
 }
 
 /// `[upstream]`
@@ -195,6 +201,9 @@ fn default_refresh_before() -> Duration {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
+    /// Listening off loopback with no `clients` lends the partner's credential to anyone who can
+    /// connect; refused unless this is `true`.
+    pub allow_anonymous_remote: bool,
     /// When any are set, callers must send `Authorization: Bearer <key>` matching one of them.
     pub clients: Vec<ClientKey>,
 }
@@ -343,6 +352,7 @@ impl Default for ServerConfig {
             admin_listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default address"),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            admin_hosts: Vec::new(),
         }
     }
 }
@@ -441,7 +451,33 @@ impl Config {
                     ca.display()
                 ));
             }
+            // The same check `run` makes: a file that is not PEM certificates fails here.
+            crate::upstream::tls_config(Some(ca))
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
+        for host in &self.server.admin_hosts {
+            let valid = !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !valid {
+                return fail(format!(
+                    "server.admin_hosts: `{host}` is not a host name (letters, digits, `-` and `.`; no port)"
+                ));
+            }
+        }
+        if !self.server.listen.ip().is_loopback()
+            && self.access.clients.is_empty()
+            && !self.access.allow_anonymous_remote
+        {
+            return fail(format!(
+                "server.listen {} is not a loopback address and no [[access.clients]] keys are set: anyone who can reach it would call Partner Center with the partner's credential. Add [[access.clients]], listen on 127.0.0.1, or set access.allow_anonymous_remote = true if a network policy already restricts callers",
+                self.server.listen
+            ));
+        }
+        crate::layer::tracking::TrackingSettings::new(&self.tracking)
+            .map_err(ConfigError::Invalid)?;
         for (name, credential) in &self.credentials {
             credential
                 .validate()
@@ -465,13 +501,20 @@ impl Config {
         if !(0.0..=1000.0).contains(&self.retry.budget_ratio) {
             return fail("retry.budget_ratio must be between 0 and 1000".into());
         }
+        if self.retry.budget_min_per_second > MAX_BUDGET_MIN_PER_SECOND {
+            return fail(format!(
+                "retry.budget_min_per_second must be at most {MAX_BUDGET_MIN_PER_SECOND}"
+            ));
+        }
         if let Some(bad) = self
             .retry
             .statuses
             .iter()
-            .find(|s| !(100..=599).contains(*s))
+            .find(|s| **s != 429 && !(500..=599).contains(*s))
         {
-            return fail(format!("retry.statuses: {bad} is not an HTTP status"));
+            return fail(format!(
+                "retry.statuses: {bad} cannot be retried: only 429 and 5xx statuses are transient"
+            ));
         }
         if self.routes.is_empty() {
             return fail("no [[routes]]: every call would get 403; start from the table in config/pcgate.toml".into());
@@ -480,11 +523,19 @@ impl Config {
         for (i, route) in self.routes.iter().enumerate() {
             let name = route.name();
             let at = format!("routes[{i}] `{name}`");
+            if route.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+                return fail(format!(
+                    "routes[{i}]: `name` is empty; it labels metrics and logs, so give it a name or leave it out"
+                ));
+            }
             if route.patterns.as_slice().is_empty() {
                 return fail(format!("{at}: `match` is empty"));
             }
             for pattern in route.patterns.as_slice() {
                 Pattern::parse(pattern).map_err(|e| ConfigError::Invalid(format!("{at}: {e}")))?;
+            }
+            if name.chars().any(char::is_control) {
+                return fail(format!("{at}: `name` has control characters"));
             }
             if !names.insert(name) {
                 return fail(format!("{at}: another route has the same name; names label metrics, so give each route its own"));
@@ -504,13 +555,58 @@ impl Config {
                 ));
             }
         }
+        // What `run` builds from the routes, so a table that passes here also starts.
+        crate::route::RouteTable::new(&self.routes).map_err(ConfigError::Invalid)?;
         Ok(())
+    }
+
+    /// What is allowed but unsafe: a credential that would travel in clear text off this host.
+    /// `run` and `check-config` print these at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let off_loopback_http = |url: &str| {
+            url.parse::<http::Uri>().is_ok_and(|uri| {
+                uri.scheme_str() == Some("http") && uri.host().is_some_and(|h| !is_loopback_host(h))
+            })
+        };
+        let mut warnings = Vec::new();
+        let real = |grant: Grant| grant != Grant::Static;
+        let sends_real_token = self.routes.iter().any(|r| {
+            r.credential
+                .as_ref()
+                .and_then(|c| self.credentials.get(c))
+                .is_some_and(|c| real(c.grant))
+        });
+        if sends_real_token && off_loopback_http(&self.upstream.base_url) {
+            warnings.push(format!(
+                "upstream.base_url {} is http:// off loopback: the partner's access tokens would cross the network in clear text; use https://",
+                self.upstream.base_url
+            ));
+        }
+        for (name, credential) in &self.credentials {
+            if let Some(url) = credential.token_url.as_deref() {
+                if real(credential.grant) && off_loopback_http(url) {
+                    warnings.push(format!(
+                        "credentials.{name}.token_url {url} is http:// off loopback: the client secret and tokens would cross the network in clear text; use https://"
+                    ));
+                }
+            }
+        }
+        warnings
     }
 
     /// The effective configuration as TOML, secrets redacted (`check-config`).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# could not render: {e}\n"))
     }
+}
+
+/// `localhost`, or an IP literal on loopback (`127.0.0.0/8`, `[::1]`).
+fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl CredentialConfig {
@@ -521,8 +617,15 @@ impl CredentialConfig {
         };
         match self.grant {
             Grant::Static => {
-                if self.token.is_none() {
+                use secrecy::ExposeSecret;
+                let Some(token) = &self.token else {
                     return Err("grant `static` needs `token`".into());
+                };
+                // It goes into `Authorization: Bearer <token>` as it is: say so now, not at the
+                // first call. The message never shows the token.
+                let token = token.expose_secret();
+                if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err("`token` must be printable ASCII without spaces or control characters (check for a trailing newline)".into());
                 }
             }
             Grant::ClientCredentials | Grant::RefreshToken => {
@@ -696,6 +799,104 @@ mod tests {
                 "[upstream]\nattempt_timeout = \"10s\"\ndeadline = \"5s\"\n[[routes]]\nmatch = \"GET /a\"\n",
             ));
             assert!(msg.contains("deadline"), "{msg}");
+            Ok(())
+        });
+    }
+
+    /// A config that `check-config` passes must start: each of these used to pass `validate`
+    /// and then fail or panic in `run` (or silently never match); each names its key.
+    #[test]
+    fn config_that_would_not_run_or_is_unsafe_is_refused_naming_the_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("not-pem.crt", "this is not a certificate\n")?;
+            let with = |extra: &str| Config::from_toml(&format!("{MINIMAL}\n{extra}\n"));
+            let route = |extra: &str| {
+                Config::from_toml(&format!(
+                    "[upstream]\nbase_url = \"http://127.0.0.1:9100\"\n[[routes]]\n{extra}\n"
+                ))
+            };
+            let cases: Vec<(Result<Config, ConfigError>, &str)> = vec![
+                (with("[retry]\nbudget_min_per_second = 2147483647"), "retry.budget_min_per_second"),
+                (with("[retry]\nstatuses = [404]"), "retry.statuses"),
+                (with("[retry]\nstatuses = [200, 500]"), "retry.statuses"),
+                (with("[tracking]\napplication = \"bad\\nvalue\""), "tracking.application"),
+                (with("[tracking]\nlocale = \"en\\u0007US\""), "tracking.locale"),
+                (
+                    with("[credentials.fixed]\ngrant = \"static\"\ntoken = \"abc\\n\""),
+                    "credentials.fixed",
+                ),
+                (
+                    Config::from_toml(
+                        "[upstream]\nbase_url = \"http://127.0.0.1:9100\"\nca_file = \"not-pem.crt\"\n[[routes]]\nmatch = \"GET /a\"\n",
+                    ),
+                    "upstream.ca_file",
+                ),
+                (route("match = \"get /v1/invoices\""), "routes[0]"),
+                (route("match = \"FETCH /v1/invoices\""), "routes[0]"),
+                (route("name = \"\"\nmatch = \"GET /v1/invoices\""), "routes[0]"),
+                (with("[server]\nlisten = \"0.0.0.0:8080\""), "server.listen"),
+            ];
+            for (result, key) in cases {
+                let msg = message(result);
+                assert!(msg.contains(key), "{key}: {msg}");
+                assert!(!msg.contains("abc\n"), "a token in a message: {msg}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn listening_off_loopback_needs_keys_or_an_explicit_opt_in() {
+        Jail::expect_with(|_jail| {
+            let key = "0".repeat(64);
+            for extra in [
+                "[access]\nallow_anonymous_remote = true".to_owned(),
+                format!("[[access.clients]]\nname = \"app\"\nkey_sha256 = \"{key}\""),
+            ] {
+                Config::from_toml(&format!(
+                    "{MINIMAL}\n[server]\nlisten = \"0.0.0.0:8080\"\n{extra}\n"
+                ))
+                .map_err(|e| e.to_string())?;
+            }
+            // Loopback needs neither.
+            Config::from_toml(&format!(
+                "{MINIMAL}\n[server]\nlisten = \"127.0.0.2:8080\"\n"
+            ))
+            .map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_real_credential_over_http_off_loopback_is_warned_about() {
+        Jail::expect_with(|_jail| {
+            let credential = |token_url: &str| {
+                format!(
+                    "[credentials.app]\ngrant = \"client_credentials\"\ntoken_url = \"{token_url}\"\nclient_id = \"id\"\nclient_secret = \"s\"\n"
+                )
+            };
+            let config = |base: &str, token_url: &str| {
+                Config::from_toml(&format!(
+                    "[upstream]\nbase_url = \"{base}\"\n{}[[routes]]\nmatch = \"GET /a\"\ncredential = \"app\"\n",
+                    credential(token_url)
+                ))
+                .map_err(|e| e.to_string())
+            };
+            let quiet = config(
+                "https://api.example",
+                "https://login.example/t/oauth2/token",
+            )?;
+            assert!(quiet.warnings().is_empty(), "{:?}", quiet.warnings());
+            let local = config(
+                "http://127.0.0.1:9100",
+                "http://localhost:9100/t/oauth2/token",
+            )?;
+            assert!(local.warnings().is_empty(), "{:?}", local.warnings());
+            let loud = config("http://api.example", "http://login.example/t/oauth2/token")?;
+            let warnings = loud.warnings().join("\n");
+            assert!(warnings.contains("upstream.base_url"), "{warnings}");
+            assert!(warnings.contains("credentials.app.token_url"), "{warnings}");
+            assert!(!warnings.contains("s\""), "{warnings}");
             Ok(())
         });
     }

@@ -37,6 +37,21 @@ pub fn problem(status: StatusCode, error_name: &str, description: &str) -> Respo
     response
 }
 
+/// The first error of type `T` in `error`'s cause chain (`error` itself included), so a wrapper
+/// (a body error, the client's error around it) needs no case of its own.
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        if let Some(found) = cause.downcast_ref::<T>() {
+            return Some(found);
+        }
+        next = cause.source();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +72,19 @@ mod tests {
         assert_eq!(v["description"], "no route for GET /x");
         assert_eq!(v["source"], "pcgate");
         assert_eq!(v["data"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn find_cause_walks_the_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("inner")]
+        struct Inner;
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] Inner);
+        let error = crate::body::BodyError(Box::new(Outer(Inner)));
+        assert!(find_cause::<Inner>(&error).is_some());
+        assert!(find_cause::<Outer>(&error).is_some());
+        assert!(find_cause::<std::fmt::Error>(&error).is_none());
     }
 }

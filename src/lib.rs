@@ -30,6 +30,7 @@ pub mod config;
 pub mod cv;
 pub mod demo;
 pub mod error;
+pub mod host;
 pub mod layer;
 pub mod metrics;
 pub mod route;
@@ -85,6 +86,9 @@ impl Gateway {
     /// Builds the stack's parts and binds both listeners (port 0 picks a free port). Every
     /// start-up error (a secret file missing, a port taken) surfaces here, before serving.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         let tls = upstream::tls_config(config.upstream.ca_file.as_deref())?;
         let metrics = std::sync::Arc::new(metrics::Metrics::new());
         let tokens = token::TokenSources::new(
@@ -128,6 +132,7 @@ impl Gateway {
             tracking,
             routes,
             keys,
+            hosts: host::HostRule::new(&config.server.admin_hosts),
             tokens,
             upstream,
         };
@@ -179,6 +184,7 @@ impl Gateway {
         used.sort();
         used.dedup();
         let admin_state = admin::Admin {
+            hosts: host::HostRule::new(&config.server.admin_hosts),
             tokens: tokens.clone(),
             used: used.into(),
             store: parts.store.clone(),
@@ -189,7 +195,7 @@ impl Gateway {
         let service =
             stack::build(parts).map_request(|mut request: http::Request<hyper::body::Incoming>| {
                 upstream::strip_hop_by_hop(request.headers_mut());
-                request.map(body::boxed)
+                body::from_client(request)
             });
         let admin_service = tower::service_fn(move |request| admin_state.clone().handle(request));
 

@@ -91,6 +91,9 @@ fn main() -> ExitCode {
                     config.display()
                 );
                 print!("{}", loaded.to_toml());
+                for warning in loaded.warnings() {
+                    eprintln!("pcgate: warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => config_error(&config, &e),

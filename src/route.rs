@@ -47,6 +47,10 @@ pub enum PathError {
     /// `%2F` or `%5C`, or a raw backslash: a separator hidden inside a segment.
     #[error("the path has an encoded `/` or a `\\`")]
     HiddenSeparator,
+    /// `;` in a segment (a path parameter, `..;/` or `;jsessionid=`): Partner Center paths have
+    /// none, and servers that honour them would see a different path than the one matched.
+    #[error("the path has a `;` (path parameters are not allowed)")]
+    PathParameter,
     /// Control characters or bytes that are not UTF-8 after decoding.
     #[error("the path has control characters or invalid UTF-8")]
     BadBytes,
@@ -94,6 +98,10 @@ pub fn normalize_path(raw: &str) -> Result<NormalPath, PathError> {
         if decoded == "." || decoded == ".." {
             return Err(PathError::DotSegment);
         }
+        // Raw or encoded: a decoded `;` would be sent on as a raw one.
+        if decoded.contains(';') {
+            return Err(PathError::PathParameter);
+        }
         if decoded.chars().any(char::is_control) {
             return Err(PathError::BadBytes);
         }
@@ -126,6 +134,17 @@ impl Pattern {
             .trim()
             .split_once(' ')
             .ok_or_else(|| format!("pattern `{text}` must be `METHOD /path`"))?;
+        // Methods are case-sensitive (RFC 9110 §9.1): `get` would be a method of its own that
+        // never matches a real call, so only the standard ones, in capitals, are accepted.
+        const METHODS: [&str; 8] = [
+            "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+        ];
+        if !METHODS.contains(&method) {
+            return Err(format!(
+                "pattern `{text}`: `{method}` is not an HTTP method (use one of {})",
+                METHODS.join(", ")
+            ));
+        }
         let method: Method = method
             .parse()
             .map_err(|_| format!("pattern `{text}`: `{method}` is not an HTTP method"))?;
@@ -318,6 +337,9 @@ mod tests {
         assert!(Pattern::parse("GET /a/b*").is_err());
         assert!(Pattern::parse("/a").is_err());
         assert!(Pattern::parse("GET a").is_err());
+        assert!(Pattern::parse("get /a").is_err());
+        assert!(Pattern::parse("FETCH /a").is_err());
+        assert!(Pattern::parse("CONNECT /a").is_err());
     }
 
     #[test]
@@ -362,6 +384,10 @@ mod tests {
             "/v1\\invoices",
             "/v1/invoices/%00",
             "/v1/invoices/%ff",
+            "/v1/invoices/..;/customers",
+            "/v1/invoices;jsessionid=1/summary",
+            "/v1/invoices/summary;x",
+            "/v1/invoices/D1%3B/lineitems",
             "*",
             "",
         ] {

@@ -20,6 +20,8 @@ pub struct Parts {
     pub routes: RouteTable,
     /// Inbound keys checked by `access` (none: trust the loopback listener).
     pub keys: Vec<ClientKey>,
+    /// The `Host` names answered when there are no inbound keys (DNS rebinding defence).
+    pub hosts: crate::host::HostRule,
     /// Token sources, by credential name.
     pub tokens: TokenSources,
     /// The response cache.
@@ -50,7 +52,7 @@ pub fn build(
         // Ids are fixed before anything can fail, so every answer, errors included, carries them.
         .layer(TrackingLayer::new(parts.tracking))
         // Refuse what the route table does not allow before any other work is done.
-        .layer(AccessLayer::new(parts.routes, parts.keys))
+        .layer(AccessLayer::new(parts.routes, parts.keys, parts.hosts))
         // Inside access, so only allowed calls are looked up, keyed with the route's credential.
         .layer(CacheLayer::new(
             parts.store.clone(),

@@ -219,6 +219,7 @@ impl tower::Service<Request> for Upstream {
             .extensions()
             .get::<Arc<Route>>()
             .map_or_else(|| Arc::from(""), |r| r.name.clone());
+        let caller_body = request.extensions().get::<body::ClientBody>().cloned();
         let sent = self.client.request(request);
         let limit = self.attempt_timeout;
         let metrics = self.metrics.clone();
@@ -247,12 +248,17 @@ impl tower::Service<Request> for Upstream {
                 Ok(Err(e)) if e.is_connect() => {
                     return Err(UpstreamError::Connect(error_chain(&e)).into())
                 }
+                // Sending failed because the caller's own body broke (hyper reports only an
+                // incomplete message): that failure is the caller's.
+                Ok(Err(_)) if caller_body.as_ref().is_some_and(body::ClientBody::failed) => {
+                    return Err(body::ClientBodyError.into())
+                }
                 Ok(Err(e)) => return Err(UpstreamError::Protocol(error_chain(&e)).into()),
                 Ok(Ok(response)) => response,
             };
             let (mut parts, incoming) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(parts, body::boxed(incoming)))
+            Ok(Response::from_parts(parts, body::from_upstream(incoming)))
         })
     }
 }

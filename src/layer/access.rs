@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::body::{BoxError, Request, Response};
+use crate::host::{HostError, HostRule};
 use crate::layer::observe::CallInfo;
 use crate::route::{normalize_path, PathError, Route, RouteTable};
 
@@ -37,6 +38,9 @@ pub enum AccessError {
     /// Inbound keys are configured and the caller sent none, or a wrong one (401).
     #[error("missing or unknown API key: send `Authorization: Bearer <key>` with a key from [[access.clients]]")]
     BadKey,
+    /// No inbound keys, and `Host` names a host this listener does not answer (421).
+    #[error(transparent)]
+    Host(#[from] HostError),
 }
 
 /// The SHA-256 of one inbound key, and whose it is.
@@ -70,14 +74,17 @@ impl ClientKey {
 pub struct AccessLayer {
     table: Arc<RouteTable>,
     keys: Arc<[ClientKey]>,
+    hosts: HostRule,
 }
 
 impl AccessLayer {
-    /// Uses this route table; with `keys` not empty, callers must present one.
-    pub fn new(table: RouteTable, keys: Vec<ClientKey>) -> Self {
+    /// Uses this route table; with `keys` not empty, callers must present one, and without
+    /// keys, `Host` must pass `hosts` (a key already proves the caller is no web page).
+    pub fn new(table: RouteTable, keys: Vec<ClientKey>, hosts: HostRule) -> Self {
         AccessLayer {
             table: Arc::new(table),
             keys: keys.into(),
+            hosts,
         }
     }
 }
@@ -90,6 +97,7 @@ impl<S> tower::Layer<S> for AccessLayer {
             inner,
             table: self.table.clone(),
             keys: self.keys.clone(),
+            hosts: self.hosts.clone(),
         }
     }
 }
@@ -100,6 +108,7 @@ pub struct Access<S> {
     inner: S,
     table: Arc<RouteTable>,
     keys: Arc<[ClientKey]>,
+    hosts: HostRule,
 }
 
 impl<S> tower::Service<Request> for Access<S>
@@ -131,7 +140,9 @@ where
 
 impl<S> Access<S> {
     fn admit(&self, request: &mut Request) -> Result<Arc<Route>, AccessError> {
-        if !self.keys.is_empty() {
+        if self.keys.is_empty() {
+            self.hosts.check_host(request)?;
+        } else {
             let client = self.client(request).ok_or(AccessError::BadKey)?;
             tracing::debug!(client = %client.name, "inbound key accepted");
         }

@@ -10,8 +10,8 @@ use std::task::{Context, Poll};
 use http::StatusCode;
 use pin_project_lite::pin_project;
 
-use crate::body::{BoxError, Request, Response};
-use crate::error::problem;
+use crate::body::{BoxError, ClientBodyError, Request, Response, UpstreamBodyError};
+use crate::error::{find_cause, problem};
 use crate::layer::access::AccessError;
 use crate::layer::coalesce::SharedError;
 use crate::layer::credential::CredentialError;
@@ -102,32 +102,42 @@ pub fn error_response(error: &(dyn std::error::Error + Send + Sync + 'static)) -
 }
 
 fn classify(error: &(dyn std::error::Error + Send + Sync + 'static)) -> (StatusCode, &'static str) {
+    // Walk the cause chain for each kind, most specific first: an error wrapped in a body error
+    // or in the client's error is still the error it was.
+    let error: &(dyn std::error::Error + 'static) = error;
     // A coalesced caller gets the shared fetch's error: classify what it points at.
-    if let Some(SharedError(shared)) = error.downcast_ref::<SharedError>() {
+    if let Some(SharedError(shared)) = find_cause::<SharedError>(error) {
         return classify(&***shared);
     }
-    if let Some(e) = error.downcast_ref::<AccessError>() {
+    if let Some(e) = find_cause::<AccessError>(error) {
         return match e {
             AccessError::BadPath(_) => (StatusCode::BAD_REQUEST, "InvalidPath"),
             AccessError::NoRoute { .. } => (StatusCode::FORBIDDEN, "RouteNotAllowed"),
             AccessError::BadKey => (StatusCode::UNAUTHORIZED, "InvalidApiKey"),
+            AccessError::Host(_) => (StatusCode::MISDIRECTED_REQUEST, "MisdirectedRequest"),
         };
     }
-    if error.downcast_ref::<BadTrackingHeader>().is_some() {
+    if find_cause::<BadTrackingHeader>(error).is_some() {
         return (StatusCode::BAD_REQUEST, "InvalidTrackingHeader");
     }
-    if error.downcast_ref::<DeadlineExceeded>().is_some() {
+    if find_cause::<ClientBodyError>(error).is_some() {
+        return (StatusCode::BAD_REQUEST, "InvalidRequestBody");
+    }
+    if find_cause::<DeadlineExceeded>(error).is_some() {
         return (StatusCode::GATEWAY_TIMEOUT, "DeadlineExceeded");
     }
-    if error.downcast_ref::<CredentialError>().is_some() {
+    if find_cause::<CredentialError>(error).is_some() {
         return (StatusCode::SERVICE_UNAVAILABLE, "NoValidCredential");
     }
-    if let Some(e) = error.downcast_ref::<UpstreamError>() {
+    if let Some(e) = find_cause::<UpstreamError>(error) {
         return match e {
             UpstreamError::Connect(_) => (StatusCode::BAD_GATEWAY, "UpstreamUnreachable"),
             UpstreamError::Protocol(_) => (StatusCode::BAD_GATEWAY, "UpstreamFailed"),
             UpstreamError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout"),
         };
+    }
+    if find_cause::<UpstreamBodyError>(error).is_some() {
+        return (StatusCode::BAD_GATEWAY, "UpstreamFailed");
     }
     (StatusCode::INTERNAL_SERVER_ERROR, "GatewayError")
 }

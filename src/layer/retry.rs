@@ -13,15 +13,21 @@
 //! - Every attempt carries the same `MS-RequestId`; the upstream client increments `MS-CV`.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::body::{self, BoxError, BoxFuture, Request, Response};
+use crate::body::{self, Body, BodyError, BoxError, BoxFuture, Request, Response};
 use crate::metrics::Metrics;
 use crate::route::Route;
 use crate::upstream::UpstreamError;
@@ -178,10 +184,66 @@ where
             let limit = shared.settings.deadline;
             let deadline = Instant::now() + limit;
             match tokio::time::timeout_at(deadline, shared.run(inner, request, deadline)).await {
-                Ok(result) => result,
+                // The deadline covers the body too: a body that stalls or never ends is cut
+                // when it passes, like tower-http's `TimeoutBody`.
+                Ok(Ok(response)) => Ok(response.map(|b| DeadlineBody::wrap(b, deadline, limit))),
+                Ok(Err(error)) => Err(error),
                 Err(_) => Err(DeadlineExceeded(limit).into()),
             }
         })
+    }
+}
+
+pin_project! {
+    /// A response body that fails with [`DeadlineExceeded`] once the call's deadline passes.
+    pub struct DeadlineBody {
+        #[pin]
+        inner: Body,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        limit: Duration,
+    }
+}
+
+impl DeadlineBody {
+    /// Bounds `body` by `deadline`; a body that is already complete is left as it is.
+    pub fn wrap(body: Body, deadline: Instant, limit: Duration) -> Body {
+        if body.is_end_stream() {
+            return body;
+        }
+        DeadlineBody {
+            inner: body,
+            sleep: tokio::time::sleep_until(deadline),
+            limit,
+        }
+        .boxed_unsync()
+    }
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.project();
+        // The timer first: an endless body that is always ready must still be cut.
+        if this.sleep.poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(BodyError(Box::new(DeadlineExceeded(
+                *this.limit,
+            ))))));
+        }
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

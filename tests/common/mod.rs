@@ -217,7 +217,7 @@ pub async fn raw_status(addr: SocketAddr, request: &[u8]) -> u16 {
 
 /// A `GET` request line for raw tests.
 pub fn raw_get(path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes()
+    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
 /// A sandbox serving in this process; shut down when dropped.
