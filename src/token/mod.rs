@@ -538,6 +538,9 @@ impl TokenSources {
             .use_preconfigured_tls(tls)
             .connect_timeout(connect_timeout)
             .timeout(TOKEN_TIMEOUT)
+            // A redirect would re-send the client secret and refresh token to whatever host the
+            // `Location` names (even from https to http): a 3xx is a failed refresh instead.
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()
             .map_err(|e| SetupError {
