@@ -675,3 +675,126 @@ async fn a_token_answer_larger_than_the_cap_is_not_read_and_fails_the_refresh() 
         assert!(description.contains(cause), "{description}");
     }
 }
+
+#[tokio::test]
+async fn an_unwritable_refresh_token_directory_fails_the_start_naming_the_file() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    // The tests run as root, for whom permission bits do not stop a write. /proc/self is a
+    // directory nobody can create files in, root included (procfs has no create operation), and
+    // the file is absent, so the token comes from the inline seed and only a write would fail.
+    let user = "refresh_token_file = \"/proc/self/pcgate-refresh-token\"\nrefresh_token = \"seed\"";
+    let rest = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n";
+    let toml = sandbox.gateway_toml(Knobs {
+        user: Some(user),
+        rest,
+        ..Knobs::default()
+    });
+    let config = pcgate::config::Config::from_toml(&toml).unwrap();
+    let error = pcgate::Gateway::bind(config)
+        .await
+        .err()
+        .expect("start-up fails")
+        .to_string();
+    assert!(
+        error.contains("credential `user`")
+            && error.contains("/proc/self/pcgate-refresh-token")
+            && error.contains("writable"),
+        "{error}"
+    );
+
+    // `pcgate run` exits 1 with that message.
+    let dir = temp_dir("unwritable-run");
+    let path = dir.join("pcgate.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pcgate"))
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pcgate run did not exit");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/proc/self/pcgate-refresh-token"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_that_cannot_be_saved_is_counted_kept_and_saved_later() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let dir = temp_dir("store-failure");
+    let file = dir.join("refresh-token");
+    std::fs::write(&file, format!("{SANDBOX_REFRESH_TOKEN}\n")).unwrap();
+    let user = format!("refresh_token_file = \"{}\"", file.display());
+    let toml = sandbox.gateway_toml(Knobs {
+        user: Some(&user),
+        ..Knobs::default()
+    });
+    let failures = r#"pcgate_token_store_failures_total{credential="user"}"#;
+
+    let gateway = start_gateway(&toml).await;
+    // Exported at zero from start, for the credential with a file only.
+    assert_eq!(metric(&gateway, failures).await, Some(0.0));
+    assert_eq!(
+        metric(
+            &gateway,
+            r#"pcgate_token_store_failures_total{credential="app"}"#
+        )
+        .await,
+        None
+    );
+    assert_eq!(get(&gateway, "/v1/invoices/summaries").await.status(), 200);
+
+    // The volume goes away (as root, the one write failure we can cause); a 401 forces a rotation.
+    std::fs::remove_dir_all(&dir).unwrap();
+    sandbox.faults(json!({"revoke_tokens": true})).await;
+    assert_eq!(
+        get(&gateway, "/v1/invoices/summaries?after=revoke")
+            .await
+            .status(),
+        200,
+        "the rotated token is kept in memory and used"
+    );
+    assert!(metric(&gateway, failures).await.unwrap_or(0.0) >= 1.0);
+
+    // The directory is back: the write is retried and the file holds the current token.
+    std::fs::create_dir_all(&dir).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the rotated token was never saved"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(gateway);
+    // The sandbox rotates strictly: a restart works only if the file holds the latest token.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sandbox.reset_log().await;
+    let restarted = start_gateway(&toml).await;
+    assert_eq!(
+        get(&restarted, "/v1/invoices/summaries?after=restart")
+            .await
+            .status(),
+        200
+    );
+    let refreshes = sandbox.recent("token").await;
+    assert!(
+        refreshes.iter().all(|r| r["status"] == 200),
+        "a refresh was refused: {refreshes:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

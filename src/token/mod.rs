@@ -8,6 +8,7 @@ pub mod store;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -114,6 +115,8 @@ enum Kind {
         endpoint: Endpoint,
         current: Mutex<SecretString>,
         file: Option<PathBuf>,
+        /// `current` is not in `file` yet: its write failed and is being retried.
+        unsaved: AtomicBool,
     },
 }
 
@@ -182,6 +185,24 @@ impl TokenSource {
                     })?,
                     None => None,
                 };
+                if let Some(path) = &file {
+                    // Every rotation writes the new refresh token there; if it cannot, the token
+                    // lives only in memory and a restart needs re-consent. Better to refuse now.
+                    store::check_writable(path).map_err(|e| {
+                        fail(format!(
+                            "refresh_token_file {}: cannot create files in {} ({e}), where each \
+                             rotated refresh token is written; make that directory writable by \
+                             pcgate's user",
+                            path.display(),
+                            store::directory(path).display()
+                        ))
+                    })?;
+                    // Exported at zero from start, so the alert has a series to watch.
+                    let label = CredentialLabel {
+                        credential: name.to_owned(),
+                    };
+                    let _ = metrics.token_store_failures.get_or_create(&label);
+                }
                 let current = stored.or_else(|| config.refresh_token.clone()).ok_or_else(|| {
                     fail(format!(
                         "no refresh token: refresh_token_file {} does not exist or is empty and no refresh_token is set; \
@@ -193,6 +214,7 @@ impl TokenSource {
                     endpoint,
                     current: Mutex::new(current),
                     file,
+                    unsaved: AtomicBool::new(false),
                 }
             }
         };
@@ -425,32 +447,98 @@ impl TokenSource {
                 endpoint,
                 current,
                 file,
+                ..
             } => {
                 let refresh_token = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let issued = endpoint.refresh(&refresh_token).await?;
                 if let Some(rotated) = &issued.refresh_token {
                     *current.lock().unwrap_or_else(|e| e.into_inner()) = rotated.clone();
-                    if let Some(path) = file.clone() {
-                        let rotated = rotated.clone();
-                        let written =
-                            tokio::task::spawn_blocking(move || store::write(&path, &rotated))
-                                .await;
-                        if let Some(e) = match written {
-                            Ok(Ok(())) => None,
-                            Ok(Err(e)) => Some(e.to_string()),
-                            Err(e) => Some(e.to_string()),
-                        } {
-                            tracing::error!(
-                                credential = %self.inner.name,
-                                error = %e,
-                                "could not save the rotated refresh token: a restart will need the old one or re-consent"
-                            );
-                        }
+                    if let Some(path) = file {
+                        self.save(path, rotated.clone()).await;
                     }
                 }
                 Ok(issued)
             }
         }
+    }
+
+    /// Writes a rotated refresh token to `path`; called with the refresh lock held, so writes
+    /// happen in rotation order. A failure is counted and logged, and the write retried (see
+    /// [`TokenSource::retry_save`]) while the token stays in memory.
+    async fn save(&self, path: &std::path::Path, token: SecretString) -> bool {
+        let Kind::RefreshToken { unsaved, .. } = &self.inner.kind else {
+            return true;
+        };
+        let path_owned = path.to_owned();
+        let written = tokio::task::spawn_blocking(move || store::write(&path_owned, &token))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match written {
+            Ok(()) => {
+                unsaved.store(false, Ordering::SeqCst);
+                true
+            }
+            Err(e) => {
+                self.inner
+                    .metrics
+                    .token_store_failures
+                    .get_or_create(&CredentialLabel {
+                        credential: self.inner.name.clone(),
+                    })
+                    .inc();
+                tracing::error!(
+                    credential = %self.inner.name,
+                    file = %path.display(),
+                    error = %e,
+                    "could not save the rotated refresh token; it is kept in memory and the write \
+                     is retried, but until it succeeds a restart needs re-consent"
+                );
+                if !unsaved.swap(true, Ordering::SeqCst) {
+                    self.retry_save();
+                }
+                false
+            }
+        }
+    }
+
+    /// Retries writing the current refresh token, with backoff, until a write succeeds (here or
+    /// at the next rotation) or the source is gone.
+    fn retry_save(&self) {
+        let source = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut wait = MIN_BACKOFF;
+            loop {
+                tokio::time::sleep(jittered(wait)).await;
+                wait = (wait * 2).min(MAX_BACKOFF);
+                let Some(inner) = source.upgrade() else {
+                    return;
+                };
+                let source = TokenSource { inner };
+                let _one_at_a_time = source.inner.refresh_lock.clone().lock_owned().await;
+                let Kind::RefreshToken {
+                    current,
+                    file: Some(path),
+                    unsaved,
+                    ..
+                } = &source.inner.kind
+                else {
+                    return;
+                };
+                if !unsaved.load(Ordering::SeqCst) {
+                    return;
+                }
+                let token = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                // `save` sees `unsaved` already set, so it starts no second retrier.
+                if source.save(path, token).await {
+                    tracing::info!(
+                        credential = %source.inner.name,
+                        file = %path.display(),
+                        "saved the rotated refresh token on retry"
+                    );
+                    return;
+                }
+            }
+        });
     }
 
     fn make_token(
