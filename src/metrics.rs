@@ -138,6 +138,9 @@ pub struct Metrics {
     pub token_refreshes: Family<TokenLabels, Counter>,
     /// `pcgate_token_expiry_timestamp_seconds{credential}`.
     pub token_expiry: Family<CredentialLabel, Gauge>,
+    /// `pcgate_token_store_failures_total{credential}`: rotated refresh tokens not written to
+    /// `refresh_token_file` (each failed attempt, retries included).
+    pub token_store_failures: Family<CredentialLabel, Counter>,
     /// `pcgate_inflight_requests`.
     pub inflight: Gauge,
 }
@@ -168,6 +171,7 @@ impl Metrics {
             retry_budget_exhausted: Counter::default(),
             token_refreshes: Family::default(),
             token_expiry: Family::default(),
+            token_store_failures: Family::default(),
             inflight: Gauge::default(),
             registry: Registry::default(),
         };
@@ -227,6 +231,11 @@ impl Metrics {
             "token_expiry_timestamp_seconds",
             "When the credential's current token expires (Unix seconds)",
             m.token_expiry.clone(),
+        );
+        r.register(
+            "token_store_failures",
+            "Failed writes of a rotated refresh token to refresh_token_file, by credential",
+            m.token_store_failures.clone(),
         );
         r.register(
             "inflight_requests",

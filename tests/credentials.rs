@@ -380,3 +380,421 @@ async fn an_upstream_that_keeps_refusing_fresh_tokens_does_not_get_a_token_reque
     // One replacement for the first 401; none for the 401s on the fresh token that followed.
     assert_eq!(sandbox.count("token").await, tokens_before + 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 12, items 1, 5, 6: token endpoints that misbehave and refresh-token files that cannot be
+// written. The misbehaving token endpoints are raw TCP servers started by the test.
+
+/// What a raw token endpoint in a test does with each request.
+#[derive(Clone)]
+enum Answer {
+    /// `307 Temporary Redirect` to this `Location`.
+    Redirect(String),
+    /// `400` with an OAuth error body.
+    Refuse,
+    /// `200`, chunked, a body that does not end (up to `ENDLESS` bytes, then it stops).
+    Endless,
+    /// `200` announcing `ENDLESS` bytes by Content-Length, then sending them.
+    HugeContentLength,
+}
+
+/// How much an endless answer sends at most (the test's own bound).
+const ENDLESS: usize = 64 << 20;
+
+/// Each request a raw server got: when, and its bytes.
+type Requests = std::sync::Arc<std::sync::Mutex<Vec<(Instant, Vec<u8>)>>>;
+
+/// A token endpoint speaking raw HTTP/1.1 on 127.0.0.1:0: records every request (when it came and
+/// its bytes, head and body) and how many body bytes it managed to send back.
+struct RawTokenServer {
+    addr: std::net::SocketAddr,
+    requests: Requests,
+    /// Body bytes the kernel accepted, summed over connections.
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections whose answer is finished (written in full or cut by the client).
+    done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawTokenServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawTokenServer {
+    async fn start(answer: Answer) -> RawTokenServer {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Requests::default();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (r, s, d) = (requests.clone(), sent.clone(), done.clone());
+        let task = tokio::spawn(async move {
+            // Bounded: a test makes a handful of token requests.
+            for _ in 0..100 {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (r, s, d, answer) = (r.clone(), s.clone(), d.clone(), answer.clone());
+                tokio::spawn(async move {
+                    // The request: head, then Content-Length bytes of form.
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    let read = async {
+                        loop {
+                            let n = stream.read(&mut buf).await.ok()?;
+                            if n == 0 {
+                                return None;
+                            }
+                            request.extend_from_slice(&buf[..n]);
+                            let text = String::from_utf8_lossy(&request).to_lowercase();
+                            if let Some(end) = text.find("\r\n\r\n") {
+                                let length = text[..end]
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length:"))
+                                    .and_then(|v| v.trim().parse::<usize>().ok())
+                                    .unwrap_or(0);
+                                if request.len() >= end + 4 + length {
+                                    return Some(());
+                                }
+                            }
+                        }
+                    };
+                    if tokio::time::timeout(WAIT, read)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_none()
+                    {
+                        return;
+                    }
+                    r.lock().unwrap().push((Instant::now(), request));
+                    let head = match &answer {
+                        Answer::Redirect(location) => format!(
+                            "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
+                        ),
+                        Answer::Refuse => {
+                            let body = r#"{"error":"invalid_request","error_description":"no"}"#;
+                            format!(
+                                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                        }
+                        Answer::Endless => "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
+                        Answer::HugeContentLength => format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {ENDLESS}\r\n\r\n"
+                        ),
+                    };
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        d.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    let chunked = matches!(answer, Answer::Endless);
+                    if chunked || matches!(answer, Answer::HugeContentLength) {
+                        let piece = vec![b' '; 16 * 1024];
+                        let mut framed = Vec::new();
+                        if chunked {
+                            framed.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                        }
+                        framed.extend_from_slice(&piece);
+                        if chunked {
+                            framed.extend_from_slice(b"\r\n");
+                        }
+                        for _ in 0..ENDLESS / piece.len() {
+                            match tokio::time::timeout(WAIT, stream.write_all(&framed)).await {
+                                Ok(Ok(())) => s.fetch_add(piece.len(), Ordering::SeqCst),
+                                _ => break,
+                            };
+                        }
+                        if chunked {
+                            let _ = stream.write_all(b"0\r\n\r\n").await;
+                        }
+                    }
+                    d.fetch_add(1, Ordering::SeqCst);
+                    // Keep the connection until the client closes it.
+                    let _ = tokio::time::timeout(WAIT, stream.read(&mut buf)).await;
+                });
+            }
+        });
+        RawTokenServer {
+            addr,
+            requests,
+            sent,
+            done,
+            task,
+        }
+    }
+
+    fn token_url(&self) -> String {
+        format!("http://{}/tenant/oauth2/token", self.addr)
+    }
+
+    fn requests(&self) -> Vec<(Instant, Vec<u8>)> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until `n` requests have come.
+    async fn wait_for_requests(&self, n: usize) -> Vec<(Instant, Vec<u8>)> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let seen = self.requests();
+            if seen.len() >= n {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} token requests came",
+                seen.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The sandbox config with the `app` credential's token endpoint replaced by `token_url`.
+fn with_app_token_url(sandbox: &TestSandbox, knobs: Knobs, token_url: &str) -> String {
+    sandbox.gateway_toml(knobs).replacen(
+        &format!("token_url = \"{}\"", sandbox.token_url),
+        &format!("token_url = \"{token_url}\""),
+        1,
+    )
+}
+
+/// One sample of the admin port's /metrics, by its full series name (`name{labels}`).
+async fn metric(gateway: &TestGateway, series: &str) -> Option<f64> {
+    let text = client()
+        .get(format!("http://{}/metrics", gateway.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+    })
+}
+
+#[tokio::test]
+async fn a_redirecting_token_endpoint_never_gets_the_secret_sent_elsewhere_and_is_backed_off() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    // Where the redirect points: it must never see a request, least of all the client secret.
+    let elsewhere = RawTokenServer::start(Answer::Refuse).await;
+    let redirecting = RawTokenServer::start(Answer::Redirect(format!(
+        "http://{}/collect?leak=query-part",
+        elsewhere.addr
+    )))
+    .await;
+    let gateway = start_gateway(&with_app_token_url(
+        &sandbox,
+        Knobs::default(),
+        &redirecting.token_url(),
+    ))
+    .await;
+
+    // The background refresher asks at start; callers during the backoff do not drive requests.
+    let first = redirecting.wait_for_requests(1).await;
+    assert!(String::from_utf8_lossy(&first[0].1).contains("client_secret="));
+    let mut description = String::new();
+    for _ in 0..10 {
+        let response = get(&gateway, "/v1/invoices?size=1").await;
+        assert_eq!(response.status(), 503);
+        let fault: serde_json::Value = response.json().await.unwrap();
+        description = fault["description"].as_str().unwrap().to_owned();
+    }
+    assert!(
+        description.contains("307") && description.contains("127.0.0.1"),
+        "{description}"
+    );
+    assert!(
+        !description.contains("leak") && !description.contains("collect"),
+        "the Location's path and query are not repeated: {description}"
+    );
+    // The next attempt comes after a backoff (at least half of the first second), not per call.
+    let two = redirecting.wait_for_requests(2).await;
+    assert!(
+        two[1].0 - two[0].0 >= Duration::from_millis(400),
+        "second attempt {:?} after the first",
+        two[1].0 - two[0].0
+    );
+    assert!(elsewhere.requests().is_empty(), "the redirect was followed");
+    assert!(
+        metric(
+            &gateway,
+            r#"pcgate_token_refreshes_total{credential="app",result="error"}"#
+        )
+        .await
+        .unwrap_or(0.0)
+            >= 2.0
+    );
+    assert_eq!(
+        metric(
+            &gateway,
+            r#"pcgate_token_refreshes_total{credential="app",result="ok"}"#
+        )
+        .await
+        .unwrap_or(0.0),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_token_answer_larger_than_the_cap_is_not_read_and_fails_the_refresh() {
+    use std::sync::atomic::Ordering;
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    for (answer, cause) in [
+        (Answer::Endless, "64 KiB"),
+        (Answer::HugeContentLength, "64 KiB"),
+    ] {
+        let server = RawTokenServer::start(answer).await;
+        let gateway = start_gateway(&with_app_token_url(
+            &sandbox,
+            Knobs::default(),
+            &server.token_url(),
+        ))
+        .await;
+        server.wait_for_requests(1).await;
+        let deadline = Instant::now() + WAIT;
+        while server.done.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the answer never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The client hung up after about the cap; what the kernel buffers on loopback (a few MiB
+        // at most) is all that left the server, not the 64 MiB it had to send.
+        let sent = server.sent.load(Ordering::SeqCst);
+        assert!(sent < 16 << 20, "the client read {sent} bytes");
+        let response = get(&gateway, "/v1/invoices?size=1").await;
+        assert_eq!(response.status(), 503);
+        let fault: serde_json::Value = response.json().await.unwrap();
+        let description = fault["description"].as_str().unwrap();
+        assert!(description.contains(cause), "{description}");
+    }
+}
+
+#[tokio::test]
+async fn an_unwritable_refresh_token_directory_fails_the_start_naming_the_file() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    // The tests run as root, for whom permission bits do not stop a write. /proc/self is a
+    // directory nobody can create files in, root included (procfs has no create operation), and
+    // the file is absent, so the token comes from the inline seed and only a write would fail.
+    let user = "refresh_token_file = \"/proc/self/pcgate-refresh-token\"\nrefresh_token = \"seed\"";
+    let rest = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n";
+    let toml = sandbox.gateway_toml(Knobs {
+        user: Some(user),
+        rest,
+        ..Knobs::default()
+    });
+    let config = pcgate::config::Config::from_toml(&toml).unwrap();
+    let error = pcgate::Gateway::bind(config)
+        .await
+        .err()
+        .expect("start-up fails")
+        .to_string();
+    assert!(
+        error.contains("credential `user`")
+            && error.contains("/proc/self/pcgate-refresh-token")
+            && error.contains("writable"),
+        "{error}"
+    );
+
+    // `pcgate run` exits 1 with that message.
+    let dir = temp_dir("unwritable-run");
+    let path = dir.join("pcgate.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pcgate"))
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pcgate run did not exit");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/proc/self/pcgate-refresh-token"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_that_cannot_be_saved_is_counted_kept_and_saved_later() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let dir = temp_dir("store-failure");
+    let file = dir.join("refresh-token");
+    std::fs::write(&file, format!("{SANDBOX_REFRESH_TOKEN}\n")).unwrap();
+    let user = format!("refresh_token_file = \"{}\"", file.display());
+    let toml = sandbox.gateway_toml(Knobs {
+        user: Some(&user),
+        ..Knobs::default()
+    });
+    let failures = r#"pcgate_token_store_failures_total{credential="user"}"#;
+
+    let gateway = start_gateway(&toml).await;
+    // Exported at zero from start, for the credential with a file only.
+    assert_eq!(metric(&gateway, failures).await, Some(0.0));
+    assert_eq!(
+        metric(
+            &gateway,
+            r#"pcgate_token_store_failures_total{credential="app"}"#
+        )
+        .await,
+        None
+    );
+    assert_eq!(get(&gateway, "/v1/invoices/summaries").await.status(), 200);
+
+    // The volume goes away (as root, the one write failure we can cause); a 401 forces a rotation.
+    std::fs::remove_dir_all(&dir).unwrap();
+    sandbox.faults(json!({"revoke_tokens": true})).await;
+    assert_eq!(
+        get(&gateway, "/v1/invoices/summaries?after=revoke")
+            .await
+            .status(),
+        200,
+        "the rotated token is kept in memory and used"
+    );
+    assert!(metric(&gateway, failures).await.unwrap_or(0.0) >= 1.0);
+
+    // The directory is back: the write is retried and the file holds the current token.
+    std::fs::create_dir_all(&dir).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the rotated token was never saved"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(gateway);
+    // The sandbox rotates strictly: a restart works only if the file holds the latest token.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sandbox.reset_log().await;
+    let restarted = start_gateway(&toml).await;
+    assert_eq!(
+        get(&restarted, "/v1/invoices/summaries?after=restart")
+            .await
+            .status(),
+        200
+    );
+    let refreshes = sandbox.recent("token").await;
+    assert!(
+        refreshes.iter().all(|r| r["status"] == 200),
+        "a refresh was refused: {refreshes:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

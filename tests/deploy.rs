@@ -488,6 +488,11 @@ fn catalog() -> Catalog {
             credential: "c".into(),
         })
         .set(1);
+    m.token_store_failures
+        .get_or_create(&CredentialLabel {
+            credential: "c".into(),
+        })
+        .inc();
 
     let mut catalog = Catalog {
         series: BTreeMap::new(),
@@ -648,6 +653,7 @@ fn every_alert_has_severity_summary_runbook_and_queries_real_metrics() {
         "PcgateUpstreamErrorRatioHigh",
         "PcgateRetryBudgetExhausted",
         "PcgateCacheHitRatioLow",
+        "PcgateRefreshTokenNotSaved",
     ] {
         assert!(alerts.contains(expected), "alerts.yml has no {expected}");
     }

@@ -8,6 +8,9 @@ use serde::Deserialize;
 
 /// The longest lifetime a token is taken to have, whatever the endpoint says.
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// The most of a token endpoint's answer that is read: a token answer is a few KiB (an Entra
+/// access token is 1-3 KiB, with an id token and a refresh token well under 16 KiB).
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// What the endpoint gave us.
 pub struct Issued {
@@ -45,6 +48,21 @@ pub enum FetchError {
     /// A 200 we could not use.
     #[error("token endpoint answer unusable: {0}")]
     BadResponse(String),
+    /// A 3xx: a token request never follows a redirect, which would send the client secret and
+    /// refresh token wherever `Location` names.
+    #[error(
+        "token endpoint answered {status} redirecting to host {host}; token requests never follow \
+         redirects: set token_url to the endpoint itself"
+    )]
+    Redirected {
+        /// HTTP status.
+        status: u16,
+        /// The `Location`'s host only (its path and query may carry anything).
+        host: String,
+    },
+    /// An answer past [`MAX_RESPONSE_BYTES`], read no further.
+    #[error("token endpoint answer too large: {0}")]
+    TooLarge(String),
 }
 
 /// The audience of the tokens asked for.
@@ -103,16 +121,66 @@ impl Endpoint {
             .await
             .map_err(|e| FetchError::Transport(transport_cause(&e)))?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| FetchError::Transport(transport_cause(&e)))?;
+        if status.is_redirection() {
+            return Err(FetchError::Redirected {
+                status: status.as_u16(),
+                host: location_host(&response),
+            });
+        }
+        let body = read_capped(response).await?;
         if status.is_success() {
             parse_issued(&body)
         } else {
             Err(parse_refusal(status.as_u16(), &body))
         }
     }
+}
+
+/// The host a redirect's `Location` names (resolved against the request URL, so a relative one
+/// names the token endpoint's own host), never its path or query.
+fn location_host(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(http::header::LOCATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|location| response.url().join(location).ok())
+        .and_then(|url| url.host_str().map(str::to_owned))
+        .map_or_else(
+            || "(no usable Location)".to_owned(),
+            |host| host.chars().take(255).collect(),
+        )
+}
+
+/// The answer's body, read chunk by chunk and given up on past [`MAX_RESPONSE_BYTES`] (or at once
+/// when `Content-Length` announces more): dropping the response closes the connection, so the
+/// rest is never read.
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, FetchError> {
+    let too_large = |what: String| {
+        FetchError::TooLarge(format!(
+            "{what}, more than the {} KiB a token answer may have",
+            MAX_RESPONSE_BYTES / 1024
+        ))
+    };
+    if let Some(length) = response.content_length() {
+        if length > MAX_RESPONSE_BYTES as u64 {
+            return Err(too_large(format!("Content-Length {length} bytes")));
+        }
+    }
+    let mut body = Vec::with_capacity(4096);
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| FetchError::Transport(transport_cause(&e)))?
+    {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(too_large(format!(
+                "over {} bytes and still sending",
+                body.len() + chunk.len()
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// reqwest's error chain without the URL's query (there is none) or anything from the form.

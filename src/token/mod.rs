@@ -6,8 +6,9 @@
 pub mod endpoint;
 pub mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -27,6 +28,11 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// upstream that refuses fresh tokens (missing consent or role) must not turn every call into a
 /// token request.
 pub const REPLACE_INTERVAL: Duration = Duration::from_secs(10);
+/// At most this many token requests forced by upstream 401s per credential in any hour: a caller
+/// who can provoke 401s must not make pcgate rotate the refresh token every [`REPLACE_INTERVAL`].
+pub const MAX_FORCED_PER_HOUR: usize = 6;
+/// The window [`MAX_FORCED_PER_HOUR`] counts over.
+const FORCED_WINDOW: Duration = Duration::from_secs(3600);
 /// A token endpoint call's time limit.
 pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -103,8 +109,8 @@ struct State {
     /// No caller-driven attempt before this, after a failure.
     retry_at: Option<Instant>,
     backoff: Duration,
-    /// When a 401 last made us fetch a new token.
-    last_replace: Option<Instant>,
+    /// When 401s made us fetch a new token, oldest first, within the last [`FORCED_WINDOW`].
+    forced: VecDeque<Instant>,
 }
 
 enum Kind {
@@ -114,7 +120,12 @@ enum Kind {
         endpoint: Endpoint,
         current: Mutex<SecretString>,
         file: Option<PathBuf>,
+        /// `current` is not in `file` yet: its write failed and is being retried.
+        unsaved: AtomicBool,
     },
+    /// Tests: a token endpoint that answers at once, counting its requests.
+    #[cfg(test)]
+    Fake(Arc<std::sync::atomic::AtomicU64>),
 }
 
 struct Inner {
@@ -182,6 +193,24 @@ impl TokenSource {
                     })?,
                     None => None,
                 };
+                if let Some(path) = &file {
+                    // Every rotation writes the new refresh token there; if it cannot, the token
+                    // lives only in memory and a restart needs re-consent. Better to refuse now.
+                    store::check_writable(path).map_err(|e| {
+                        fail(format!(
+                            "refresh_token_file {}: cannot create files in {} ({e}), where each \
+                             rotated refresh token is written; make that directory writable by \
+                             pcgate's user",
+                            path.display(),
+                            store::directory(path).display()
+                        ))
+                    })?;
+                    // Exported at zero from start, so the alert has a series to watch.
+                    let label = CredentialLabel {
+                        credential: name.to_owned(),
+                    };
+                    let _ = metrics.token_store_failures.get_or_create(&label);
+                }
                 let current = stored.or_else(|| config.refresh_token.clone()).ok_or_else(|| {
                     fail(format!(
                         "no refresh token: refresh_token_file {} does not exist or is empty and no refresh_token is set; \
@@ -193,30 +222,45 @@ impl TokenSource {
                     endpoint,
                     current: Mutex::new(current),
                     file,
+                    unsaved: AtomicBool::new(false),
                 }
             }
         };
+        Ok(TokenSource::from_kind(
+            name,
+            kind,
+            config.refresh_before,
+            metrics,
+        ))
+    }
+
+    fn from_kind(
+        name: &str,
+        kind: Kind,
+        refresh_before: Duration,
+        metrics: Arc<Metrics>,
+    ) -> TokenSource {
         let token = match &kind {
             Kind::Static(token) => Some(token.clone()),
             _ => None,
         };
-        Ok(TokenSource {
+        TokenSource {
             inner: Arc::new(Inner {
                 name: name.to_owned(),
                 kind,
-                refresh_before: config.refresh_before,
+                refresh_before,
                 state: RwLock::new(State {
                     token,
                     attempts: 0,
                     last_error: None,
                     retry_at: None,
                     backoff: MIN_BACKOFF,
-                    last_replace: None,
+                    forced: VecDeque::new(),
                 }),
                 refresh_lock: Arc::new(tokio::sync::Mutex::new(())),
                 metrics,
             }),
-        })
+        }
     }
 
     /// The credential's name.
@@ -308,15 +352,10 @@ impl TokenSource {
             }
             _ => {}
         }
-        if matches!(need, Need::Replace(_))
-            && state
-                .last_replace
-                .is_some_and(|at| now < at + REPLACE_INTERVAL)
-        {
-            return Some(Err(self.error(
-                "the upstream refused a token fetched moments ago (401); not fetching another yet"
-                    .into(),
-            )));
+        if matches!(need, Need::Replace(_)) {
+            if let Some(cause) = replacement_refused(&state.forced, now) {
+                return Some(Err(self.error(cause)));
+            }
         }
         let last_error = state.last_error.clone();
         if let Some(cause) = last_error {
@@ -363,7 +402,23 @@ impl TokenSource {
         let mut state = self.inner.state.write().unwrap_or_else(|e| e.into_inner());
         state.attempts += 1;
         if matches!(need, Need::Replace(_)) {
-            state.last_replace = Some(started);
+            state.forced.retain(|at| started < *at + FORCED_WINDOW);
+            state.forced.push_back(started);
+            let forced = state.forced.len();
+            tracing::warn!(
+                credential = %self.inner.name,
+                forced_in_last_hour = forced,
+                limit = MAX_FORCED_PER_HOUR,
+                "the upstream refused the token (401): fetched another ahead of time"
+            );
+            if forced >= MAX_FORCED_PER_HOUR {
+                tracing::warn!(
+                    credential = %self.inner.name,
+                    forced_in_last_hour = forced,
+                    "limit of 401-forced token requests reached: further 401s go back to the \
+                     caller as they are until the oldest is an hour old"
+                );
+            }
         }
         let generation = state.token.as_ref().map_or(0, |t| t.generation) + 1;
         match result.and_then(|issued| self.make_token(issued, started, generation)) {
@@ -421,36 +476,111 @@ impl TokenSource {
                 "a static token is never fetched".into(),
             )),
             Kind::ClientCredentials(endpoint) => endpoint.client_credentials().await,
+            #[cfg(test)]
+            Kind::Fake(requests) => {
+                let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
+                Ok(endpoint::Issued {
+                    access_token: SecretString::from(format!("fake-{n}")),
+                    expires_in: Duration::from_secs(2 * 3600),
+                    refresh_token: None,
+                })
+            }
             Kind::RefreshToken {
                 endpoint,
                 current,
                 file,
+                ..
             } => {
                 let refresh_token = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let issued = endpoint.refresh(&refresh_token).await?;
                 if let Some(rotated) = &issued.refresh_token {
                     *current.lock().unwrap_or_else(|e| e.into_inner()) = rotated.clone();
-                    if let Some(path) = file.clone() {
-                        let rotated = rotated.clone();
-                        let written =
-                            tokio::task::spawn_blocking(move || store::write(&path, &rotated))
-                                .await;
-                        if let Some(e) = match written {
-                            Ok(Ok(())) => None,
-                            Ok(Err(e)) => Some(e.to_string()),
-                            Err(e) => Some(e.to_string()),
-                        } {
-                            tracing::error!(
-                                credential = %self.inner.name,
-                                error = %e,
-                                "could not save the rotated refresh token: a restart will need the old one or re-consent"
-                            );
-                        }
+                    if let Some(path) = file {
+                        self.save(path, rotated.clone()).await;
                     }
                 }
                 Ok(issued)
             }
         }
+    }
+
+    /// Writes a rotated refresh token to `path`; called with the refresh lock held, so writes
+    /// happen in rotation order. A failure is counted and logged, and the write retried (see
+    /// [`TokenSource::retry_save`]) while the token stays in memory.
+    async fn save(&self, path: &std::path::Path, token: SecretString) -> bool {
+        let Kind::RefreshToken { unsaved, .. } = &self.inner.kind else {
+            return true;
+        };
+        let path_owned = path.to_owned();
+        let written = tokio::task::spawn_blocking(move || store::write(&path_owned, &token))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match written {
+            Ok(()) => {
+                unsaved.store(false, Ordering::SeqCst);
+                true
+            }
+            Err(e) => {
+                self.inner
+                    .metrics
+                    .token_store_failures
+                    .get_or_create(&CredentialLabel {
+                        credential: self.inner.name.clone(),
+                    })
+                    .inc();
+                tracing::error!(
+                    credential = %self.inner.name,
+                    file = %path.display(),
+                    error = %e,
+                    "could not save the rotated refresh token; it is kept in memory and the write \
+                     is retried, but until it succeeds a restart needs re-consent"
+                );
+                if !unsaved.swap(true, Ordering::SeqCst) {
+                    self.retry_save();
+                }
+                false
+            }
+        }
+    }
+
+    /// Retries writing the current refresh token, with backoff, until a write succeeds (here or
+    /// at the next rotation) or the source is gone.
+    fn retry_save(&self) {
+        let source = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut wait = MIN_BACKOFF;
+            loop {
+                tokio::time::sleep(jittered(wait)).await;
+                wait = (wait * 2).min(MAX_BACKOFF);
+                let Some(inner) = source.upgrade() else {
+                    return;
+                };
+                let source = TokenSource { inner };
+                let _one_at_a_time = source.inner.refresh_lock.clone().lock_owned().await;
+                let Kind::RefreshToken {
+                    current,
+                    file: Some(path),
+                    unsaved,
+                    ..
+                } = &source.inner.kind
+                else {
+                    return;
+                };
+                if !unsaved.load(Ordering::SeqCst) {
+                    return;
+                }
+                let token = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                // `save` sees `unsaved` already set, so it starts no second retrier.
+                if source.save(path, token).await {
+                    tracing::info!(
+                        credential = %source.inner.name,
+                        file = %path.display(),
+                        "saved the rotated refresh token on retry"
+                    );
+                    return;
+                }
+            }
+        });
     }
 
     fn make_token(
@@ -480,6 +610,29 @@ fn bearer(token: &SecretString) -> Result<HeaderValue, String> {
         .map_err(|_| "the token has characters not allowed in a header".to_owned())?;
     value.set_sensitive(true);
     Ok(value)
+}
+
+/// Why a 401 at `now` gets no new token, given when 401s forced the earlier ones: one came less
+/// than [`REPLACE_INTERVAL`] ago, or [`MAX_FORCED_PER_HOUR`] came in the last hour.
+fn replacement_refused(forced: &VecDeque<Instant>, now: Instant) -> Option<String> {
+    if forced.back().is_some_and(|at| now < *at + REPLACE_INTERVAL) {
+        return Some(
+            "the upstream refused a token fetched moments ago (401); not fetching another yet"
+                .into(),
+        );
+    }
+    let mut recent = forced.iter().filter(|at| now < **at + FORCED_WINDOW);
+    let oldest = *recent.next()?;
+    let count = 1 + recent.count();
+    (count >= MAX_FORCED_PER_HOUR).then(|| {
+        format!(
+            "the upstream refused {count} tokens fetched after a 401 in the last hour; not \
+             fetching another for {} s (at most {MAX_FORCED_PER_HOUR} an hour)",
+            (oldest + FORCED_WINDOW)
+                .saturating_duration_since(now)
+                .as_secs()
+        )
+    })
 }
 
 /// Between half and all of `wait`.
@@ -538,6 +691,9 @@ impl TokenSources {
             .use_preconfigured_tls(tls)
             .connect_timeout(connect_timeout)
             .timeout(TOKEN_TIMEOUT)
+            // A redirect would re-send the client secret and refresh token to whatever host the
+            // `Location` names (even from https to http): a 3xx is a failed refresh instead.
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()
             .map_err(|e| SetupError {
@@ -567,5 +723,54 @@ impl TokenSources {
             .values()
             .filter_map(TokenSource::spawn_refresher)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    fn fake() -> (TokenSource, Arc<AtomicU64>) {
+        let requests = Arc::new(AtomicU64::new(0));
+        let source = TokenSource::from_kind(
+            "fake",
+            Kind::Fake(requests.clone()),
+            Duration::from_secs(300),
+            Arc::new(Metrics::new()),
+        );
+        (source, requests)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_provoking_401s_for_an_hour_gets_at_most_the_bound_of_token_requests() {
+        let (source, requests) = fake();
+        let mut token = source.token().await.unwrap();
+        assert_eq!(requests.load(Ordering::SeqCst), 1);
+        // The first 401 is answered by a new token at once: a revoked token is replaced.
+        token = source.replace(&token).await.unwrap();
+        assert_eq!(requests.load(Ordering::SeqCst), 2);
+        // Then every call, one a second for an hour, is refused with 401 on its (fresh) token.
+        let started = Instant::now();
+        let mut refusal = None;
+        while started.elapsed() < Duration::from_secs(3600) {
+            match source.replace(&token).await {
+                Ok(replaced) => token = replaced,
+                Err(e) => refusal = Some(e),
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let forced = requests.load(Ordering::SeqCst) - 1;
+        assert!(
+            forced <= MAX_FORCED_PER_HOUR as u64,
+            "{forced} token requests forced by 401s in an hour"
+        );
+        // Refused replacements say why; the limit is a rolling hour, not a lifetime ban.
+        let refusal = refusal.unwrap().cause;
+        assert!(refusal.contains("in the last hour"), "{refusal}");
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        token = source.replace(&token).await.unwrap();
+        assert_eq!(requests.load(Ordering::SeqCst), forced + 2);
+        assert!(source.replace(&token).await.is_err(), "10 s apart at least");
     }
 }
