@@ -180,14 +180,24 @@ impl Framing {
                                 partial: Vec::new(),
                             }
                         }
+                        // Not a chunked body hyper accepts: it fails the request and closes.
                         Some(false) => self.step = Step::Off,
-                        // (no head was on its way: nothing to report)
                         None => {}
                     }
                 }
                 Step::Head { partial } => {
                     let first = partial.is_empty();
                     if first {
+                        // Blank lines between messages are skipped (RFC 9112 §2.2), as hyper does;
+                        // they do not start a head.
+                        let blank = bytes
+                            .iter()
+                            .take_while(|b| matches!(b, b'\r' | b'\n'))
+                            .count();
+                        bytes = &bytes[blank..];
+                        if bytes.is_empty() {
+                            break;
+                        }
                         events.push(Event::HeadStarted);
                     }
                     let had = partial.len();
@@ -396,6 +406,18 @@ mod tests {
         let mut f = Framing::default();
         let sevens: Vec<Event> = stream.chunks(7).flat_map(|b| f.feed(b)).collect();
         assert_eq!(sevens, want);
+    }
+
+    #[test]
+    fn blank_lines_between_messages_do_not_start_a_head() {
+        let mut f = Framing::default();
+        let body = b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nok";
+        assert_eq!(f.feed(body), vec![Event::HeadStarted, done(0, false)]);
+        assert!(f.feed(b"\r\n").is_empty());
+        assert_eq!(
+            f.feed(b"GET / HTTP/1.1\r\n\r\n"),
+            vec![Event::HeadStarted, done(1, false)]
+        );
     }
 
     #[test]
