@@ -26,6 +26,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How long a client may take to send its request headers.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = crate::server::DEFAULT_HEADER_READ_TIMEOUT;
+/// How long a connection may stay open with no call in flight.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = crate::server::DEFAULT_IDLE_TIMEOUT;
 /// The public Partner Center API.
 pub const DEFAULT_BASE_URL: &str = "https://api.partnercenter.microsoft.com";
 /// Time allowed for a TCP + TLS connect to the upstream.
@@ -111,9 +113,13 @@ pub struct ServerConfig {
     /// How long in-flight calls may run on after SIGTERM or Ctrl-C.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// How long a client may take to send its request headers.
+    /// How long a client may take to send a complete request head (HTTP/1 and HTTP/2, protocol
+    /// detection included); past it the connection is closed.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A connection with no call in flight this long is closed (HTTP/2 gets a GOAWAY first).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Host names the admin port (and a gateway port without inbound keys) answers besides IP
     /// literals and `localhost`: DNS rebinding needs a name, so other names get 421.
     pub admin_hosts: Vec<String>,
@@ -352,6 +358,7 @@ impl Default for ServerConfig {
             admin_listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default address"),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             admin_hosts: Vec::new(),
         }
     }
@@ -430,6 +437,12 @@ impl Config {
     /// Checks what serde cannot: URLs, references between sections, numbers in range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.server.header_read_timeout.is_zero() {
+            return fail("server.header_read_timeout must be more than 0s (it closes connections that never send a request)".into());
+        }
+        if self.server.idle_timeout.is_zero() {
+            return fail("server.idle_timeout must be more than 0s (it closes connections with no call in flight)".into());
+        }
         crate::upstream::BaseUrl::parse(&self.upstream.base_url)
             .map_err(|e| ConfigError::Invalid(format!("upstream.base_url: {e}")))?;
         if self.upstream.connect_timeout.is_zero() || self.upstream.attempt_timeout.is_zero() {
@@ -769,6 +782,24 @@ mod tests {
                 "{MINIMAL}\n[cache]\nmax_bytes = \"lots\"\n"
             )));
             assert!(msg.contains("max_bytes"), "{msg}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn idle_timeout_defaults_to_60s_and_must_be_more_than_zero() {
+        Jail::expect_with(|_jail| {
+            let config = Config::from_toml(MINIMAL).map_err(|e| e.to_string())?;
+            assert_eq!(config.server.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+            assert_eq!(DEFAULT_IDLE_TIMEOUT, Duration::from_secs(60));
+            let config =
+                Config::from_toml(&format!("{MINIMAL}\n[server]\nidle_timeout = \"5s\"\n"))
+                    .map_err(|e| e.to_string())?;
+            assert_eq!(config.server.idle_timeout, Duration::from_secs(5));
+            let msg = message(Config::from_toml(&format!(
+                "{MINIMAL}\n[server]\nidle_timeout = \"0s\"\n"
+            )));
+            assert!(msg.contains("server.idle_timeout"), "{msg}");
             Ok(())
         });
     }

@@ -4,7 +4,8 @@
 //! pcgate decides whether the call is allowed, and forwards it.
 //!
 //! Modules, in the order a call meets them:
-//! - [`server`]: the accept loop (HTTP/1.1 and HTTP/2 cleartext, header timeout, graceful shutdown).
+//! - [`server`]: the accept loop (HTTP/1.1 and HTTP/2 cleartext, head and idle timeouts, graceful
+//!   shutdown bounded by the grace period).
 //! - [`stack`]: builds the tower stack, outside to inside, from the layers in [`layer`]:
 //!   - [`layer::observe`]: request metrics ([`metrics`]) and the access log, errors included.
 //!   - [`layer::rescue`]: every error becomes a Partner Center-shaped response ([`error`]).
@@ -211,6 +212,7 @@ impl Gateway {
         let options = |name| ServeOptions {
             name,
             header_read_timeout: config.server.header_read_timeout,
+            idle_timeout: config.server.idle_timeout,
             grace: config.server.shutdown_grace,
         };
         tracing::info!(

@@ -48,7 +48,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::body::{self, Response};
-use crate::server::{ServeOptions, DEFAULT_HEADER_READ_TIMEOUT};
+use crate::server::{ServeOptions, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 use api::ApiRoute;
 use faults::{Faults, RateWindow};
 use requests::{Record, RequestLog, RouteName};
@@ -235,6 +235,7 @@ impl Sandbox {
         let options = ServeOptions {
             name: "sandbox",
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             grace: Duration::from_secs(5),
         };
         crate::server::serve(self.listener, service, options, shutdown).await;

@@ -1,0 +1,581 @@
+//! Issue 12, items 2, 9 (framing) and 13 (shutdown): connections that never finish are closed,
+//! and a request framed two ways is refused. Raw TCP on 127.0.0.1, as an attacker or a broken
+//! network would speak; HTTP/2 frames are written by hand.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+use pcgate::body::{self, Response};
+use pcgate::sandbox::SandboxOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// The short timeouts the tests configure.
+const SHORT: &str = "300ms";
+/// How long a connection that should be closed may take to be seen closed. Far above the
+/// timeouts configured (300 ms), far below what the old code held connections for.
+const CLOSED_WITHIN: Duration = Duration::from_secs(5);
+
+/// A gateway config: no credentials, `GET /v1/invoices/**` to `base_url`, `server` lines added.
+fn config(base_url: &str, server: &str) -> String {
+    format!(
+        r#"
+        [server]
+        {server}
+        [upstream]
+        base_url = "{base_url}"
+        [[routes]]
+        name = "invoices"
+        match = ["GET /v1/invoices", "GET /v1/invoices/**"]
+        "#
+    )
+}
+
+/// Reads until the peer closes (EOF or reset); the bytes read. Panics if it stays open `within`.
+async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return seen,
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "the connection is still open after {within:?} ({} bytes read)",
+                seen.len()
+            ),
+        }
+    }
+}
+
+/// Reads one whole HTTP/1 response with a `Content-Length` body; the head and the body.
+async fn read_response(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("a content-length");
+            if seen.len() >= end + 4 + length {
+                return (head, seen[end + 4..end + 4 + length].to_vec());
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("a response within WAIT")
+            .unwrap();
+        assert!(n > 0, "closed before a whole response");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Splits bytes read from a connection into HTTP/1 responses with `Content-Length` bodies.
+fn responses(mut bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map(|v| v.trim().parse().unwrap())
+            .expect("a content-length");
+        let body = bytes[end + 4..end + 4 + length].to_vec();
+        bytes = &bytes[end + 4 + length..];
+        out.push((head, body));
+    }
+    assert!(bytes.is_empty(), "bytes left after the responses");
+    out
+}
+
+// ---- HTTP/2 by hand (RFC 9113) ----
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A GET for `path` on stream 1, HPACK without Huffman or indexing (RFC 7541).
+fn get_headers(path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86]; // :method GET, :scheme http (static table 2 and 6)
+    block.push(0x04); // :path, literal value, not indexed (static name 4)
+    block.push(path.len() as u8);
+    block.extend_from_slice(path.as_bytes());
+    block.push(0x01); // :authority (static name 1)
+    block.push(1);
+    block.push(b'x');
+    frame(HEADERS, END_STREAM | 0x4, 1, &block) // END_HEADERS
+}
+
+/// Reads one frame: (type, flags, stream, payload), or `None` once the peer closes.
+async fn read_frame(stream: &mut TcpStream, deadline: Instant) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    match tokio::time::timeout_at(deadline, stream.read_exact(&mut head)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return None,
+        Err(_) => panic!("no frame and no close by the deadline"),
+    }
+    let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    match tokio::time::timeout_at(deadline, stream.read_exact(&mut payload)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return None,
+        Err(_) => panic!("a frame cut short"),
+    }
+    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Some((head[3], head[4], id, payload))
+}
+
+/// Opens an h2c connection (preface and SETTINGS) and makes one GET; returns once its answer has
+/// ended. The client acknowledges SETTINGS and nothing else: it never answers a PING.
+async fn h2_call(addr: SocketAddr, path: &str) -> (TcpStream, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello.extend(get_headers(path));
+    stream.write_all(&hello).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut body = Vec::new();
+    loop {
+        let (kind, flags, id, payload) = read_frame(&mut stream, deadline)
+            .await
+            .expect("the call is answered before the connection closes");
+        if kind == SETTINGS && flags & ACK == 0 {
+            stream
+                .write_all(&frame(SETTINGS, ACK, 0, &[]))
+                .await
+                .unwrap();
+        }
+        if kind == DATA && id == 1 {
+            body.extend_from_slice(&payload);
+        }
+        if (kind == HEADERS || kind == DATA) && id == 1 && flags & END_STREAM != 0 {
+            return (stream, body);
+        }
+    }
+}
+
+/// The frame types read until the connection closes, within `within`.
+async fn frames_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let deadline = Instant::now() + within;
+    let mut kinds = Vec::new();
+    while let Some((kind, ..)) = read_frame(stream, deadline).await {
+        kinds.push(kind);
+    }
+    kinds
+}
+
+// ---- heads that never come ----
+
+#[tokio::test]
+async fn a_socket_that_sends_nothing_is_closed_after_header_read_timeout() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let gateway = start_gateway(&config(
+        &origin.base_url(),
+        &format!("header_read_timeout = \"{SHORT}\""),
+    ))
+    .await;
+    for addr in [gateway.addr, gateway.admin] {
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let seen = read_until_closed(&mut silent, CLOSED_WITHIN).await;
+        assert!(seen.is_empty(), "nothing is answered to nothing");
+    }
+    // The listener still serves.
+    let status = client()
+        .get(gateway.url("/v1/invoices"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_partial_http2_preface_is_closed_after_header_read_timeout() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let gateway = start_gateway(&config(
+        &origin.base_url(),
+        &format!("header_read_timeout = \"{SHORT}\""),
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    stream.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    read_until_closed(&mut stream, CLOSED_WITHIN).await;
+}
+
+#[tokio::test]
+async fn an_http2_client_that_sends_settings_but_no_headers_is_closed() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let gateway = start_gateway(&config(
+        &origin.base_url(),
+        &format!("header_read_timeout = \"{SHORT}\"\nidle_timeout = \"30s\""),
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    stream.write_all(&hello).await.unwrap();
+    let kinds = frames_until_closed(&mut stream, CLOSED_WITHIN).await;
+    assert!(kinds.contains(&SETTINGS), "it spoke HTTP/2: {kinds:?}");
+}
+
+#[tokio::test]
+async fn a_later_http1_head_that_stalls_is_closed_after_header_read_timeout() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let gateway = start_gateway(&config(
+        &origin.base_url(),
+        &format!("header_read_timeout = \"{SHORT}\"\nidle_timeout = \"30s\""),
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, b"ok");
+    // Kept alive; now half a head, and nothing more.
+    stream
+        .write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    read_until_closed(&mut stream, CLOSED_WITHIN).await;
+}
+
+// ---- idle connections ----
+
+#[tokio::test]
+async fn an_idle_http1_keep_alive_connection_is_closed_after_idle_timeout() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let gateway = start_gateway(&config(
+        &origin.base_url(),
+        &format!("header_read_timeout = \"30s\"\nidle_timeout = \"{SHORT}\""),
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_response(&mut stream).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+    }
+    let rest = read_until_closed(&mut stream, CLOSED_WITHIN).await;
+    assert!(rest.is_empty(), "closed without another answer");
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_gets_a_goaway_then_is_closed() {
+    let origin = origin(|_| async { text(200, "h2") }).await;
+    let gateway = start_gateway(&config(
+        &origin.base_url(),
+        &format!("header_read_timeout = \"30s\"\nidle_timeout = \"{SHORT}\""),
+    ))
+    .await;
+    let (mut stream, body) = h2_call(gateway.addr, "/v1/invoices").await;
+    assert_eq!(body, b"h2");
+    let kinds = frames_until_closed(&mut stream, CLOSED_WITHIN).await;
+    assert!(
+        kinds.contains(&GOAWAY),
+        "a GOAWAY comes before the close: {kinds:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_call_in_flight_longer_than_idle_timeout_is_not_cut() {
+    // The origin answers after 1 s, then streams its body over another second: four times the
+    // idle timeout in all, while the connection has a call in flight.
+    let origin = origin(|_| async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let (tx, rx) = mpsc::channel::<Bytes>(1);
+        tokio::spawn(async move {
+            for part in ["first ", "second ", "third"] {
+                let _ = tx.send(Bytes::from_static(part.as_bytes())).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+        });
+        let response: Response = Response::new(body::boxed(StreamBody::new(stream)));
+        response
+    })
+    .await;
+    let gateway = start_gateway(&config(
+        &origin.base_url(),
+        &format!("header_read_timeout = \"{SHORT}\"\nidle_timeout = \"{SHORT}\""),
+    ))
+    .await;
+    let h1 = client();
+    let h2 = reqwest::Client::builder()
+        .use_preconfigured_tls(pcgate::upstream::tls_config(None).unwrap())
+        .http2_prior_knowledge()
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    let (a, b) = tokio::join!(
+        h1.get(gateway.url("/v1/invoices/slow")).send(),
+        h2.get(gateway.url("/v1/invoices/slow")).send(),
+    );
+    for response in [a.unwrap(), b.unwrap()] {
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "first second third");
+    }
+}
+
+#[tokio::test]
+async fn callers_that_pause_longer_than_idle_timeout_see_no_error() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let gateway = start_gateway(&config(
+        &origin.base_url(),
+        &format!("header_read_timeout = \"{SHORT}\"\nidle_timeout = \"200ms\""),
+    ))
+    .await;
+    let h2 = reqwest::Client::builder()
+        .use_preconfigured_tls(pcgate::upstream::tls_config(None).unwrap())
+        .http2_prior_knowledge()
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    for client in [client(), h2] {
+        for _ in 0..3 {
+            let response = client
+                .get(gateway.url("/v1/invoices"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.text().await.unwrap(), "ok");
+            // Long enough for the pooled connection to be closed as idle.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+    }
+}
+
+// ---- shutdown ----
+
+#[tokio::test]
+async fn shutdown_does_not_wait_the_whole_grace_for_an_http2_client_that_never_answers_ping() {
+    let origin = origin(|_| async { text(200, "h2") }).await;
+    let mut gateway = start_gateway(&config(
+        &origin.base_url(),
+        "shutdown_grace = \"30s\"\nidle_timeout = \"60s\"\nheader_read_timeout = \"30s\"",
+    ))
+    .await;
+    let (mut stream, _) = h2_call(gateway.addr, "/v1/invoices").await;
+    gateway.shutdown();
+    let kinds = frames_until_closed(&mut stream, CLOSED_WITHIN).await;
+    assert!(kinds.contains(&GOAWAY), "asked to go away first: {kinds:?}");
+    tokio::time::timeout(CLOSED_WITHIN, &mut gateway.task)
+        .await
+        .expect("serve returns once nothing is in flight, not at the end of the grace")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn when_the_grace_ends_the_calls_left_are_closed_and_serve_returns() {
+    let (reached_tx, mut reached_rx) = mpsc::channel::<()>(4);
+    let origin = origin(move |_| {
+        let reached = reached_tx.clone();
+        async move {
+            let _ = reached.send(()).await;
+            // Longer than the test waits for anything.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            text(200, "too late")
+        }
+    })
+    .await;
+    let mut gateway = start_gateway(&config(
+        &origin.base_url(),
+        &format!("shutdown_grace = \"{SHORT}\""),
+    ))
+    .await;
+    let mut h1 = TcpStream::connect(gateway.addr).await.unwrap();
+    h1.write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut h2 = TcpStream::connect(gateway.addr).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello.extend(get_headers("/v1/invoices"));
+    h2.write_all(&hello).await.unwrap();
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, reached_rx.recv())
+            .await
+            .expect("both calls reach the origin");
+    }
+
+    gateway.shutdown();
+    tokio::time::timeout(CLOSED_WITHIN, &mut gateway.task)
+        .await
+        .expect("serve returns when the grace ends")
+        .unwrap()
+        .unwrap();
+    let answered = read_until_closed(&mut h1, CLOSED_WITHIN).await;
+    assert!(answered.is_empty(), "no answer, the connection closed");
+    frames_until_closed(&mut h2, CLOSED_WITHIN).await;
+}
+
+// ---- framing ----
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let conflicting = "GET /v1/invoices?size=1 HTTP/1.1\r\nHost: x\r\n\
+        Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let reversed = "GET /v1/invoices?size=1 HTTP/1.1\r\nHost: x\r\n\
+        Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n";
+    for request in [conflicting, reversed] {
+        let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // One answer, then the connection closes.
+        let answers = responses(&read_until_closed(&mut stream, CLOSED_WITHIN).await);
+        assert_eq!(answers.len(), 1, "{answers:?}");
+        let (head, body) = &answers[0];
+        assert!(head.starts_with("http/1.1 400"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        let fault: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(fault["errorName"], "InvalidRequest");
+        assert_eq!(fault["source"], "pcgate");
+    }
+    assert_eq!(
+        sandbox.count("invoices").await,
+        0,
+        "nothing reached upstream"
+    );
+
+    // Pipelined behind a good request: the good one is answered, the conflicting one refused.
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    let both = format!("GET /v1/invoices?size=1 HTTP/1.1\r\nHost: x\r\n\r\n{conflicting}");
+    stream.write_all(both.as_bytes()).await.unwrap();
+    let answers = responses(&read_until_closed(&mut stream, CLOSED_WITHIN).await);
+    let statuses: Vec<&str> = answers.iter().map(|(head, _)| &head[9..12]).collect();
+    assert_eq!(statuses, ["200", "400"]);
+    assert_eq!(sandbox.count("invoices").await, 1);
+}
+
+// ---- out of file descriptors ----
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_neither_spins_nor_floods_the_log() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let dir = std::env::temp_dir().join(format!("pcgate-fds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (config_file, log_file) = (dir.join("pcgate.toml"), dir.join("log"));
+    let (listen, admin) = (free_port(), free_port());
+    std::fs::write(
+        &config_file,
+        config(
+            &origin.base_url(),
+            &format!(
+                "listen = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+                 header_read_timeout = \"30s\""
+            ),
+        ),
+    )
+    .unwrap();
+    // The limit applies to the child only: `ulimit` in the shell that execs it.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 64 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_pcgate"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config_file)
+        .env("RUST_LOG", "info")
+        .env_remove("PCGATE_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_file).unwrap())
+        .spawn()
+        .unwrap();
+    let gateway = format!("http://127.0.0.1:{listen}/v1/invoices");
+    let started = Instant::now() + WAIT;
+    while client()
+        .get(format!("http://127.0.0.1:{admin}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < started, "the gateway did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // More silent connections than the child has descriptors; the kernel queues the rest.
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(TcpStream::connect(("127.0.0.1", listen)).await.unwrap());
+    }
+    // Two seconds out of descriptors: the old loop logged a line every 50 ms.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(silent);
+
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        match client().get(&gateway).send().await {
+            Ok(response) => break response.status(),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no call got through after the silent sockets closed: {e}"),
+        }
+    };
+    assert_eq!(status, 200);
+
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    let lines = log.lines().filter(|l| l.contains("accept failed")).count();
+    assert!(lines >= 1, "the descriptors did run out:\n{log}");
+    assert!(
+        lines <= 3,
+        "{lines} accept-failure lines in about 2 s:\n{log}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
