@@ -101,6 +101,13 @@ impl moka::Expiry<Key, Arc<Entry>> for EntryExpiry {
     }
 }
 
+/// What one stored entry costs beyond its key's text and its answer's headers and body, measured
+/// (RSS over 100,000 entries with no header and an empty body: 685 bytes, 40 of them the key's
+/// text): moka's node, its hash-table slot, its order queues and timer-wheel node, the `Arc`s, the
+/// [`Entry`] with its `HeaderMap`, and the key's `Arc<str>` header. The weigher adds it to every
+/// entry, so `cache.max_bytes` bounds what the cache really holds, not only its payload.
+pub const ENTRY_OVERHEAD: usize = 640;
+
 /// The response cache: a bounded moka map from [`Key`] to [`Entry`]. The one place entries are
 /// kept, behind a small interface (get, put, purge) so a shared second tier can slot in later.
 pub struct Store {
@@ -110,12 +117,14 @@ pub struct Store {
 }
 
 impl Store {
-    /// A store holding at most `max_bytes` (bodies, headers, keys), each entry at most `max_entry_bytes`.
+    /// A store holding at most `max_bytes` (bodies, headers, keys and each entry's own overhead,
+    /// [`ENTRY_OVERHEAD`]), each answer at most `max_entry_bytes`.
     pub fn new(max_bytes: u64, max_entry_bytes: u64, metrics: Arc<Metrics>) -> Store {
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &Key, entry: &Arc<Entry>| {
-                u32::try_from(key.len() + entry.response.weight()).unwrap_or(u32::MAX)
+                u32::try_from(ENTRY_OVERHEAD + key.len() + entry.response.weight())
+                    .unwrap_or(u32::MAX)
             })
             .expire_after(EntryExpiry)
             .build();
