@@ -121,7 +121,12 @@ impl Gateway {
             config.cache.max_entry_bytes.as_u64(),
             metrics.clone(),
         ));
+        let (forward_headers, key_headers) = config
+            .header_lists()
+            .map_err(|e| StartError::Setup(e.to_string()))?;
         let parts = stack::Parts {
+            forward_headers,
+            key_headers: key_headers.into(),
             store,
             retry,
             metrics,

@@ -630,3 +630,116 @@ async fn resident_memory_stays_within_twice_max_bytes_when_unique_queries_fill_t
         bound >> 20
     );
 }
+
+/// A cached summary route in front of an origin that writes into its answer the request
+/// headers it was given that an attacker might use to vary it.
+async fn echoing_origin_and_gateway(extra: &str) -> (Origin, TestGateway) {
+    let origin = origin(|seen: Seen| async move {
+        let mut answer = String::from("summary");
+        for name in [
+            "x-evil",
+            "x-original-url",
+            "accept-language",
+            "cookie",
+            "x-tenant",
+            "x-app",
+        ] {
+            if let Some(value) = seen.headers.get(name) {
+                answer.push_str(&format!(" {name}={}", value.to_str().unwrap_or("?")));
+            }
+        }
+        pcgate::body::Response::new(pcgate::body::full(answer))
+    })
+    .await;
+    let toml = format!(
+        r#"
+        [upstream]
+        base_url = "{}"
+        {extra}
+        [[routes]]
+        name = "summary"
+        match = "GET /v1/invoices/summary"
+        cache_ttl = "5m"
+        coalesce = true
+        "#,
+        origin.base_url()
+    );
+    let gateway = start_gateway(&toml).await;
+    (origin, gateway)
+}
+
+async fn summary_with(gateway: &TestGateway, headers: &[(&str, &str)]) -> (String, String) {
+    let mut request = client().get(gateway.url("/v1/invoices/summary"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let cache_status = response.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (cache_status, response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_caller_cannot_replace_the_shared_answer_by_sending_unkeyed_headers() {
+    let (origin, gateway) = echoing_origin_and_gateway("").await;
+    assert_eq!(summary_with(&gateway, &[]).await.1, "summary");
+    // An attacker forces a refetch and sends headers the key does not hold: had they reached the
+    // origin, the stored answer every caller gets next would be theirs.
+    let (cache_status, answer) = summary_with(
+        &gateway,
+        &[
+            ("Cache-Control", "no-cache"),
+            ("X-Evil", "1"),
+            ("X-Original-URL", "/v1/customers"),
+            ("Accept-Language", "fr-FR"),
+            ("Cookie", "session=attacker"),
+        ],
+    )
+    .await;
+    assert_eq!(cache_status, "pcgate; fwd=request; stored");
+    assert_eq!(answer, "summary");
+    let (cache_status, answer) = summary_with(&gateway, &[]).await;
+    assert!(cache_status.starts_with("pcgate; hit"), "{cache_status}");
+    assert_eq!(
+        answer, "summary",
+        "the next caller got the attacker's answer"
+    );
+    assert_eq!(origin.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn key_headers_split_the_key_and_forwarded_unkeyed_headers_are_the_operators_choice() {
+    let (origin, gateway) = echoing_origin_and_gateway(
+        "forward_headers = [\"X-Tenant\", \"X-App\"]\n[cache]\nkey_headers = [\"X-Tenant\"]",
+    )
+    .await;
+    let a = summary_with(&gateway, &[("X-Tenant", "a")]).await;
+    assert_eq!(
+        a,
+        (
+            "pcgate; fwd=miss; stored".into(),
+            "summary x-tenant=a".into()
+        )
+    );
+    let b = summary_with(&gateway, &[("X-Tenant", "b")]).await;
+    assert_eq!(
+        b,
+        (
+            "pcgate; fwd=miss; stored".into(),
+            "summary x-tenant=b".into()
+        )
+    );
+    let a_again = summary_with(&gateway, &[("X-Tenant", "a")]).await;
+    assert!(a_again.0.starts_with("pcgate; hit"), "{}", a_again.0);
+    assert_eq!(a_again.1, "summary x-tenant=a");
+    // X-App is forwarded but not keyed, as configured: a caller sending another value shares
+    // the stored answer (README: the operator owns that choice).
+    let first = summary_with(&gateway, &[("X-Tenant", "c"), ("X-App", "one")]).await;
+    assert_eq!(first.1, "summary x-tenant=c x-app=one");
+    let second = summary_with(&gateway, &[("X-Tenant", "c"), ("X-App", "two")]).await;
+    assert!(second.0.starts_with("pcgate; hit"), "{}", second.0);
+    assert_eq!(origin.requests().len(), 3);
+}

@@ -13,7 +13,7 @@
 
 mod key;
 
-pub use key::{shareable, Key, MS_CONTINUATION_TOKEN};
+pub use key::{shareable, Key, KEYED_HEADERS, MS_CONTINUATION_TOKEN, MS_CONTRACT_VERSION};
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::{self, Either, Ready};
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderName, HeaderValue, StatusCode};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -33,6 +33,11 @@ use crate::route::Route;
 
 /// `Cache-Status`.
 pub const CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+
+/// The caller's `Cache-Control` values: `access` takes them out of the request (they are not
+/// forwarded upstream) and leaves them here for the cache to honour.
+#[derive(Debug, Clone)]
+pub struct RequestCacheControl(pub Vec<HeaderValue>);
 
 /// What the cache did for a call (a metric label, a log field and the `Cache-Status` header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +230,8 @@ impl StoreOnArrival {
 #[derive(Clone)]
 pub struct CacheLayer {
     shared: Arc<Shared>,
+    /// `cache.key_headers`, part of every key.
+    key_headers: Arc<[HeaderName]>,
 }
 
 struct Shared {
@@ -246,7 +253,15 @@ impl CacheLayer {
                 revalidating: Mutex::new(HashSet::new()),
                 deadline,
             }),
+            key_headers: Arc::from([]),
         }
+    }
+
+    /// Puts these request headers in every key too (`cache.key_headers`); `coalesce` must be
+    /// given the same list, since the two layers share keys.
+    pub fn key_headers(mut self, extra: Arc<[HeaderName]>) -> Self {
+        self.key_headers = extra;
+        self
     }
 }
 
@@ -257,6 +272,7 @@ impl<S> tower::Layer<S> for CacheLayer {
         Cache {
             inner,
             shared: self.shared.clone(),
+            key_headers: self.key_headers.clone(),
         }
     }
 }
@@ -266,6 +282,7 @@ impl<S> tower::Layer<S> for CacheLayer {
 pub struct Cache<S> {
     inner: S,
     shared: Arc<Shared>,
+    key_headers: Arc<[HeaderName]>,
 }
 
 /// The route's cache windows, if it is cached.
@@ -288,11 +305,15 @@ enum Asks {
     NoStore,
 }
 
-fn caller_asks(headers: &HeaderMap) -> Asks {
+fn caller_asks(request: &Request) -> Asks {
     let mut asks = Asks::Anything;
-    for directive in headers
-        .get_all(header::CACHE_CONTROL)
+    let taken = request
+        .extensions()
+        .get::<RequestCacheControl>()
+        .map_or(&[][..], |values| &values.0[..]);
+    for directive in taken
         .iter()
+        .chain(request.headers().get_all(header::CACHE_CONTROL))
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|d| d.trim().to_ascii_lowercase())
@@ -325,8 +346,8 @@ where
             return Either::Right(Box::pin(self.inner.call(request)));
         };
         let shared = self.shared.clone();
-        let key = Key::get_or_insert(&mut request);
-        let asks = caller_asks(request.headers());
+        let key = Key::get_or_insert(&mut request, &self.key_headers);
+        let asks = caller_asks(&request);
         let info = request.extensions().get::<Arc<CallInfo>>().cloned();
         let now = Instant::now();
         let entry = match asks {
