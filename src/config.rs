@@ -142,6 +142,9 @@ pub struct UpstreamConfig {
     /// The whole call's time limit, all retries included.
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
+    /// Request headers forwarded beyond those Partner Center documents; not in the cache key
+    /// unless also in `cache.key_headers`.
+    pub forward_headers: Vec<String>,
 }
 
 /// How a credential gets its token.
@@ -244,6 +247,8 @@ pub struct CacheConfig {
     pub max_bytes: ByteSize,
     /// Larger responses are neither stored nor shared: they stream through.
     pub max_entry_bytes: ByteSize,
+    /// Request headers that are part of the cache and coalescing key, beyond the documented ones.
+    pub key_headers: Vec<String>,
 }
 
 /// `[retry]`
@@ -372,6 +377,7 @@ impl Default for UpstreamConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
             deadline: DEFAULT_DEADLINE,
+            forward_headers: Vec::new(),
         }
     }
 }
@@ -391,6 +397,7 @@ impl Default for CacheConfig {
         CacheConfig {
             max_bytes: DEFAULT_CACHE_MAX_BYTES,
             max_entry_bytes: DEFAULT_CACHE_MAX_ENTRY_BYTES,
+            key_headers: Vec::new(),
         }
     }
 }
@@ -505,6 +512,7 @@ impl Config {
                 ));
             }
         }
+        self.header_lists()?;
         if self.cache.max_entry_bytes > self.cache.max_bytes {
             return fail("cache.max_entry_bytes is larger than cache.max_bytes".into());
         }
@@ -605,6 +613,34 @@ impl Config {
             }
         }
         warnings
+    }
+
+    /// `upstream.forward_headers` and `cache.key_headers`, parsed and checked: valid names, never
+    /// a credential, `Host` or hop-by-hop header, and every key header forwarded (one that is not
+    /// cannot change an answer, and is never seen by the key).
+    pub fn header_lists(
+        &self,
+    ) -> Result<(Vec<http::HeaderName>, Vec<http::HeaderName>), ConfigError> {
+        use crate::layer::access::{configured_header, is_forwarded};
+        let parse = |key: &str, names: &[String]| {
+            names
+                .iter()
+                .map(|name| configured_header(key, name))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(ConfigError::Invalid)
+        };
+        let forward = parse("upstream.forward_headers", &self.upstream.forward_headers)?;
+        let key = parse("cache.key_headers", &self.cache.key_headers)?;
+        let unforwarded = key.iter().zip(&self.cache.key_headers);
+        if let Some((_, name)) = unforwarded
+            .into_iter()
+            .find(|(parsed, _)| !is_forwarded(parsed, &forward))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "cache.key_headers: `{name}` is not forwarded upstream, so it cannot change an answer: add it to upstream.forward_headers too, or remove it"
+            )));
+        }
+        Ok((forward, key))
     }
 
     /// The effective configuration as TOML, secrets redacted (`check-config`).
@@ -928,6 +964,57 @@ mod tests {
             assert!(warnings.contains("upstream.base_url"), "{warnings}");
             assert!(warnings.contains("credentials.app.token_url"), "{warnings}");
             assert!(!warnings.contains("s\""), "{warnings}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn forward_and_key_headers_are_checked_names() {
+        Jail::expect_with(|_jail| {
+            let with = |lists: &str| {
+                Config::from_toml(&format!(
+                    "{lists}\n[[routes]]\nmatch = \"GET /v1/invoices\"\n"
+                ))
+            };
+            let config = with("[upstream]\nforward_headers = [\"X-Tenant\", \"x-ms-customeruser-upn\"]\n[cache]\nkey_headers = [\"x-tenant\", \"Accept-Language\"]")
+                .err()
+                .map(|e| e.to_string());
+            // Accept-Language is neither documented nor in forward_headers.
+            let msg = config.expect("a key header that is not forwarded is refused");
+            assert!(
+                msg.contains("cache.key_headers") && msg.contains("Accept-Language"),
+                "{msg}"
+            );
+            for (lists, key) in [
+                (
+                    "[upstream]\nforward_headers = [\"Cookie\"]",
+                    "upstream.forward_headers",
+                ),
+                (
+                    "[upstream]\nforward_headers = [\"authorization\"]",
+                    "upstream.forward_headers",
+                ),
+                (
+                    "[upstream]\nforward_headers = [\"Connection\"]",
+                    "upstream.forward_headers",
+                ),
+                (
+                    "[upstream]\nforward_headers = [\"bad header\"]",
+                    "upstream.forward_headers",
+                ),
+                ("[cache]\nkey_headers = [\"cookie\"]", "cache.key_headers"),
+            ] {
+                let msg = message(with(lists));
+                assert!(msg.contains(key), "{lists}: {msg}");
+            }
+            let config = Config::from_toml(&format!(
+                "{MINIMAL}\n[cache]\nkey_headers = [\"X-Locale\"]\n"
+            ))
+            .map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.header_lists().map_err(|e| e.to_string())?.1,
+                ["x-locale"]
+            );
             Ok(())
         });
     }

@@ -11,7 +11,7 @@
 //!   - [`layer::rescue`]: every error becomes a Partner Center-shaped response ([`error`]).
 //!   - [`layer::tracking`]: MS-RequestId, MS-CorrelationId, MS-CV ([`cv`]); echoed on the response.
 //!   - [`layer::access`]: path normalisation and the route table ([`route`]), inbound keys;
-//!     strips the caller's `Authorization`; 400 / 401 / 403.
+//!     forwards only the documented request headers (never the caller's `Authorization`); 400 / 401 / 403.
 //!   - [`layer::cache`]: fresh and stale answers from memory (moka), `Cache-Status`, `Age`.
 //!   - [`layer::coalesce`]: identical in-flight calls share one upstream fetch.
 //!   - [`layer::retry`]: the call's deadline; backoff with full jitter, Retry-After, a budget.
@@ -126,7 +126,12 @@ impl Gateway {
             config.cache.max_entry_bytes.as_u64(),
             metrics.clone(),
         ));
+        let (forward_headers, key_headers) = config
+            .header_lists()
+            .map_err(|e| StartError::Setup(e.to_string()))?;
         let parts = stack::Parts {
+            forward_headers,
+            key_headers: key_headers.into(),
             store,
             retry,
             metrics,

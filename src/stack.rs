@@ -34,6 +34,10 @@ pub struct Parts {
     pub tracking: TrackingSettings,
     /// The pooled upstream client.
     pub upstream: Upstream,
+    /// `upstream.forward_headers`: forwarded beyond the documented request headers.
+    pub forward_headers: Vec<http::HeaderName>,
+    /// `cache.key_headers`: in every cache and coalescing key.
+    pub key_headers: std::sync::Arc<[http::HeaderName]>,
 }
 
 /// The gateway's service: a request in, a response out, never an error.
@@ -51,20 +55,30 @@ pub fn build(
         .layer(RescueLayer)
         // Ids are fixed before anything can fail, so every answer, errors included, carries them.
         .layer(TrackingLayer::new(parts.tracking))
-        // Refuse what the route table does not allow before any other work is done.
-        .layer(AccessLayer::new(parts.routes, parts.keys, parts.hosts))
+        // Refuse what the route table does not allow before any other work is done, and drop
+        // every request header that is not forwarded, before anything keys on them.
+        .layer(
+            AccessLayer::new(parts.routes, parts.keys, parts.hosts)
+                .forward_headers(parts.forward_headers),
+        )
         // Inside access, so only allowed calls are looked up, keyed with the route's credential.
-        .layer(CacheLayer::new(
-            parts.store.clone(),
-            parts.metrics.clone(),
-            parts.retry.deadline,
-        ))
+        .layer(
+            CacheLayer::new(
+                parts.store.clone(),
+                parts.metrics.clone(),
+                parts.retry.deadline,
+            )
+            .key_headers(parts.key_headers.clone()),
+        )
         // Misses (and background refreshes) of identical calls share one upstream fetch.
-        .layer(CoalesceLayer::new(
-            parts.store.max_entry_bytes(),
-            parts.retry.deadline,
-            parts.metrics.clone(),
-        ))
+        .layer(
+            CoalesceLayer::new(
+                parts.store.max_entry_bytes(),
+                parts.retry.deadline,
+                parts.metrics.clone(),
+            )
+            .key_headers(parts.key_headers),
+        )
         // The deadline and the retries wrap every attempt, inside the cache and coalescing so a
         // shared or stored answer is the one that came after retrying.
         .layer(RetryLayer::new(parts.retry, parts.metrics.clone()))

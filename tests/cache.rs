@@ -463,3 +463,283 @@ async fn callers_arriving_before_during_and_after_a_cold_fetch_make_one_upstream
     }
     assert_eq!(sandbox.count("summary").await, 1);
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The resident set of a process, from `/proc/<pid>/status`, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kib * 1024
+}
+
+/// Runs the built binary with `cache.max_bytes = max_mib` MiB in front of an in-test origin,
+/// makes `calls` calls with unique query strings (1.5 KiB answers), and returns
+/// (RSS growth, cached bytes the gauge reports). The growth is measured after a warm-up, so it is
+/// what the cache filling up cost, not the process's start.
+async fn rss_growth_filling_the_cache(max_mib: u64, calls: usize) -> (u64, f64) {
+    use std::process::{Command, Stdio};
+    let origin = origin(|seen: Seen| async move {
+        // A body of about 1.5 KiB that depends on the query, with a few ordinary headers.
+        let query = seen.uri.query().unwrap_or("").to_owned();
+        let body = format!("{{\"q\":\"{query}\",\"pad\":\"{}\"}}", "x".repeat(1_500));
+        let mut response = pcgate::body::Response::new(pcgate::body::full(body));
+        let headers = response.headers_mut();
+        headers.insert(
+            "content-type",
+            "application/json; charset=utf-8".parse().unwrap(),
+        );
+        headers.insert("x-served-by", "in-test-origin".parse().unwrap());
+        response
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("pcgate-rss-{}-{max_mib}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let config_file = dir.join("pcgate.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            r#"
+            [server]
+            listen = "127.0.0.1:{listen}"
+            admin_listen = "127.0.0.1:{admin}"
+            [upstream]
+            base_url = "{}"
+            [cache]
+            max_bytes = "{max_mib}MiB"
+            max_entry_bytes = "64KiB"
+            [[routes]]
+            name = "summary"
+            match = "GET /v1/invoices/summary"
+            cache_ttl = "1h"
+            coalesce = true
+            "#,
+            origin.base_url()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pcgate"))
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(&config_file)
+        .env("RUST_LOG", "warn")
+        .env_remove("PCGATE_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let started = std::time::Instant::now();
+    while client()
+        .get(format!("http://127.0.0.1:{admin}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(started.elapsed() < WAIT, "the gateway did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Eight callers on their own connections, each making its share of calls in turn.
+    let run = |prefix: &'static str, total: usize| async move {
+        let workers = (0..8).map(|w| {
+            tokio::spawn(async move {
+                let client = client();
+                for i in (w..total).step_by(8) {
+                    let url = format!(
+                        "http://127.0.0.1:{listen}/v1/invoices/summary?{prefix}={i}&size=100"
+                    );
+                    let response = client.get(url).send().await.unwrap();
+                    assert_eq!(response.status(), 200);
+                    response.bytes().await.unwrap();
+                }
+            })
+        });
+        for worker in futures_util::future::join_all(workers).await {
+            worker.unwrap();
+        }
+    };
+    // Warm up connections, pools and the allocator before the baseline.
+    run("warm", 400).await;
+    let before = rss_bytes(pid);
+    // Bounded in count, and in time so a stuck gateway fails instead of hanging.
+    tokio::time::timeout(Duration::from_secs(300), run("fill", calls))
+        .await
+        .expect("the calls finished");
+    let after = rss_bytes(pid);
+    let metrics = client()
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let cached: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pcgate_cache_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("pcgate_cache_bytes");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(dir);
+    let growth = after.saturating_sub(before);
+    eprintln!(
+        "cache.max_bytes = {max_mib} MiB, {calls} calls: RSS {} -> {} MiB, growth {:.1} MiB, cache gauge {:.1} MiB",
+        before >> 20,
+        after >> 20,
+        growth as f64 / (1 << 20) as f64,
+        cached / (1 << 20) as f64
+    );
+    (growth, cached)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resident_memory_stays_within_twice_max_bytes_when_unique_queries_fill_the_cache() {
+    // CACHE_RSS_MIB / CACHE_RSS_CALLS measure other sizes (README's figures); the default is the
+    // issue's case: 8 MiB filled by unique query strings, several times over.
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let max_mib = env("CACHE_RSS_MIB", 8);
+    let calls = env("CACHE_RSS_CALLS", 20_000) as usize;
+    let max_bytes = max_mib << 20;
+    let (growth, cached) = rss_growth_filling_the_cache(max_mib, calls).await;
+    // The cache really is full, so the growth is the cost of a full cache.
+    assert!(
+        cached > 0.8 * max_bytes as f64,
+        "the calls did not fill the cache: {cached} of {max_bytes} bytes"
+    );
+    let bound = 2 * max_bytes + (8 << 20);
+    assert!(
+        growth <= bound,
+        "resident memory grew by {} MiB with cache.max_bytes = {max_mib} MiB (bound: {} MiB)",
+        growth >> 20,
+        bound >> 20
+    );
+}
+
+/// A cached summary route in front of an origin that writes into its answer the request
+/// headers it was given that an attacker might use to vary it.
+async fn echoing_origin_and_gateway(extra: &str) -> (Origin, TestGateway) {
+    let origin = origin(|seen: Seen| async move {
+        let mut answer = String::from("summary");
+        for name in [
+            "x-evil",
+            "x-original-url",
+            "accept-language",
+            "cookie",
+            "x-tenant",
+            "x-app",
+        ] {
+            if let Some(value) = seen.headers.get(name) {
+                answer.push_str(&format!(" {name}={}", value.to_str().unwrap_or("?")));
+            }
+        }
+        pcgate::body::Response::new(pcgate::body::full(answer))
+    })
+    .await;
+    let toml = format!(
+        r#"
+        [upstream]
+        base_url = "{}"
+        {extra}
+        [[routes]]
+        name = "summary"
+        match = "GET /v1/invoices/summary"
+        cache_ttl = "5m"
+        coalesce = true
+        "#,
+        origin.base_url()
+    );
+    let gateway = start_gateway(&toml).await;
+    (origin, gateway)
+}
+
+async fn summary_with(gateway: &TestGateway, headers: &[(&str, &str)]) -> (String, String) {
+    let mut request = client().get(gateway.url("/v1/invoices/summary"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let cache_status = response.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (cache_status, response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_caller_cannot_replace_the_shared_answer_by_sending_unkeyed_headers() {
+    let (origin, gateway) = echoing_origin_and_gateway("").await;
+    assert_eq!(summary_with(&gateway, &[]).await.1, "summary");
+    // An attacker forces a refetch and sends headers the key does not hold: had they reached the
+    // origin, the stored answer every caller gets next would be theirs.
+    let (cache_status, answer) = summary_with(
+        &gateway,
+        &[
+            ("Cache-Control", "no-cache"),
+            ("X-Evil", "1"),
+            ("X-Original-URL", "/v1/customers"),
+            ("Accept-Language", "fr-FR"),
+            ("Cookie", "session=attacker"),
+        ],
+    )
+    .await;
+    assert_eq!(cache_status, "pcgate; fwd=request; stored");
+    assert_eq!(answer, "summary");
+    let (cache_status, answer) = summary_with(&gateway, &[]).await;
+    assert!(cache_status.starts_with("pcgate; hit"), "{cache_status}");
+    assert_eq!(
+        answer, "summary",
+        "the next caller got the attacker's answer"
+    );
+    assert_eq!(origin.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn key_headers_split_the_key_and_forwarded_unkeyed_headers_are_the_operators_choice() {
+    let (origin, gateway) = echoing_origin_and_gateway(
+        "forward_headers = [\"X-Tenant\", \"X-App\"]\n[cache]\nkey_headers = [\"X-Tenant\"]",
+    )
+    .await;
+    let a = summary_with(&gateway, &[("X-Tenant", "a")]).await;
+    assert_eq!(
+        a,
+        (
+            "pcgate; fwd=miss; stored".into(),
+            "summary x-tenant=a".into()
+        )
+    );
+    let b = summary_with(&gateway, &[("X-Tenant", "b")]).await;
+    assert_eq!(
+        b,
+        (
+            "pcgate; fwd=miss; stored".into(),
+            "summary x-tenant=b".into()
+        )
+    );
+    let a_again = summary_with(&gateway, &[("X-Tenant", "a")]).await;
+    assert!(a_again.0.starts_with("pcgate; hit"), "{}", a_again.0);
+    assert_eq!(a_again.1, "summary x-tenant=a");
+    // X-App is forwarded but not keyed, as configured: a caller sending another value shares
+    // the stored answer (README: the operator owns that choice).
+    let first = summary_with(&gateway, &[("X-Tenant", "c"), ("X-App", "one")]).await;
+    assert_eq!(first.1, "summary x-tenant=c x-app=one");
+    let second = summary_with(&gateway, &[("X-Tenant", "c"), ("X-App", "two")]).await;
+    assert!(second.0.starts_with("pcgate; hit"), "{}", second.0);
+    assert_eq!(origin.requests().len(), 3);
+}

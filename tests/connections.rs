@@ -126,9 +126,9 @@ fn get_headers(path: &str) -> Vec<u8> {
     block.push(0x04); // :path, literal value, not indexed (static name 4)
     block.push(path.len() as u8);
     block.extend_from_slice(path.as_bytes());
-    block.push(0x01); // :authority (static name 1)
-    block.push(1);
-    block.push(b'x');
+    block.push(0x01); // :authority (static name 1): an IP literal, which the Host rule answers
+    block.push(9);
+    block.extend_from_slice(b"127.0.0.1");
     frame(HEADERS, END_STREAM | 0x4, 1, &block) // END_HEADERS
 }
 
@@ -254,7 +254,7 @@ async fn a_later_http1_head_that_stalls_is_closed_after_header_read_timeout() {
     .await;
     let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
     stream
-        .write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
     let (head, body) = read_response(&mut stream).await;
@@ -262,7 +262,7 @@ async fn a_later_http1_head_that_stalls_is_closed_after_header_read_timeout() {
     assert_eq!(body, b"ok");
     // Kept alive; now half a head, and nothing more.
     stream
-        .write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\n")
+        .write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .await
         .unwrap();
     read_until_closed(&mut stream, CLOSED_WITHIN).await;
@@ -281,7 +281,7 @@ async fn an_idle_http1_keep_alive_connection_is_closed_after_idle_timeout() {
     let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
     for _ in 0..2 {
         stream
-            .write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .await
             .unwrap();
         let (head, _) = read_response(&mut stream).await;
@@ -421,7 +421,7 @@ async fn when_the_grace_ends_the_calls_left_are_closed_and_serve_returns() {
     ))
     .await;
     let mut h1 = TcpStream::connect(gateway.addr).await.unwrap();
-    h1.write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\n\r\n")
+    h1.write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
     let mut h2 = TcpStream::connect(gateway.addr).await.unwrap();
@@ -452,9 +452,9 @@ async fn when_the_grace_ends_the_calls_left_are_closed_and_serve_returns() {
 async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
     let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
-    let conflicting = "GET /v1/invoices?size=1 HTTP/1.1\r\nHost: x\r\n\
+    let conflicting = "GET /v1/invoices?size=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\
         Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
-    let reversed = "GET /v1/invoices?size=1 HTTP/1.1\r\nHost: x\r\n\
+    let reversed = "GET /v1/invoices?size=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\
         Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n";
     for request in [conflicting, reversed] {
         let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
@@ -477,7 +477,7 @@ async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection(
 
     // Pipelined behind a good request: the good one is answered, the conflicting one refused.
     let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
-    let both = format!("GET /v1/invoices?size=1 HTTP/1.1\r\nHost: x\r\n\r\n{conflicting}");
+    let both = format!("GET /v1/invoices?size=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n{conflicting}");
     stream.write_all(both.as_bytes()).await.unwrap();
     let answers = responses(&read_until_closed(&mut stream, CLOSED_WITHIN).await);
     let statuses: Vec<&str> = answers.iter().map(|(head, _)| &head[9..12]).collect();

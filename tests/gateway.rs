@@ -47,7 +47,8 @@ async fn path_query_status_headers_and_body_arrive_intact_both_ways() {
         response
     })
     .await;
-    let gateway = start_gateway(&config(&origin.base_url(), "")).await;
+    // `x-app` is not a Partner Center header: it goes on because the operator forwards it.
+    let gateway = start_gateway(&config(&origin.base_url(), "forward_headers = [\"x-app\"]")).await;
 
     let response = client()
         .post(gateway.url("/v1/echo?size=2&offset=4&filter=%7B%22a%22%7D"))
@@ -89,7 +90,12 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
         response
     })
     .await;
-    let gateway = start_gateway(&config(&origin.base_url(), "")).await;
+    // Forwarded by config, yet still stripped when the caller's `Connection` names them.
+    let gateway = start_gateway(&config(
+        &origin.base_url(),
+        "forward_headers = [\"x-end-to-end\", \"x-hop-out\"]",
+    ))
+    .await;
 
     let response = client()
         .get(gateway.url("/v1/invoices"))
@@ -446,4 +452,69 @@ async fn http2_cleartext_callers_are_served() {
     assert_eq!(response.text().await.unwrap(), "h2c");
     // Upstream over cleartext is HTTP/1.1 whatever the caller spoke.
     assert_eq!(origin.requests()[0].version, http::Version::HTTP_11);
+}
+
+#[tokio::test]
+async fn only_documented_and_configured_request_headers_reach_the_origin() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let gateway = start_gateway(&config(
+        &origin.base_url(),
+        "forward_headers = [\"X-Tenant\"]",
+    ))
+    .await;
+    let response = client()
+        .get(gateway.url("/v1/invoices?size=2"))
+        // Partner Center's own request headers (reference §1.1–1.2, §5.5)...
+        .header("Accept", "application/json")
+        .header("X-Locale", "de-DE")
+        .header("MS-Contract-Version", "v1")
+        .header("MS-ContinuationToken", "page-2")
+        .header("MS-PartnerCenter-Client", "Partner Center .NET SDK")
+        // ...one the operator forwards...
+        .header("X-Tenant", "contoso")
+        // ...and what an attacker or a browser would add.
+        .header("X-Original-URL", "/v1/customers")
+        .header("X-Rewrite-URL", "/v1/customers")
+        .header("X-Forwarded-Host", "evil.example")
+        .header("Accept-Language", "fr-FR")
+        .header("Cookie", "session=caller-session-cookie")
+        .header("Cache-Control", "max-stale=86400")
+        .header("User-Agent", "curl/8")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = &origin.requests()[0];
+    for (name, value) in [
+        ("accept", "application/json"),
+        ("x-locale", "de-DE"),
+        ("ms-contract-version", "v1"),
+        ("ms-continuationtoken", "page-2"),
+        ("ms-partnercenter-client", "Partner Center .NET SDK"),
+        ("x-tenant", "contoso"),
+    ] {
+        assert_eq!(
+            seen.headers.get(name).map(|v| v.as_bytes()),
+            Some(value.as_bytes()),
+            "{name}"
+        );
+    }
+    for gone in [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-forwarded-host",
+        "accept-language",
+        "cookie",
+        "cache-control",
+        "user-agent",
+    ] {
+        assert!(
+            seen.headers.get(gone).is_none(),
+            "{gone} reached the origin"
+        );
+    }
+    // The tracking headers pcgate stamps still go, and the origin's host is pcgate's to set.
+    assert!(seen.headers.contains_key("ms-requestid"));
+    assert!(seen.headers.contains_key("ms-correlationid"));
+    assert_eq!(seen.headers["host"], origin.addr.to_string().as_str());
 }

@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::{FutureExt, Shared};
+use http::HeaderName;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::ServiceExt;
@@ -46,6 +47,8 @@ type Flight = Shared<Pin<Box<dyn Future<Output = Outcome> + Send>>>;
 #[derive(Clone)]
 pub struct CoalesceLayer {
     shared: Arc<State>,
+    /// `cache.key_headers`, part of every key (the cache's keys and these are one).
+    key_headers: Arc<[HeaderName]>,
 }
 
 struct State {
@@ -65,7 +68,14 @@ impl CoalesceLayer {
                 deadline,
                 metrics,
             }),
+            key_headers: Arc::from([]),
         }
+    }
+
+    /// Puts these request headers in every key too: the same list as the cache's.
+    pub fn key_headers(mut self, extra: Arc<[HeaderName]>) -> Self {
+        self.key_headers = extra;
+        self
     }
 }
 
@@ -76,6 +86,7 @@ impl<S> tower::Layer<S> for CoalesceLayer {
         Coalesce {
             inner,
             state: self.shared.clone(),
+            key_headers: self.key_headers.clone(),
         }
     }
 }
@@ -85,6 +96,7 @@ impl<S> tower::Layer<S> for CoalesceLayer {
 pub struct Coalesce<S> {
     inner: S,
     state: Arc<State>,
+    key_headers: Arc<[HeaderName]>,
 }
 
 impl<S> tower::Service<Request> for Coalesce<S>
@@ -112,7 +124,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let state = self.state.clone();
-        let key = Key::get_or_insert(&mut request);
+        let key = Key::get_or_insert(&mut request, &self.key_headers);
         let route = request
             .extensions()
             .get::<Arc<Route>>()

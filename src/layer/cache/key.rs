@@ -1,6 +1,8 @@
 //! The key shared by the cache and coalescing (DESIGN.md §2): credential, method, normalised
-//! path, canonical query, `Accept`, `X-Locale`, `MS-ContinuationToken`. Two callers that may see
-//! different answers must never share a key, so everything the upstream's answer depends on is in it.
+//! path, canonical query, the forwarded headers that can change an answer ([`KEYED_HEADERS`]) and
+//! the operator's `cache.key_headers`. Two callers that may see different answers must never share
+//! a key, so everything the upstream's answer depends on is in it: `access` forwards no other
+//! request header, except the operator's `upstream.forward_headers`, whose keying is theirs to choose.
 
 use std::sync::Arc;
 
@@ -15,13 +17,21 @@ pub const MS_CONTINUATION_TOKEN: HeaderName = HeaderName::from_static("ms-contin
 /// Fields are joined by `\n`, which no header value, normalised path or encoded query can hold.
 const SEPARATOR: char = '\n';
 
-/// The request headers an answer depends on. `Accept-Encoding` is here too: a gzip body must not
-/// reach a caller that did not ask for one.
-const KEYED_HEADERS: [HeaderName; 4] = [
+/// `MS-Contract-Version`: the API version (reference §1.1).
+pub const MS_CONTRACT_VERSION: HeaderName = HeaderName::from_static("ms-contract-version");
+
+/// The forwarded request headers an answer depends on (`layer::access::FORWARDED` lists them all).
+/// `Accept-Encoding` is here too: a gzip body must not reach a caller that did not ask for one.
+/// The tracking ids and the SDK's self-description (`MS-PartnerCenter-Application`, `-Client`,
+/// `MS-SdkVersion`) do not change an answer; `If-Match` and the other conditionals make a request
+/// unshareable instead ([`shareable`]).
+pub const KEYED_HEADERS: [HeaderName; 6] = [
     header::ACCEPT,
     header::ACCEPT_ENCODING,
+    header::CONTENT_TYPE,
     crate::layer::tracking::X_LOCALE,
     MS_CONTINUATION_TOKEN,
+    MS_CONTRACT_VERSION,
 ];
 
 /// Conditional and partial requests get answers (304, 206) that an unconditional caller must not
@@ -61,8 +71,9 @@ fn escape_into(bytes: &[u8], out: &mut String) {
 pub struct Key(Arc<str>);
 
 impl Key {
-    /// The key of a request that `access` has admitted (its path is already normalised).
-    pub fn of(request: &Request) -> Key {
+    /// The key of a request that `access` has admitted (its path is already normalised), with
+    /// `extra` headers (`cache.key_headers`) after the [`KEYED_HEADERS`].
+    pub fn of(request: &Request, extra: &[HeaderName]) -> Key {
         let credential = request
             .extensions()
             .get::<Arc<Route>>()
@@ -74,10 +85,10 @@ impl Key {
             text.push(SEPARATOR);
         }
         canonical_query(request.uri().query().unwrap_or(""), &mut text);
-        for name in KEYED_HEADERS {
+        for name in KEYED_HEADERS.iter().chain(extra) {
             text.push(SEPARATOR);
             // Every value, in order, byte for byte (escaped, so different bytes stay different).
-            for (i, value) in request.headers().get_all(&name).iter().enumerate() {
+            for (i, value) in request.headers().get_all(name).iter().enumerate() {
                 if i > 0 {
                     text.push_str(", ");
                 }
@@ -88,11 +99,11 @@ impl Key {
     }
 
     /// The key of `request`, computed once and kept in its extensions for the next layer.
-    pub fn get_or_insert(request: &mut Request) -> Key {
+    pub fn get_or_insert(request: &mut Request, extra: &[HeaderName]) -> Key {
         if let Some(key) = request.extensions().get::<Key>() {
             return key.clone();
         }
-        let key = Key::of(request);
+        let key = Key::of(request, extra);
         request.extensions_mut().insert(key.clone());
         key
     }
@@ -116,10 +127,35 @@ impl Key {
 /// Appends the query with its pairs ordered by name (a stable sort, so repeated names keep
 /// their order, which may matter), each pair exactly as sent: `b=2&a=1` and `a=1&b=2` are one
 /// query, `a=1&a=2` and `a=2&a=1` are two.
+///
+/// Pairs are ordered by the name the upstream reads ([`sort_name`]), not by the bytes sent: sorted
+/// by bytes, `a=1&%61=2` and `%61=2&a=1` would both become `%61=2&a=1`, one key for two answers
+/// (the upstream reads `a` as `1, 2` from one and `2, 1` from the other).
 fn canonical_query(query: &str, out: &mut String) {
-    let mut pairs: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
-    pairs.sort_by_key(|pair| pair.split_once('=').map_or(*pair, |(name, _)| name));
-    out.push_str(&pairs.join("&"));
+    let mut pairs: Vec<(Vec<u8>, &str)> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| (sort_name(pair), pair))
+        .collect();
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    for (i, (_, pair)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(pair);
+    }
+}
+
+/// A pair's name as a server reads it: `+` is a space, `%XX` escapes decoded, and ASCII case
+/// folded (ASP.NET, which serves Partner Center, matches query names case-insensitively). Two
+/// names a server may read as one always sort equal, so their pairs keep their order; folding
+/// more than a server does only keeps more pairs in the order sent.
+fn sort_name(pair: &str) -> Vec<u8> {
+    let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+    let spaced = name.replace('+', " ");
+    let mut decoded: Vec<u8> = percent_encoding::percent_decode_str(&spaced).collect();
+    decoded.make_ascii_lowercase();
+    decoded
 }
 
 #[cfg(test)]
@@ -148,7 +184,7 @@ mod tests {
     }
 
     fn key(uri: &str, headers: &[(&str, &str)]) -> Key {
-        Key::of(&request(uri, headers, Some("app")))
+        Key::of(&request(uri, headers, Some("app")), &[])
     }
 
     #[test]
@@ -178,6 +214,36 @@ mod tests {
     }
 
     #[test]
+    fn percent_encoded_and_differently_cased_names_sort_with_their_plain_twins() {
+        // `%73ize` is `size`: the two pairs keep the order they were sent in, as two `size`
+        // pairs do, so the upstream's two readings (5 then 6, 6 then 5) get two keys.
+        assert_ne!(
+            key("/v1/invoices?%73ize=5&size=6", &[]),
+            key("/v1/invoices?size=6&%73ize=5", &[])
+        );
+        assert_ne!(
+            key("/v1/invoices?a=1&%61=2", &[]),
+            key("/v1/invoices?%61=2&a=1", &[])
+        );
+        assert_ne!(
+            key("/v1/invoices?Size=5&size=6", &[]),
+            key("/v1/invoices?size=6&Size=5", &[])
+        );
+        assert_ne!(
+            key("/v1/invoices?a+b=1&a%20b=2", &[]),
+            key("/v1/invoices?a%20b=2&a+b=1", &[])
+        );
+        // Ordered among other names by the decoded name; pairs are kept as sent.
+        assert_eq!(
+            key("/v1/invoices?%73ize=5&offset=1&size=6", &[]),
+            key("/v1/invoices?offset=1&%73ize=5&size=6", &[])
+        );
+        let mut text = String::new();
+        canonical_query("size=6&%6Fffset=1&%73ize=5&a=0", &mut text);
+        assert_eq!(text, "a=0&%6Fffset=1&size=6&%73ize=5");
+    }
+
+    #[test]
     fn everything_the_answer_depends_on_is_in_the_key() {
         let base = key("/v1/invoices/summary", &[]);
         assert_ne!(
@@ -195,11 +261,29 @@ mod tests {
         );
         assert_ne!(
             base,
-            Key::of(&request("/v1/invoices/summary", &[], Some("user")))
+            key("/v1/invoices/summary", &[("ms-contract-version", "v2")])
+        );
+        assert_ne!(
+            base,
+            key("/v1/invoices/summary", &[("content-type", "text/plain")])
+        );
+        // cache.key_headers: a configured header splits the key too, and only when configured.
+        let tenant = [HeaderName::from_static("x-tenant")];
+        let with = |value| {
+            Key::of(
+                &request("/v1/invoices/summary", &[("x-tenant", value)], Some("app")),
+                &tenant,
+            )
+        };
+        assert_ne!(with("a"), with("b"));
+        assert_eq!(base, key("/v1/invoices/summary", &[("x-tenant", "a")]));
+        assert_ne!(
+            base,
+            Key::of(&request("/v1/invoices/summary", &[], Some("user")), &[])
         );
         let mut head = request("/v1/invoices/summary", &[], Some("app"));
         *head.method_mut() = http::Method::HEAD;
-        assert_ne!(base, Key::of(&head));
+        assert_ne!(base, Key::of(&head, &[]));
         // What the answer does not depend on is not.
         assert_eq!(
             base,
@@ -223,11 +307,14 @@ mod tests {
             "ms-continuationtoken",
             http::HeaderValue::from_bytes(b"t\xfe").unwrap(),
         );
-        assert_ne!(Key::of(&a), Key::of(&b));
+        assert_ne!(Key::of(&a, &[]), Key::of(&b, &[]));
         let mut c = request("/v1/a", &[("accept", "application/json")], Some("app"));
         c.headers_mut()
             .append("accept", "application/pdf".parse().unwrap());
-        assert_ne!(Key::of(&c), key("/v1/a", &[("accept", "application/json")]));
+        assert_ne!(
+            Key::of(&c, &[]),
+            key("/v1/a", &[("accept", "application/json")])
+        );
     }
 
     #[test]
@@ -256,5 +343,32 @@ mod tests {
             key("/v1/a", &[("accept", "x"), ("x-locale", "y")]),
             key("/v1/a", &[("accept", "x y"), ("x-locale", "")])
         );
+    }
+
+    proptest::proptest! {
+        /// Reversing a query's pairs reverses each name's pairs too: the key stays the same
+        /// exactly when every name's sequence of pairs, as the upstream decodes names, reads
+        /// the same both ways.
+        #[test]
+        fn reversed_queries_share_a_key_only_when_no_name_changes_order(
+            pairs in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec!["a", "A", "%61", "%41", "b", "a+b", "a%20b", "%zz"]),
+                    proptest::sample::select(vec!["1", "2", "", "%31"]),
+                ),
+                0..6,
+            ),
+        ) {
+            let pairs: Vec<String> = pairs.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            let forward = key(&format!("/v1/a?{}", pairs.join("&")), &[]);
+            let reversed: Vec<&str> = pairs.iter().rev().map(String::as_str).collect();
+            let backward = key(&format!("/v1/a?{}", reversed.join("&")), &[]);
+            let mut groups: std::collections::BTreeMap<Vec<u8>, Vec<&str>> = Default::default();
+            for pair in &pairs {
+                groups.entry(sort_name(pair)).or_default().push(pair);
+            }
+            let palindromes = groups.values().all(|g| g.iter().eq(g.iter().rev()));
+            proptest::prop_assert_eq!(forward == backward, palindromes);
+        }
     }
 }

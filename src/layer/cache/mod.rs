@@ -13,7 +13,7 @@
 
 mod key;
 
-pub use key::{shareable, Key, MS_CONTINUATION_TOKEN};
+pub use key::{shareable, Key, KEYED_HEADERS, MS_CONTINUATION_TOKEN, MS_CONTRACT_VERSION};
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::{self, Either, Ready};
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderName, HeaderValue, StatusCode};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -33,6 +33,11 @@ use crate::route::Route;
 
 /// `Cache-Status`.
 pub const CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+
+/// The caller's `Cache-Control` values: `access` takes them out of the request (they are not
+/// forwarded upstream) and leaves them here for the cache to honour.
+#[derive(Debug, Clone)]
+pub struct RequestCacheControl(pub Vec<HeaderValue>);
 
 /// What the cache did for a call (a metric label, a log field and the `Cache-Status` header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +106,13 @@ impl moka::Expiry<Key, Arc<Entry>> for EntryExpiry {
     }
 }
 
+/// What one stored entry costs beyond its key's text and its answer's headers and body, measured
+/// (RSS over 100,000 entries with no header and an empty body: 685 bytes, 40 of them the key's
+/// text): moka's node, its hash-table slot, its order queues and timer-wheel node, the `Arc`s, the
+/// [`Entry`] with its `HeaderMap`, and the key's `Arc<str>` header. The weigher adds it to every
+/// entry, so `cache.max_bytes` bounds what the cache really holds, not only its payload.
+pub const ENTRY_OVERHEAD: usize = 640;
+
 /// The response cache: a bounded moka map from [`Key`] to [`Entry`]. The one place entries are
 /// kept, behind a small interface (get, put, purge) so a shared second tier can slot in later.
 pub struct Store {
@@ -110,12 +122,14 @@ pub struct Store {
 }
 
 impl Store {
-    /// A store holding at most `max_bytes` (bodies, headers, keys), each entry at most `max_entry_bytes`.
+    /// A store holding at most `max_bytes` (bodies, headers, keys and each entry's own overhead,
+    /// [`ENTRY_OVERHEAD`]), each answer at most `max_entry_bytes`.
     pub fn new(max_bytes: u64, max_entry_bytes: u64, metrics: Arc<Metrics>) -> Store {
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &Key, entry: &Arc<Entry>| {
-                u32::try_from(key.len() + entry.response.weight()).unwrap_or(u32::MAX)
+                u32::try_from(ENTRY_OVERHEAD + key.len() + entry.response.weight())
+                    .unwrap_or(u32::MAX)
             })
             .expire_after(EntryExpiry)
             .build();
@@ -216,6 +230,8 @@ impl StoreOnArrival {
 #[derive(Clone)]
 pub struct CacheLayer {
     shared: Arc<Shared>,
+    /// `cache.key_headers`, part of every key.
+    key_headers: Arc<[HeaderName]>,
 }
 
 struct Shared {
@@ -237,7 +253,15 @@ impl CacheLayer {
                 revalidating: Mutex::new(HashSet::new()),
                 deadline,
             }),
+            key_headers: Arc::from([]),
         }
+    }
+
+    /// Puts these request headers in every key too (`cache.key_headers`); `coalesce` must be
+    /// given the same list, since the two layers share keys.
+    pub fn key_headers(mut self, extra: Arc<[HeaderName]>) -> Self {
+        self.key_headers = extra;
+        self
     }
 }
 
@@ -248,6 +272,7 @@ impl<S> tower::Layer<S> for CacheLayer {
         Cache {
             inner,
             shared: self.shared.clone(),
+            key_headers: self.key_headers.clone(),
         }
     }
 }
@@ -257,6 +282,7 @@ impl<S> tower::Layer<S> for CacheLayer {
 pub struct Cache<S> {
     inner: S,
     shared: Arc<Shared>,
+    key_headers: Arc<[HeaderName]>,
 }
 
 /// The route's cache windows, if it is cached.
@@ -279,11 +305,15 @@ enum Asks {
     NoStore,
 }
 
-fn caller_asks(headers: &HeaderMap) -> Asks {
+fn caller_asks(request: &Request) -> Asks {
     let mut asks = Asks::Anything;
-    for directive in headers
-        .get_all(header::CACHE_CONTROL)
+    let taken = request
+        .extensions()
+        .get::<RequestCacheControl>()
+        .map_or(&[][..], |values| &values.0[..]);
+    for directive in taken
         .iter()
+        .chain(request.headers().get_all(header::CACHE_CONTROL))
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|d| d.trim().to_ascii_lowercase())
@@ -316,8 +346,8 @@ where
             return Either::Right(Box::pin(self.inner.call(request)));
         };
         let shared = self.shared.clone();
-        let key = Key::get_or_insert(&mut request);
-        let asks = caller_asks(request.headers());
+        let key = Key::get_or_insert(&mut request, &self.key_headers);
+        let asks = caller_asks(&request);
         let info = request.extensions().get::<Arc<CallInfo>>().cloned();
         let now = Instant::now();
         let entry = match asks {
