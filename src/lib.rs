@@ -99,6 +99,22 @@ impl Gateway {
             metrics.clone(),
         )?;
         let routes = route::RouteTable::new(&config.routes).map_err(StartError::Setup)?;
+        let known: Vec<metrics::KnownRoute<'_>> = routes
+            .routes()
+            .map(|r| metrics::KnownRoute {
+                name: &r.name,
+                cached: r.cache_ttl.is_some(),
+                coalesced: r.coalesce,
+            })
+            .collect();
+        let fetched: Vec<&str> = config
+            .credentials
+            .iter()
+            .filter(|(_, c)| c.grant != config::Grant::Static)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        metrics.prime(&known, &fetched);
+        drop(known);
         let upstream = upstream::Upstream::new(&config.upstream, tls, metrics.clone())
             .map_err(StartError::Setup)?;
         let keys = config

@@ -376,6 +376,89 @@ impl prometheus_client::collector::Collector for ProcessCollector {
     }
 }
 
+/// Status classes a call or an attempt can end in.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Upstream attempt outcomes besides a status class.
+const TRANSPORT_OUTCOMES: [&str; 3] = ["connect_error", "timeout", "error"];
+/// Cache lookup results.
+const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "stale", "bypass"];
+/// Token refresh results.
+const REFRESH_RESULTS: [&str; 2] = ["ok", "error"];
+
+/// A route as the metrics see it, for [`Metrics::prime`].
+pub struct KnownRoute<'a> {
+    /// Its name (the `route` label).
+    pub name: &'a str,
+    /// It has a cache.
+    pub cached: bool,
+    /// It coalesces identical calls.
+    pub coalesced: bool,
+}
+
+impl Metrics {
+    /// Exports every known label combination at zero, so dashboards and absence-based alerts see
+    /// each series from start rather than after its first event (Prometheus' instrumentation
+    /// guidance). `credentials` are those whose tokens are fetched (not `static`). The token
+    /// expiry gauge is left out: a zero there would claim an expired token.
+    pub fn prime(&self, routes: &[KnownRoute<'_>], credentials: &[&str]) {
+        let none = KnownRoute {
+            name: "none",
+            cached: false,
+            coalesced: false,
+        };
+        for route in routes.iter().chain(std::iter::once(&none)) {
+            let name: Arc<str> = Arc::from(route.name);
+            let label = RouteLabel {
+                route: name.clone(),
+            };
+            let _ = self.request_duration.get_or_create(&label);
+            for status in STATUS_CLASSES {
+                let _ = self.requests.get_or_create(&RouteStatus {
+                    route: name.clone(),
+                    status,
+                });
+            }
+            if route.name == "none" {
+                continue;
+            }
+            let _ = self.upstream_duration.get_or_create(&label);
+            for outcome in STATUS_CLASSES.into_iter().chain(TRANSPORT_OUTCOMES) {
+                let _ = self.upstream_requests.get_or_create(&UpstreamLabels {
+                    route: name.clone(),
+                    outcome,
+                });
+            }
+            if route.cached {
+                for result in CACHE_RESULTS {
+                    let _ = self.cache_lookups.get_or_create(&CacheLabels {
+                        route: name.clone(),
+                        result,
+                    });
+                }
+            }
+            if route.coalesced {
+                let _ = self.coalesced.get_or_create(&label);
+            }
+        }
+        for reason in [
+            RetryReason::Status,
+            RetryReason::Throttled,
+            RetryReason::Connect,
+            RetryReason::Timeout,
+        ] {
+            let _ = self.retries.get_or_create(&reason.into());
+        }
+        for credential in credentials {
+            for result in REFRESH_RESULTS {
+                let _ = self.token_refreshes.get_or_create(&TokenLabels {
+                    credential: (*credential).to_owned(),
+                    result,
+                });
+            }
+        }
+    }
+}
+
 /// `2xx`, `3xx`, `4xx` or `5xx` (`1xx` too, for completeness).
 pub fn status_class(status: http::StatusCode) -> &'static str {
     match status.as_u16() {

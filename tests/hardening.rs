@@ -388,3 +388,42 @@ async fn admin_refuses_a_purge_from_another_origin() {
     .await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn request_ids_reach_the_upstream_in_one_canonical_form_and_nil_is_refused() {
+    let origin = origin(|_| async { text(200, "{}") }).await;
+    let gateway = gateway_for(
+        &origin.base_url(),
+        "",
+        "[[routes]]\nmatch = \"GET /v1/invoices\"\ncredential = \"fixed\"\n",
+    )
+    .await;
+    let url = gateway.url("/v1/invoices");
+    let response = client()
+        .get(&url)
+        .header("MS-RequestId", "{A45E6643-1CAF-4429-8F90-07C03D85BC2B}")
+        .header(
+            "MS-CorrelationId",
+            "urn:uuid:b45e6643-1caf-4429-8f90-07c03d85bc2b",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let canonical = "a45e6643-1caf-4429-8f90-07c03d85bc2b";
+    assert_eq!(response.headers()["ms-requestid"], canonical);
+    let seen = &origin.requests()[0].headers;
+    assert_eq!(seen["ms-requestid"], canonical);
+    assert_eq!(
+        seen["ms-correlationid"],
+        "b45e6643-1caf-4429-8f90-07c03d85bc2b"
+    );
+    let response = client()
+        .get(&url)
+        .header("MS-RequestId", "00000000-0000-0000-0000-000000000000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(origin.requests().len(), 1, "a nil id reached the upstream");
+}

@@ -158,3 +158,47 @@ async fn counters_move_by_exactly_what_the_calls_did() {
         .unwrap();
     assert!(openmetrics.trim_end().ends_with("# EOF"));
 }
+
+#[tokio::test]
+async fn every_known_series_is_exported_at_zero_before_the_first_call() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let (text, values) = scrape(&gateway).await;
+    for series in [
+        r#"pcgate_retries_total{reason="status"}"#,
+        r#"pcgate_retries_total{reason="throttled"}"#,
+        r#"pcgate_retries_total{reason="connect"}"#,
+        r#"pcgate_retries_total{reason="timeout"}"#,
+        r#"pcgate_coalesced_requests_total{route="summary"}"#,
+        r#"pcgate_coalesced_requests_total{route="invoices"}"#,
+        r#"pcgate_cache_lookups_total{route="summary",result="hit"}"#,
+        r#"pcgate_cache_lookups_total{route="summaries",result="bypass"}"#,
+        r#"pcgate_requests_total{route="invoice",status="5xx"}"#,
+        r#"pcgate_requests_total{route="none",status="4xx"}"#,
+        r#"pcgate_upstream_requests_total{route="summary",outcome="connect_error"}"#,
+        r#"pcgate_upstream_requests_total{route="invoice_documents",outcome="2xx"}"#,
+        r#"pcgate_upstream_duration_seconds_count{route="invoices"}"#,
+        r#"pcgate_request_duration_seconds_count{route="summary"}"#,
+        r#"pcgate_retry_budget_exhausted_total"#,
+        r#"pcgate_token_refreshes_total{credential="user",result="error"}"#,
+    ] {
+        // The background refresh may already have counted the first tokens; nothing else ran.
+        let value = values.get(series).copied();
+        assert!(
+            value.is_some(),
+            "{series} is missing before the first call:\n{text}"
+        );
+        if !series.starts_with("pcgate_token_refreshes_total") {
+            assert_eq!(value, Some(0.0), "{series}");
+        }
+    }
+    // Routes without a cache or coalescing get no such series: labels stay bounded and honest.
+    assert!(
+        !text.contains(r#"pcgate_cache_lookups_total{route="invoices""#),
+        "{text}"
+    );
+    assert!(
+        !text.contains(r#"pcgate_coalesced_requests_total{route="invoice_documents""#),
+        "{text}"
+    );
+}

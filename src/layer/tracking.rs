@@ -177,8 +177,15 @@ fn guid_or_new(
     let Some(value) = headers.get(name) else {
         return Ok(new_guid());
     };
+    // Braced (`{...}`), `urn:uuid:` and unhyphenated forms are the same GUID: sent on in the one
+    // canonical form, so the upstream and the logs see one spelling. The nil and max GUIDs are
+    // placeholders, not ids: as an idempotency key they would tie unrelated calls together.
     match value.to_str().ok().map(|s| uuid::Uuid::try_parse(s.trim())) {
-        Some(Ok(_)) => Ok(value.clone()),
+        Some(Ok(uuid)) if !uuid.is_nil() && !uuid.is_max() => {
+            let mut buf = uuid::Uuid::encode_buffer();
+            let text = uuid.hyphenated().encode_lower(&mut buf);
+            Ok(HeaderValue::from_str(text).expect("a UUID is a valid header value"))
+        }
         _ => Err(BadTrackingHeader {
             header: label,
             got: printable(value.as_bytes()),
@@ -321,8 +328,27 @@ mod tests {
     }
 
     #[test]
+    fn other_spellings_of_a_guid_are_sent_in_the_canonical_form() {
+        for value in [
+            "{a45e6643-1caf-4429-8f90-07c03d85bc2b}",
+            "urn:uuid:a45e6643-1caf-4429-8f90-07c03d85bc2b",
+            "a45e66431caf44298f9007c03d85bc2b",
+            "A45E6643-1CAF-4429-8F90-07C03D85BC2B",
+        ] {
+            let t = Tracking::from_headers(&headers(&[("ms-requestid", value)]), false).unwrap();
+            assert_eq!(
+                t.request_id, "a45e6643-1caf-4429-8f90-07c03d85bc2b",
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
     fn malformed_ids_are_refused_by_name() {
         for value in [
+            "00000000-0000-0000-0000-000000000000",
+            "{00000000-0000-0000-0000-000000000000}",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
             "abc",
             "a45e6643-1caf-4429-8f90-07c03d85bc2",
             &"a".repeat(500),
