@@ -29,6 +29,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod cv;
+pub mod deadline;
 pub mod demo;
 pub mod error;
 pub mod host;
@@ -46,7 +47,6 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tower::ServiceExt;
 
 use crate::config::Config;
 use crate::server::ServeOptions;
@@ -214,11 +214,7 @@ impl Gateway {
         };
         // Hop-by-hop headers belong to the caller's connection: they go as the request enters,
         // before any layer adds a header that `Connection: <name>` could otherwise remove.
-        let service =
-            stack::build(parts).map_request(|mut request: http::Request<hyper::body::Incoming>| {
-                upstream::strip_hop_by_hop(request.headers_mut());
-                body::from_client(request)
-            });
+        let service = stack::build(parts);
         let admin_service = tower::service_fn(move |request| admin_state.clone().handle(request));
 
         let refreshers = tokens.spawn_refreshers();

@@ -1,7 +1,8 @@
 //! The request path: one tower stack, built in one function, read top to bottom as outside to
 //! inside (DESIGN.md §2).
 
-use crate::body::{Request, Response};
+use crate::body::Response;
+use crate::deadline::Deadline;
 use crate::layer::access::{AccessLayer, ClientKey};
 use crate::layer::cache::{CacheLayer, Store};
 use crate::layer::coalesce::CoalesceLayer;
@@ -40,14 +41,28 @@ pub struct Parts {
     pub key_headers: std::sync::Arc<[http::HeaderName]>,
 }
 
-/// The gateway's service: a request in, a response out, never an error.
+/// The gateway's service: a request as hyper hands it over in, a response out, never an error.
 pub fn build(
     parts: Parts,
-) -> impl tower::Service<Request, Response = Response, Error = std::convert::Infallible, Future: Send>
-       + Clone
+) -> impl tower::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
        + Send
        + 'static {
+    let limit = parts.retry.deadline;
     tower::ServiceBuilder::new()
+        // As the call enters: hop-by-hop headers belong to the caller's connection, so they go
+        // before any layer adds a header that `Connection: <name>` could otherwise remove; the
+        // deadline starts now, once, for every layer below to wait against; the body's errors
+        // are marked as the caller's.
+        .map_request(move |mut request: http::Request<hyper::body::Incoming>| {
+            crate::upstream::strip_hop_by_hop(request.headers_mut());
+            request.extensions_mut().insert(Deadline::after(limit));
+            crate::body::from_client(request)
+        })
         // Outermost: it measures and logs each call as the caller saw it, errors included.
         .layer(ObserveLayer::new(parts.metrics.clone()))
         // Every error from any layer below becomes a Partner Center-shaped response; hyper

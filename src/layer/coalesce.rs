@@ -20,8 +20,8 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Response};
+use crate::deadline::DeadlineExceeded;
 use crate::layer::cache::{shareable, Key, StoreOnArrival};
-use crate::layer::retry::DeadlineExceeded;
 use crate::metrics::{Metrics, RouteLabel};
 use crate::route::Route;
 

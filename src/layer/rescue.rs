@@ -11,11 +11,11 @@ use http::StatusCode;
 use pin_project_lite::pin_project;
 
 use crate::body::{BoxError, ClientBodyError, Request, Response, UpstreamBodyError};
+use crate::deadline::DeadlineExceeded;
 use crate::error::{find_cause, problem};
 use crate::layer::access::AccessError;
 use crate::layer::coalesce::SharedError;
 use crate::layer::credential::CredentialError;
-use crate::layer::retry::DeadlineExceeded;
 use crate::layer::tracking::{BadTrackingHeader, Tracked};
 use crate::upstream::UpstreamError;
 

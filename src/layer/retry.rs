@@ -13,32 +13,22 @@
 //! - Every attempt carries the same `MS-RequestId`; the upstream client increments `MS-CV`.
 
 use std::collections::HashSet;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
-use http_body::{Body as _, Frame};
-use http_body_util::BodyExt;
-use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::body::{self, Body, BodyError, BoxError, BoxFuture, Request, Response};
+use crate::body::{self, BoxError, BoxFuture, Request, Response};
+use crate::deadline::Deadline;
 use crate::metrics::Metrics;
 use crate::route::Route;
 use crate::upstream::UpstreamError;
 
 /// How long the budget remembers calls.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
-
-/// The call ran out of time.
-#[derive(Debug, thiserror::Error)]
-#[error("the call did not finish within {0:?} (upstream.deadline), retries included")]
-pub struct DeadlineExceeded(pub Duration);
 
 /// Why an attempt is retried (a metric label and a log field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -181,69 +171,18 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         Box::pin(async move {
-            let limit = shared.settings.deadline;
-            let deadline = Instant::now() + limit;
-            match tokio::time::timeout_at(deadline, shared.run(inner, request, deadline)).await {
+            let deadline = Deadline::of(&request, shared.settings.deadline);
+            match deadline
+                .run(shared.run(inner, request, deadline.at()))
+                .await
+            {
                 // The deadline covers the body too: a body that stalls or never ends is cut
-                // when it passes, like tower-http's `TimeoutBody`.
-                Ok(Ok(response)) => Ok(response.map(|b| DeadlineBody::wrap(b, deadline, limit))),
+                // when it passes.
+                Ok(Ok(response)) => Ok(response.map(|b| deadline.bound(b))),
                 Ok(Err(error)) => Err(error),
-                Err(_) => Err(DeadlineExceeded(limit).into()),
+                Err(exceeded) => Err(exceeded.into()),
             }
         })
-    }
-}
-
-pin_project! {
-    /// A response body that fails with [`DeadlineExceeded`] once the call's deadline passes.
-    pub struct DeadlineBody {
-        #[pin]
-        inner: Body,
-        #[pin]
-        sleep: tokio::time::Sleep,
-        limit: Duration,
-    }
-}
-
-impl DeadlineBody {
-    /// Bounds `body` by `deadline`; a body that is already complete is left as it is.
-    pub fn wrap(body: Body, deadline: Instant, limit: Duration) -> Body {
-        if body.is_end_stream() {
-            return body;
-        }
-        DeadlineBody {
-            inner: body,
-            sleep: tokio::time::sleep_until(deadline),
-            limit,
-        }
-        .boxed_unsync()
-    }
-}
-
-impl http_body::Body for DeadlineBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.project();
-        // The timer first: an endless body that is always ready must still be cut.
-        if this.sleep.poll(cx).is_ready() {
-            return Poll::Ready(Some(Err(BodyError(Box::new(DeadlineExceeded(
-                *this.limit,
-            ))))));
-        }
-        this.inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -557,7 +496,9 @@ mod tests {
         let (mut service, _, _) = harness(s, vec![Answer::Hang]);
         let started = Instant::now();
         let error = call(&mut service, get(false)).await.unwrap_err();
-        assert!(error.downcast_ref::<DeadlineExceeded>().is_some());
+        assert!(error
+            .downcast_ref::<crate::deadline::DeadlineExceeded>()
+            .is_some());
         assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 

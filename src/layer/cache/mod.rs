@@ -26,8 +26,8 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Response};
+use crate::deadline::DeadlineExceeded;
 use crate::layer::observe::CallInfo;
-use crate::layer::retry::DeadlineExceeded;
 use crate::metrics::{CacheLabels, Metrics};
 use crate::route::Route;
 
