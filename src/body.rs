@@ -36,6 +36,16 @@ impl std::error::Error for BodyError {
 #[error("the request body could not be read: it is malformed or was cut short")]
 pub struct ClientBodyError;
 
+impl crate::error::Problem for ClientBodyError {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::BAD_REQUEST
+    }
+
+    fn error_name(&self) -> &'static str {
+        "InvalidRequestBody"
+    }
+}
+
 /// Marks whether the caller's request body broke while it was sent on. hyper's client reports
 /// only "incomplete message" then, so the upstream client looks here to tell whose fault it was.
 #[derive(Debug, Clone, Default)]
@@ -52,6 +62,16 @@ impl ClientBody {
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream's answer broke off: {0}")]
 pub struct UpstreamBodyError(#[source] pub hyper::Error);
+
+impl crate::error::Problem for UpstreamBodyError {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::BAD_GATEWAY
+    }
+
+    fn error_name(&self) -> &'static str {
+        "UpstreamFailed"
+    }
+}
 
 /// The caller's request as hyper hands it over; a body error is recorded in the request's
 /// [`ClientBody`] so it is blamed on the caller.

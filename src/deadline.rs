@@ -21,6 +21,16 @@ use crate::body::{Body, BodyError};
 #[error("the call did not finish within {0:?} (upstream.deadline), retries included")]
 pub struct DeadlineExceeded(pub Duration);
 
+impl crate::error::Problem for DeadlineExceeded {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::GATEWAY_TIMEOUT
+    }
+
+    fn error_name(&self) -> &'static str {
+        "DeadlineExceeded"
+    }
+}
+
 /// When the call must be over: an instant on tokio's clock, and the configured limit it came
 /// from (for messages).
 #[derive(Debug, Clone, Copy)]

@@ -37,6 +37,20 @@ pub fn problem(status: StatusCode, error_name: &str, description: &str) -> Respo
     response
 }
 
+/// An error that knows the answer pcgate gives for it: each error type says its own status and
+/// Partner Center-style `errorName` ([`crate::layer::rescue`] finds it in the cause chain).
+pub trait Problem: std::error::Error {
+    /// The status of the answer.
+    fn status(&self) -> StatusCode;
+    /// The `errorName` of the answer.
+    fn error_name(&self) -> &'static str;
+}
+
+/// The Partner Center-shaped answer for `error`.
+pub fn respond(error: &dyn Problem) -> Response {
+    problem(error.status(), error.error_name(), &error.to_string())
+}
+
 /// The first error of type `T` in `error`'s cause chain (`error` itself included), so a wrapper
 /// (a body error, the client's error around it) needs no case of its own.
 pub fn find_cause<'a, T: std::error::Error + 'static>(

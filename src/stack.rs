@@ -65,11 +65,11 @@ pub fn build(
         })
         // Outermost: it measures and logs each call as the caller saw it, errors included.
         .layer(ObserveLayer::new(parts.metrics.clone()))
+        // Ids are fixed before anything can fail, and stamped on every answer: rescue's too.
+        .layer(TrackingLayer::new(parts.tracking))
         // Every error from any layer below becomes a Partner Center-shaped response; hyper
         // never sees an `Err`.
         .layer(RescueLayer)
-        // Ids are fixed before anything can fail, so every answer, errors included, carries them.
-        .layer(TrackingLayer::new(parts.tracking))
         // Refuse what the route table does not allow before any other work is done, and drop
         // every request header that is not forwarded, before anything keys on them.
         .layer(

@@ -40,6 +40,23 @@ pub enum UpstreamError {
     Protocol(String),
 }
 
+impl crate::error::Problem for UpstreamError {
+    fn status(&self) -> http::StatusCode {
+        match self {
+            UpstreamError::Connect(_) | UpstreamError::Protocol(_) => http::StatusCode::BAD_GATEWAY,
+            UpstreamError::Timeout(_) => http::StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn error_name(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "UpstreamUnreachable",
+            UpstreamError::Protocol(_) => "UpstreamFailed",
+            UpstreamError::Timeout(_) => "UpstreamTimeout",
+        }
+    }
+}
+
 /// Why the TLS client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -146,6 +146,26 @@ pub enum AccessError {
     Host(#[from] HostError),
 }
 
+impl crate::error::Problem for AccessError {
+    fn status(&self) -> http::StatusCode {
+        match self {
+            AccessError::BadPath(_) => http::StatusCode::BAD_REQUEST,
+            AccessError::NoRoute { .. } => http::StatusCode::FORBIDDEN,
+            AccessError::BadKey => http::StatusCode::UNAUTHORIZED,
+            AccessError::Host(_) => http::StatusCode::MISDIRECTED_REQUEST,
+        }
+    }
+
+    fn error_name(&self) -> &'static str {
+        match self {
+            AccessError::BadPath(_) => "InvalidPath",
+            AccessError::NoRoute { .. } => "RouteNotAllowed",
+            AccessError::BadKey => "InvalidApiKey",
+            AccessError::Host(_) => "MisdirectedRequest",
+        }
+    }
+}
+
 /// The SHA-256 of one inbound key, and whose it is.
 #[derive(Clone, Debug)]
 pub struct ClientKey {

@@ -20,6 +20,16 @@ pub enum CredentialError {
     NoToken(#[from] TokenError),
 }
 
+impl crate::error::Problem for CredentialError {
+    fn status(&self) -> StatusCode {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+
+    fn error_name(&self) -> &'static str {
+        "NoValidCredential"
+    }
+}
+
 /// Adds [`Credential`] in front of a service.
 #[derive(Clone, Debug)]
 pub struct CredentialLayer {

@@ -1,6 +1,10 @@
-//! `rescue`: the outermost layer. Turns every error from the layers inside into a response in the
-//! Partner Center error shape, so no `Err` reaches hyper (which would drop the connection with no
-//! answer). The mapping from error to status lives here and only here.
+//! `rescue`: turns every error from the layers inside into a response in the Partner Center error
+//! shape, so no `Err` reaches hyper (which would drop the connection with no answer). It stands
+//! inside `tracking`, so rescued answers carry the call's ids like any other.
+//!
+//! Each error type says its own status and name ([`Problem`]); rescue finds the first one it
+//! knows in the error's cause chain, so a wrapper (a body error, the HTTP client's error around
+//! it, a coalesced caller's shared error) needs no case of its own. Anything else is a 500.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,11 +16,10 @@ use pin_project_lite::pin_project;
 
 use crate::body::{BoxError, ClientBodyError, Request, Response, UpstreamBodyError};
 use crate::deadline::DeadlineExceeded;
-use crate::error::{find_cause, problem};
+use crate::error::{problem, Problem};
 use crate::layer::access::AccessError;
 use crate::layer::coalesce::SharedError;
 use crate::layer::credential::CredentialError;
-use crate::layer::tracking::{BadTrackingHeader, Tracked};
 use crate::upstream::UpstreamError;
 
 /// Adds [`Rescue`] around a service.
@@ -27,14 +30,28 @@ impl<S> tower::Layer<S> for RescueLayer {
     type Service = Rescue<S>;
 
     fn layer(&self, inner: S) -> Rescue<S> {
-        Rescue { inner }
+        Rescue {
+            inner,
+            unready: None,
+        }
     }
 }
 
 /// Answers errors with Partner Center-shaped responses; see the module docs.
-#[derive(Clone, Debug)]
 pub struct Rescue<S> {
     inner: S,
+    /// The inner service failed to become ready: the next call is answered with this, and the
+    /// inner service is not called (tower's contract).
+    unready: Option<BoxError>,
+}
+
+impl<S: Clone> Clone for Rescue<S> {
+    fn clone(&self) -> Self {
+        Rescue {
+            inner: self.inner.clone(),
+            unready: None,
+        }
+    }
 }
 
 impl<S> tower::Service<Request> for Rescue<S>
@@ -46,25 +63,39 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // A layer that is not ready with an error is answered per call, below.
+        if self.unready.is_some() {
+            return Poll::Ready(Ok(()));
+        }
         match self.inner.poll_ready(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(_) => Poll::Ready(Ok(())),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(error)) => {
+                self.unready = Some(error);
+                Poll::Ready(Ok(()))
+            }
         }
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        ResponseFuture {
-            inner: self.inner.call(request),
+        match self.unready.take() {
+            Some(error) => ResponseFuture::Answered {
+                response: Some(error_response(&*error)),
+            },
+            None => ResponseFuture::Called {
+                inner: self.inner.call(request),
+            },
         }
     }
 }
 
 pin_project! {
     /// Resolves to the inner response, or to the error turned into one.
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
+    #[project = Projected]
+    pub enum ResponseFuture<F> {
+        /// The inner service was called.
+        Called { #[pin] inner: F },
+        /// Answered without calling it.
+        Answered { response: Option<Response> },
     }
 }
 
@@ -75,22 +106,20 @@ where
     type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().inner.poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
-            Poll::Ready(Err(error)) => Poll::Ready(Ok(match error.downcast::<Tracked>() {
-                Ok(tracked) => {
-                    let mut response = error_response(&*tracked.source);
-                    tracked.tracking.stamp(response.headers_mut());
-                    response
-                }
-                Err(error) => error_response(&*error),
-            })),
+        match self.project() {
+            Projected::Called { inner } => match inner.poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
+                Poll::Ready(Err(error)) => Poll::Ready(Ok(error_response(&*error))),
+            },
+            Projected::Answered { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("a rescue future is not polled after it is ready"))),
         }
     }
 }
 
-/// The status, error name and description for an error from inside the stack.
+/// The Partner Center-shaped answer for an error from inside the stack.
 pub fn error_response(error: &(dyn std::error::Error + Send + Sync + 'static)) -> Response {
     let (status, name) = classify(error);
     if status.is_server_error() {
@@ -101,43 +130,94 @@ pub fn error_response(error: &(dyn std::error::Error + Send + Sync + 'static)) -
     problem(status, name, &error.to_string())
 }
 
-fn classify(error: &(dyn std::error::Error + Send + Sync + 'static)) -> (StatusCode, &'static str) {
-    // Walk the cause chain for each kind, most specific first: an error wrapped in a body error
-    // or in the client's error is still the error it was.
-    let error: &(dyn std::error::Error + 'static) = error;
-    // A coalesced caller gets the shared fetch's error: classify what it points at.
-    if let Some(SharedError(shared)) = find_cause::<SharedError>(error) {
-        return classify(&***shared);
-    }
-    if let Some(e) = find_cause::<AccessError>(error) {
-        return match e {
-            AccessError::BadPath(_) => (StatusCode::BAD_REQUEST, "InvalidPath"),
-            AccessError::NoRoute { .. } => (StatusCode::FORBIDDEN, "RouteNotAllowed"),
-            AccessError::BadKey => (StatusCode::UNAUTHORIZED, "InvalidApiKey"),
-            AccessError::Host(_) => (StatusCode::MISDIRECTED_REQUEST, "MisdirectedRequest"),
-        };
-    }
-    if find_cause::<BadTrackingHeader>(error).is_some() {
-        return (StatusCode::BAD_REQUEST, "InvalidTrackingHeader");
-    }
-    if find_cause::<ClientBodyError>(error).is_some() {
-        return (StatusCode::BAD_REQUEST, "InvalidRequestBody");
-    }
-    if find_cause::<DeadlineExceeded>(error).is_some() {
-        return (StatusCode::GATEWAY_TIMEOUT, "DeadlineExceeded");
-    }
-    if find_cause::<CredentialError>(error).is_some() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "NoValidCredential");
-    }
-    if let Some(e) = find_cause::<UpstreamError>(error) {
-        return match e {
-            UpstreamError::Connect(_) => (StatusCode::BAD_GATEWAY, "UpstreamUnreachable"),
-            UpstreamError::Protocol(_) => (StatusCode::BAD_GATEWAY, "UpstreamFailed"),
-            UpstreamError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout"),
-        };
-    }
-    if find_cause::<UpstreamBodyError>(error).is_some() {
-        return (StatusCode::BAD_GATEWAY, "UpstreamFailed");
+/// The status and name of the first error in the cause chain that knows its own.
+fn classify(error: &(dyn std::error::Error + 'static)) -> (StatusCode, &'static str) {
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        // A coalesced caller gets the shared fetch's error: classify what it points at.
+        if let Some(SharedError(shared)) = cause.downcast_ref::<SharedError>() {
+            return classify(&***shared);
+        }
+        if let Some(known) = known_problem(cause) {
+            return (known.status(), known.error_name());
+        }
+        next = cause.source();
     }
     (StatusCode::INTERNAL_SERVER_ERROR, "GatewayError")
+}
+
+/// `error` as a [`Problem`], if it is one of the stack's error types.
+fn known_problem<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a dyn Problem> {
+    fn as_problem<'a, T: Problem + 'static>(
+        error: &'a (dyn std::error::Error + 'static),
+    ) -> Option<&'a dyn Problem> {
+        error.downcast_ref::<T>().map(|e| e as &dyn Problem)
+    }
+    as_problem::<AccessError>(error)
+        .or_else(|| as_problem::<ClientBodyError>(error))
+        .or_else(|| as_problem::<DeadlineExceeded>(error))
+        .or_else(|| as_problem::<CredentialError>(error))
+        .or_else(|| as_problem::<UpstreamError>(error))
+        .or_else(|| as_problem::<UpstreamBodyError>(error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Service, ServiceExt};
+
+    /// A service that is never ready: its `poll_ready` fails.
+    #[derive(Clone)]
+    struct Broken;
+
+    impl tower::Service<Request> for Broken {
+        type Response = Response;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Response, BoxError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Err(Box::new(DeadlineExceeded(
+                std::time::Duration::from_secs(1),
+            ))))
+        }
+
+        fn call(&mut self, _: Request) -> Self::Future {
+            panic!("called although poll_ready failed");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_inner_service_that_is_not_ready_is_answered_not_called() {
+        let mut rescue = tower::Layer::layer(&RescueLayer, Broken);
+        let response = rescue
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(crate::body::empty()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
+    #[test]
+    fn errors_are_classified_by_their_cause_chain() {
+        let wrapped = crate::body::BodyError(Box::new(UpstreamError::Timeout(
+            std::time::Duration::from_secs(1),
+        )));
+        assert_eq!(
+            classify(&wrapped),
+            (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout")
+        );
+        let shared = SharedError(std::sync::Arc::new(Box::new(crate::body::BodyError(
+            Box::new(ClientBodyError),
+        ))));
+        assert_eq!(
+            classify(&shared),
+            (StatusCode::BAD_REQUEST, "InvalidRequestBody")
+        );
+        assert_eq!(
+            classify(&std::fmt::Error),
+            (StatusCode::INTERNAL_SERVER_ERROR, "GatewayError")
+        );
+    }
 }

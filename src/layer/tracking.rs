@@ -8,16 +8,19 @@
 //!   seeded; the upstream client increments it before each attempt ([`Tracking::next_cv`]).
 //! - `X-Locale` gets the configured default when absent; `MS-PartnerCenter-Application` is set.
 //!
-//! The ids go into the request's extensions as [`Tracking`], onto the response (errors included,
-//! via [`Tracked`]), and into the call's tracing span.
+//! The ids go into the request's extensions as [`Tracking`], onto every response (it stands
+//! outside `rescue`, so pcgate's own error answers carry them too), and into the call's span.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tracing::Instrument;
 
-use crate::body::{BoxError, BoxFuture, Request, Response};
+use crate::body::{Request, Response};
 use crate::cv::CorrelationVector;
 
 /// `MS-RequestId`.
@@ -71,14 +74,14 @@ pub struct BadTrackingHeader {
     pub got: String,
 }
 
-/// An error from inside the stack, with the call's tracking ids, so the error response carries them.
-#[derive(Debug, thiserror::Error)]
-#[error("{source}")]
-pub struct Tracked {
-    /// The call's ids.
-    pub tracking: Tracking,
-    /// The error itself.
-    pub source: BoxError,
+impl crate::error::Problem for BadTrackingHeader {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::BAD_REQUEST
+    }
+
+    fn error_name(&self) -> &'static str {
+        "InvalidTrackingHeader"
+    }
 }
 
 /// The tracking ids of one call.
@@ -242,29 +245,27 @@ pub struct TrackingService<S> {
 
 impl<S> tower::Service<Request> for TrackingService<S>
 where
-    S: tower::Service<Request, Response = Response, Error = BoxError>,
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
     S::Future: Send + 'static,
 {
     type Response = Response;
-    type Error = BoxError;
-    type Future = BoxFuture;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> BoxFuture {
+    fn call(&mut self, mut request: Request) -> Self::Future {
         let settings = &self.settings;
         let tracking = match Tracking::from_headers(request.headers(), settings.correlation_vector)
         {
             Ok(tracking) => tracking,
             Err(bad) => {
-                let tracking = Tracking::fresh(settings.correlation_vector);
-                return Box::pin(std::future::ready(Err(Tracked {
-                    tracking,
-                    source: bad.into(),
-                }
-                .into())));
+                // Refused here, before anything else: the answer still carries (fresh) ids.
+                let mut response = crate::error::respond(&bad);
+                Tracking::fresh(settings.correlation_vector).stamp(response.headers_mut());
+                return Box::pin(std::future::ready(Ok(response)));
             }
         };
         let headers = request.headers_mut();
@@ -291,13 +292,9 @@ where
         let call = span.in_scope(|| self.inner.call(request));
         Box::pin(
             async move {
-                match call.await {
-                    Ok(mut response) => {
-                        tracking.stamp(response.headers_mut());
-                        Ok(response)
-                    }
-                    Err(source) => Err(Tracked { tracking, source }.into()),
-                }
+                let Ok(mut response) = call.await;
+                tracking.stamp(response.headers_mut());
+                Ok(response)
             }
             .instrument(span),
         )
