@@ -178,17 +178,9 @@ impl Buffered {
     /// the connection's read buffer (8 KiB or more), and a stored view would keep that whole
     /// buffer alive for as long as the entry lives, several times what the entry weighs.
     pub fn keep_shareable_headers(&mut self) {
-        const DROPPED: [&str; 6] = [
-            "set-cookie",
-            "ms-requestid",
-            "ms-correlationid",
-            "ms-cv",
-            "age",
-            "cache-status",
-        ];
         let mut owned = http::HeaderMap::with_capacity(self.headers.len());
         for (name, value) in &self.headers {
-            if DROPPED.contains(&name.as_str()) {
+            if crate::headers::NOT_SHARED.contains(name) {
                 continue;
             }
             // Standard names are static; any other name and every value are copied.

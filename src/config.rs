@@ -621,7 +621,7 @@ impl Config {
     pub fn header_lists(
         &self,
     ) -> Result<(Vec<http::HeaderName>, Vec<http::HeaderName>), ConfigError> {
-        use crate::layer::access::{configured_header, is_forwarded};
+        use crate::headers::{configured_header, is_forwarded};
         let parse = |key: &str, names: &[String]| {
             names
                 .iter()

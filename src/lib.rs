@@ -27,11 +27,13 @@
 
 pub mod admin;
 pub mod body;
+pub mod call;
 pub mod config;
 pub mod cv;
 pub mod deadline;
 pub mod demo;
 pub mod error;
+pub mod headers;
 pub mod host;
 pub mod layer;
 pub mod metrics;

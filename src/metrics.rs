@@ -3,14 +3,12 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-
-use crate::layer::retry::RetryReason;
 
 /// `Content-Type` of [`Metrics::encode_openmetrics`]'s output.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -56,39 +54,6 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
-/// `{reason}` for a retry.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RetryLabels {
-    /// Why the attempt was retried.
-    pub reason: Reason,
-}
-
-/// [`RetryReason`] as a label value.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum Reason {
-    /// A retryable status.
-    status,
-    /// 429 with Retry-After.
-    throttled,
-    /// Connect failure.
-    connect,
-    /// Attempt timeout.
-    timeout,
-}
-
-impl From<RetryReason> for RetryLabels {
-    fn from(reason: RetryReason) -> Self {
-        let reason = match reason {
-            RetryReason::Status => Reason::status,
-            RetryReason::Throttled => Reason::throttled,
-            RetryReason::Connect => Reason::connect,
-            RetryReason::Timeout => Reason::timeout,
-        };
-        RetryLabels { reason }
-    }
-}
-
 /// `{credential, result}` for a token refresh.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
@@ -113,7 +78,7 @@ struct BuildLabels {
 
 /// Every metric pcgate exports; shared as `Arc<Metrics>`.
 pub struct Metrics {
-    registry: Registry,
+    registry: std::sync::Mutex<Registry>,
     /// `pcgate_requests_total{route,status}`.
     pub requests: Family<RouteStatus, Counter>,
     /// `pcgate_request_duration_seconds{route}`.
@@ -130,10 +95,6 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     /// `pcgate_coalesced_requests_total{route}`: calls answered by another call's upstream fetch.
     pub coalesced: Family<RouteLabel, Counter>,
-    /// `pcgate_retries_total{reason}`.
-    pub retries: Family<RetryLabels, Counter>,
-    /// `pcgate_retry_budget_exhausted_total`.
-    pub retry_budget_exhausted: Counter,
     /// `pcgate_token_refreshes_total{credential,result}`.
     pub token_refreshes: Family<TokenLabels, Counter>,
     /// `pcgate_token_expiry_timestamp_seconds{credential}`.
@@ -167,13 +128,11 @@ impl Metrics {
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
             coalesced: Family::default(),
-            retries: Family::default(),
-            retry_budget_exhausted: Counter::default(),
             token_refreshes: Family::default(),
             token_expiry: Family::default(),
             token_store_failures: Family::default(),
             inflight: Gauge::default(),
-            registry: Registry::default(),
+            registry: Default::default(),
         };
         let r = registry;
         r.register(
@@ -216,12 +175,6 @@ impl Metrics {
             "Calls answered by another identical call's upstream fetch",
             m.coalesced.clone(),
         );
-        r.register("retries", "Upstream retries, by reason", m.retries.clone());
-        r.register(
-            "retry_budget_exhausted",
-            "Retries not made because the retry budget was spent",
-            m.retry_budget_exhausted.clone(),
-        );
         r.register(
             "token_refreshes",
             "Token requests to the identity endpoint, by credential and result",
@@ -250,16 +203,29 @@ impl Metrics {
             .set(1);
         r.register("build_info", "pcgate's version", build_info);
         Metrics {
-            registry: root,
+            registry: std::sync::Mutex::new(root),
             ..m
         }
+    }
+
+    /// Registers `metric` as `pcgate_<name>`: the layers that own a family register it themselves
+    /// (and export its known label sets at zero, like [`Metrics::prime`]).
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        registry.register(format!("pcgate_{name}"), help, metric);
     }
 
     /// The OpenMetrics text exposition (what a Prometheus server asks for first).
     pub fn encode_openmetrics(&self) -> String {
         let mut text = String::with_capacity(8 * 1024);
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
         text
     }
 
@@ -439,14 +405,6 @@ impl Metrics {
             if route.coalesced {
                 let _ = self.coalesced.get_or_create(&label);
             }
-        }
-        for reason in [
-            RetryReason::Status,
-            RetryReason::Throttled,
-            RetryReason::Connect,
-            RetryReason::Timeout,
-        ] {
-            let _ = self.retries.get_or_create(&reason.into());
         }
         for credential in credentials {
             for result in REFRESH_RESULTS {

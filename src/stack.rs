@@ -96,7 +96,7 @@ pub fn build(
         )
         // The deadline and the retries wrap every attempt, inside the cache and coalescing so a
         // shared or stored answer is the one that came after retrying.
-        .layer(RetryLayer::new(parts.retry, parts.metrics.clone()))
+        .layer(RetryLayer::new(parts.retry, &parts.metrics))
         // Innermost but the client: every attempt, and the 401 replay, carries a current token.
         .layer(CredentialLayer::new(parts.tokens))
         .service(parts.upstream)

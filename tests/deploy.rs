@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use pcgate::config::Config;
 use pcgate::layer::cache::CacheStatus;
 use pcgate::metrics::{
-    status_class, CacheLabels, CredentialLabel, Metrics, Reason, RetryLabels, RouteLabel,
-    RouteStatus, TokenLabels, UpstreamLabels,
+    status_class, CacheLabels, CredentialLabel, Metrics, RouteLabel, RouteStatus, TokenLabels,
+    UpstreamLabels,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -467,14 +467,14 @@ fn catalog() -> Catalog {
     m.coalesced
         .get_or_create(&RouteLabel { route: route() })
         .inc();
-    for reason in [
-        Reason::status,
-        Reason::throttled,
-        Reason::connect,
-        Reason::timeout,
-    ] {
-        m.retries.get_or_create(&RetryLabels { reason }).inc();
-    }
+    // The retry layer registers its own families, every reason at zero.
+    let _retry = pcgate::layer::retry::RetryLayer::new(
+        pcgate::layer::retry::RetrySettings::new(
+            &pcgate::config::RetryConfig::default(),
+            std::time::Duration::from_secs(60),
+        ),
+        &m,
+    );
     for result in ["ok", "error"] {
         m.token_refreshes
             .get_or_create(&TokenLabels {

@@ -24,80 +24,12 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::body::{BoxError, Request, Response};
+use crate::call::CallInfo;
+use crate::headers::is_forwarded;
+pub use crate::headers::{configured_header, FORWARDED};
 use crate::host::{HostError, HostRule};
-use crate::layer::cache::{RequestCacheControl, MS_CONTINUATION_TOKEN, MS_CONTRACT_VERSION};
-use crate::layer::observe::CallInfo;
-use crate::layer::tracking::{MS_APPLICATION, MS_CORRELATION_ID, MS_CV, MS_REQUEST_ID, X_LOCALE};
+use crate::layer::cache::RequestCacheControl;
 use crate::route::{normalize_path, PathError, Route, RouteTable};
-
-/// The request headers forwarded upstream: those the Partner Center REST headers page documents
-/// and its SDKs send (reference §1.1–1.2), the seek-paging header (§5.5), and the body's framing.
-/// `Authorization` and `Host` are pcgate's own to set. Every one that can change an answer is in
-/// the cache key (`layer::cache::key`); the tracking ids and the SDK's self-description cannot.
-pub const FORWARDED: [HeaderName; 19] = [
-    header::ACCEPT,
-    header::ACCEPT_ENCODING,
-    header::CONTENT_TYPE,
-    header::CONTENT_LENGTH,
-    X_LOCALE,
-    MS_REQUEST_ID,
-    MS_CORRELATION_ID,
-    MS_CV,
-    MS_APPLICATION,
-    MS_CONTRACT_VERSION,
-    MS_CONTINUATION_TOKEN,
-    header::IF_MATCH,
-    HeaderName::from_static("ms-partnercenter-client"),
-    HeaderName::from_static("ms-sdkversion"),
-    // Conditional and partial requests (RFC 9110 §13, §14): a request carrying one is never
-    // answered from the cache nor shared (`layer::cache::shareable`), so it needs no key.
-    header::IF_NONE_MATCH,
-    header::IF_MODIFIED_SINCE,
-    header::IF_UNMODIFIED_SINCE,
-    header::IF_RANGE,
-    header::RANGE,
-];
-
-/// Request headers no configuration may forward or key on: credentials (the caller's cookies and
-/// `Authorization` are never the upstream's business), `Host` (pcgate's own), and the hop-by-hop
-/// headers of RFC 9110 §7.6.1, which belong to one connection.
-const NEVER_FORWARDED: [&str; 12] = [
-    "cookie",
-    "authorization",
-    "host",
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Checks a header name from `upstream.forward_headers` or `cache.key_headers` (`key` names the
-/// list in the message): a valid name, and not one that is never forwarded.
-pub fn configured_header(key: &str, name: &str) -> Result<HeaderName, String> {
-    let parsed = HeaderName::from_bytes(name.trim().as_bytes())
-        .map_err(|_| format!("{key}: `{name}` is not a valid header name"))?;
-    if NEVER_FORWARDED.contains(&parsed.as_str()) {
-        return Err(format!(
-            "{key}: `{name}` is never forwarded (credentials, Host and hop-by-hop headers stay with pcgate): remove it"
-        ));
-    }
-    if parsed == header::CACHE_CONTROL {
-        return Err(format!(
-            "{key}: `{name}` is read by pcgate's cache, not forwarded: remove it"
-        ));
-    }
-    Ok(parsed)
-}
-
-/// Whether `name` is forwarded upstream given the configured extra list.
-pub fn is_forwarded(name: &HeaderName, extra: &[HeaderName]) -> bool {
-    FORWARDED.contains(name) || extra.contains(name)
-}
 
 /// Keeps only the forwarded headers; the caller's `Cache-Control` goes into the request's
 /// extensions for the cache layer.

@@ -6,49 +6,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
 
 use crate::body::{Request, Response};
-use crate::layer::cache::CacheStatus;
-use crate::layer::tracking::{MS_CORRELATION_ID, MS_REQUEST_ID};
+pub use crate::call::CallInfo;
+use crate::headers::{MS_CORRELATION_ID, MS_REQUEST_ID};
 use crate::metrics::{status_class, Metrics, RouteLabel, RouteStatus};
-
-/// What the inner layers learned about one call.
-#[derive(Debug, Default)]
-pub struct CallInfo {
-    route: OnceLock<Arc<str>>,
-    cache: OnceLock<CacheStatus>,
-    attempts: AtomicU32,
-}
-
-impl CallInfo {
-    /// The call matched this route (set by `access`).
-    pub fn set_route(&self, name: &Arc<str>) {
-        let _ = self.route.set(name.clone());
-    }
-
-    /// What the cache did (set by `cache`).
-    pub fn set_cache(&self, status: CacheStatus) {
-        let _ = self.cache.set(status);
-    }
-
-    /// One more upstream attempt (counted by the upstream client).
-    pub fn add_attempt(&self) {
-        self.attempts.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The route's name, `none` before (or without) a match.
-    pub fn route(&self) -> Arc<str> {
-        self.route
-            .get()
-            .cloned()
-            .unwrap_or_else(|| Arc::from("none"))
-    }
-}
 
 /// Adds [`Observe`] around a service.
 #[derive(Clone)]
@@ -150,8 +116,8 @@ where
                     route = &*route,
                     status = status.as_u16(),
                     duration_ms = elapsed.as_secs_f64() * 1000.0,
-                    cache_status = info.cache.get().map_or("none", |c| c.as_str()),
-                    attempts = info.attempts.load(Ordering::Relaxed),
+                    cache_status = info.cache(),
+                    attempts = info.attempts(),
                     request_id = header(MS_REQUEST_ID),
                     correlation_id = header(MS_CORRELATION_ID),
                     "call"

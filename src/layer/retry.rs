@@ -26,6 +26,8 @@ use crate::deadline::Deadline;
 use crate::metrics::Metrics;
 use crate::route::Route;
 use crate::upstream::UpstreamError;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// How long the budget remembers calls.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
@@ -44,6 +46,14 @@ pub enum RetryReason {
 }
 
 impl RetryReason {
+    /// Every reason, for exporting each at zero.
+    pub const ALL: [RetryReason; 4] = [
+        RetryReason::Status,
+        RetryReason::Throttled,
+        RetryReason::Connect,
+        RetryReason::Timeout,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -51,6 +61,49 @@ impl RetryReason {
             RetryReason::Throttled => "throttled",
             RetryReason::Connect => "connect",
             RetryReason::Timeout => "timeout",
+        }
+    }
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for RetryReason {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// `{reason}` of `pcgate_retries_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ReasonLabel {
+    reason: RetryReason,
+}
+
+/// The retry layer's metric families, registered by the layer itself.
+struct RetryMetrics {
+    /// `pcgate_retries_total{reason}`.
+    retries: Family<ReasonLabel, Counter>,
+    /// `pcgate_retry_budget_exhausted_total`.
+    budget_exhausted: Counter,
+}
+
+impl RetryMetrics {
+    fn register(metrics: &Metrics) -> RetryMetrics {
+        let retries = Family::<ReasonLabel, Counter>::default();
+        for reason in RetryReason::ALL {
+            let _ = retries.get_or_create(&ReasonLabel { reason });
+        }
+        let budget_exhausted = Counter::default();
+        metrics.register("retries", "Upstream retries, by reason", retries.clone());
+        metrics.register(
+            "retry_budget_exhausted",
+            "Retries not made because the retry budget was spent",
+            budget_exhausted.clone(),
+        );
+        RetryMetrics {
+            retries,
+            budget_exhausted,
         }
     }
 }
@@ -114,12 +167,13 @@ pub struct RetryLayer {
 struct Shared {
     settings: RetrySettings,
     budget: TpsBudget,
-    metrics: Arc<Metrics>,
+    metrics: RetryMetrics,
 }
 
 impl RetryLayer {
-    /// Uses these settings; the budget is shared by every clone.
-    pub fn new(settings: RetrySettings, metrics: Arc<Metrics>) -> Self {
+    /// Uses these settings, and registers its metrics in `metrics`; the budget is shared by
+    /// every clone.
+    pub fn new(settings: RetrySettings, metrics: &Metrics) -> Self {
         let budget = TpsBudget::new(
             BUDGET_WINDOW,
             settings.budget_min_per_second,
@@ -129,7 +183,7 @@ impl RetryLayer {
             shared: Arc::new(Shared {
                 settings,
                 budget,
-                metrics,
+                metrics: RetryMetrics::register(metrics),
             }),
         }
     }
@@ -231,7 +285,7 @@ impl Shared {
                 Next::RetryAfter(delay, reason) => (delay, reason),
             };
             if !self.budget.withdraw() {
-                self.metrics.retry_budget_exhausted.inc();
+                self.metrics.budget_exhausted.inc();
                 tracing::warn!(
                     attempt,
                     reason = reason.as_str(),
@@ -239,7 +293,10 @@ impl Shared {
                 );
                 return with_attempts(outcome, attempt);
             }
-            self.metrics.retries.get_or_create(&reason.into()).inc();
+            self.metrics
+                .retries
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
             tracing::info!(
                 attempt,
                 reason = reason.as_str(),
@@ -334,7 +391,7 @@ mod tests {
     ) -> (
         impl Service<Request, Response = Response, Error = BoxError>,
         Arc<Mutex<Vec<Instant>>>,
-        Arc<Metrics>,
+        RetryLayer,
     ) {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let seen = calls.clone();
@@ -366,12 +423,8 @@ mod tests {
                 }
             }
         });
-        let metrics = Arc::new(Metrics::new());
-        (
-            RetryLayer::new(settings, metrics.clone()).layer(inner),
-            calls,
-            metrics,
-        )
+        let layer = RetryLayer::new(settings, &Metrics::new());
+        (layer.layer(inner), calls, layer)
     }
 
     fn get(retry: bool) -> Request {
@@ -425,8 +478,12 @@ mod tests {
             assert!(gaps[0] <= base, "{gaps:?}");
             assert!(gaps[1] <= (base * 2).min(max), "{gaps:?}");
             let retried = metrics
+                .shared
+                .metrics
                 .retries
-                .get_or_create(&RetryReason::Status.into())
+                .get_or_create(&ReasonLabel {
+                    reason: RetryReason::Status,
+                })
                 .get();
             assert_eq!(retried, 2);
         }
@@ -480,8 +537,12 @@ mod tests {
         assert_eq!(calls.lock().unwrap().len(), 2);
         assert_eq!(
             metrics
+                .shared
+                .metrics
                 .retries
-                .get_or_create(&RetryReason::Connect.into())
+                .get_or_create(&ReasonLabel {
+                    reason: RetryReason::Connect
+                })
                 .get(),
             1
         );
@@ -550,7 +611,7 @@ mod tests {
         // Unbudgeted: 300 calls × 3 retries = 900. Budgeted: the reserve (1/s over the 10 s
         // window) plus 10% of the calls, give or take the window sliding under paused time.
         assert!(retries < 150, "{retries} retries for 300 calls");
-        assert!(metrics.retry_budget_exhausted.get() > 100);
+        assert!(metrics.shared.metrics.budget_exhausted.get() > 100);
     }
 
     fn settings() -> RetrySettings {

@@ -23,16 +23,7 @@ use tracing::Instrument;
 use crate::body::{Request, Response};
 use crate::cv::CorrelationVector;
 
-/// `MS-RequestId`.
-pub const MS_REQUEST_ID: HeaderName = HeaderName::from_static("ms-requestid");
-/// `MS-CorrelationId`.
-pub const MS_CORRELATION_ID: HeaderName = HeaderName::from_static("ms-correlationid");
-/// `MS-CV`.
-pub const MS_CV: HeaderName = HeaderName::from_static("ms-cv");
-/// `X-Locale`.
-pub const X_LOCALE: HeaderName = HeaderName::from_static("x-locale");
-/// `MS-PartnerCenter-Application`.
-pub const MS_APPLICATION: HeaderName = HeaderName::from_static("ms-partnercenter-application");
+pub use crate::headers::{MS_APPLICATION, MS_CORRELATION_ID, MS_CV, MS_REQUEST_ID, X_LOCALE};
 
 /// The tracking layer's own settings.
 #[derive(Debug, Clone)]

@@ -11,14 +11,10 @@ use http::header::{self, HeaderName};
 use crate::body::Request;
 use crate::route::Route;
 
-/// `MS-ContinuationToken`: pages of seek-paged collections differ only by this header.
-pub const MS_CONTINUATION_TOKEN: HeaderName = HeaderName::from_static("ms-continuationtoken");
+pub use crate::headers::{MS_CONTINUATION_TOKEN, MS_CONTRACT_VERSION};
 
 /// Fields are joined by `\n`, which no header value, normalised path or encoded query can hold.
 const SEPARATOR: char = '\n';
-
-/// `MS-Contract-Version`: the API version (reference §1.1).
-pub const MS_CONTRACT_VERSION: HeaderName = HeaderName::from_static("ms-contract-version");
 
 /// The forwarded request headers an answer depends on (`layer::access::FORWARDED` lists them all).
 /// `Accept-Encoding` is here too: a gzip body must not reach a caller that did not ask for one.
@@ -29,7 +25,7 @@ pub const KEYED_HEADERS: [HeaderName; 6] = [
     header::ACCEPT,
     header::ACCEPT_ENCODING,
     header::CONTENT_TYPE,
-    crate::layer::tracking::X_LOCALE,
+    crate::headers::X_LOCALE,
     MS_CONTINUATION_TOKEN,
     MS_CONTRACT_VERSION,
 ];

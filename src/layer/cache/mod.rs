@@ -26,13 +26,12 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Response};
+use crate::call::CallInfo;
 use crate::deadline::DeadlineExceeded;
-use crate::layer::observe::CallInfo;
 use crate::metrics::{CacheLabels, Metrics};
 use crate::route::Route;
 
-/// `Cache-Status`.
-pub const CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+pub use crate::headers::CACHE_STATUS;
 
 /// The caller's `Cache-Control` values: `access` takes them out of the request (they are not
 /// forwarded upstream) and leaves them here for the cache to honour.
@@ -446,7 +445,7 @@ where
 impl Shared {
     fn count(&self, route: &Arc<str>, status: CacheStatus, info: Option<&Arc<CallInfo>>) {
         if let Some(info) = info {
-            info.set_cache(status);
+            info.set_cache(status.as_str());
         }
         self.metrics
             .cache_lookups

@@ -1,0 +1,52 @@
+//! What the layers learn about one call and tell the access log: a [`CallInfo`] in the request's
+//! extensions, put there by `observe` and filled in by the layers inside it. A neutral module, so
+//! no layer imports another's internals to report.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// The `route` label of a call no route matched (metrics and the access log).
+pub const NO_ROUTE: &str = "none";
+
+/// What the inner layers learned about one call.
+#[derive(Debug, Default)]
+pub struct CallInfo {
+    route: OnceLock<Arc<str>>,
+    cache: OnceLock<&'static str>,
+    attempts: AtomicU32,
+}
+
+impl CallInfo {
+    /// The call matched this route (set by `access`).
+    pub fn set_route(&self, name: &Arc<str>) {
+        let _ = self.route.set(name.clone());
+    }
+
+    /// What the cache did: `hit`, `miss`, `stale`, `bypass` (set by `cache`).
+    pub fn set_cache(&self, result: &'static str) {
+        let _ = self.cache.set(result);
+    }
+
+    /// One more upstream attempt (counted by the upstream client).
+    pub fn add_attempt(&self) {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The route's name, [`NO_ROUTE`] before (or without) a match.
+    pub fn route(&self) -> Arc<str> {
+        self.route
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Arc::from(NO_ROUTE))
+    }
+
+    /// What the cache did, `none` on routes without one.
+    pub fn cache(&self) -> &'static str {
+        self.cache.get().copied().unwrap_or("none")
+    }
+
+    /// Upstream attempts made (0 when answered from the cache).
+    pub fn attempts(&self) -> u32 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+}
