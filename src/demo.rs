@@ -92,17 +92,10 @@ pub async fn run(shutdown: impl Future<Output = ()> + Send + 'static) -> Result<
          \n  curl -s http://{sb}/__sandbox/requests         # what the upstream saw\
          \n\nCtrl-C stops both."
     );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop.send(true);
-    });
+    let shutdown = crate::shutdown::Shutdown::on(shutdown);
     let (served, ()) = tokio::join!(
-        gateway.serve(signal(stopped.clone())),
-        sandbox.serve(signal(stopped))
+        gateway.serve(shutdown.wait()),
+        sandbox.serve(shutdown.wait())
     );
     served?;
     Ok(())

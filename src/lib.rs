@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod route;
 pub mod sandbox;
 pub mod server;
+pub mod shutdown;
 pub mod stack;
 pub mod token;
 pub mod upstream;
@@ -48,7 +49,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::server::ServeOptions;
@@ -220,14 +220,7 @@ impl Gateway {
         let admin_service = tower::service_fn(move |request| admin_state.clone().handle(request));
 
         let refreshers = tokens.spawn_refreshers();
-        let (stop, stopped) = watch::channel(false);
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop.send(true);
-        });
-        let signal = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
+        let shutdown = shutdown::Shutdown::on(shutdown);
         let options = |name| ServeOptions {
             name,
             header_read_timeout: config.server.header_read_timeout,
@@ -242,13 +235,8 @@ impl Gateway {
             "pcgate listening"
         );
         tokio::join!(
-            server::serve(
-                listener,
-                service,
-                options("gateway"),
-                signal(stopped.clone())
-            ),
-            server::serve(admin, admin_service, options("admin"), signal(stopped)),
+            server::serve(listener, service, options("gateway"), shutdown.wait()),
+            server::serve(admin, admin_service, options("admin"), shutdown.wait()),
         );
         for refresher in refreshers {
             refresher.abort();
