@@ -36,9 +36,11 @@ async fn short_lived_tokens_are_refreshed_ahead_of_expiry_with_no_caller_error()
     }))
     .await;
 
+    // The refresh state machine is tested in paused time (`token::tests`); this checks the same
+    // end to end, against the sandbox's real expiry, for a few token lifetimes.
     let started = Instant::now();
     let mut calls = 0;
-    while started.elapsed() < Duration::from_secs(30) && calls < 2_000 {
+    while started.elapsed() < Duration::from_secs(6) && calls < 2_000 {
         let response = get(&gateway, "/v1/invoices?size=1").await;
         assert_eq!(
             response.status(),
@@ -49,10 +51,11 @@ async fn short_lived_tokens_are_refreshed_ahead_of_expiry_with_no_caller_error()
         calls += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // A 2 s token refreshed 1 s (minus jitter) ahead: one fetch every 0.75–1 s over 30 s.
+    // A 2 s token refreshed 1 s (minus jitter) ahead: one fetch every 0.75–1 s over 6 s, so
+    // calls crossed several token expiries.
     let fetched = sandbox.count("token").await;
-    assert!(fetched >= 25, "only {fetched} token requests in 30 s");
-    assert!(calls > 100);
+    assert!(fetched >= 5, "only {fetched} token requests in 6 s");
+    assert!(calls > 40);
 }
 
 #[tokio::test]

@@ -125,7 +125,7 @@ enum Kind {
     },
     /// Tests: a token endpoint that answers at once, counting its requests.
     #[cfg(test)]
-    Fake(Arc<std::sync::atomic::AtomicU64>),
+    Fake(Arc<tests::Fake>),
 }
 
 struct Inner {
@@ -477,14 +477,7 @@ impl TokenSource {
             )),
             Kind::ClientCredentials(endpoint) => endpoint.client_credentials().await,
             #[cfg(test)]
-            Kind::Fake(requests) => {
-                let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
-                Ok(endpoint::Issued {
-                    access_token: SecretString::from(format!("fake-{n}")),
-                    expires_in: Duration::from_secs(2 * 3600),
-                    refresh_token: None,
-                })
-            }
+            Kind::Fake(fake) => fake.issue(),
             Kind::RefreshToken {
                 endpoint,
                 current,
@@ -729,27 +722,61 @@ impl TokenSources {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
 
-    fn fake() -> (TokenSource, Arc<AtomicU64>) {
-        let requests = Arc::new(AtomicU64::new(0));
+    /// A token endpoint that answers at once: tokens of `lifetime`, or failures while `failing`.
+    pub(super) struct Fake {
+        requests: AtomicU64,
+        lifetime: Duration,
+        failing: AtomicBool,
+    }
+
+    impl Fake {
+        fn count(&self) -> u64 {
+            self.requests.load(Ordering::SeqCst)
+        }
+
+        pub(super) fn issue(&self) -> Result<endpoint::Issued, FetchError> {
+            let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(FetchError::Transport("the fake endpoint is down".into()));
+            }
+            Ok(endpoint::Issued {
+                access_token: SecretString::from(format!("fake-{n}")),
+                expires_in: self.lifetime,
+                refresh_token: None,
+            })
+        }
+    }
+
+    /// A source whose endpoint issues tokens of `lifetime`, refreshed `refresh_before` ahead.
+    fn fake_with(lifetime: Duration, refresh_before: Duration) -> (TokenSource, Arc<Fake>) {
+        let fake = Arc::new(Fake {
+            requests: AtomicU64::new(0),
+            lifetime,
+            failing: AtomicBool::new(false),
+        });
         let source = TokenSource::from_kind(
             "fake",
-            Kind::Fake(requests.clone()),
-            Duration::from_secs(300),
+            Kind::Fake(fake.clone()),
+            refresh_before,
             Arc::new(Metrics::new()),
         );
-        (source, requests)
+        (source, fake)
+    }
+
+    fn fake() -> (TokenSource, Arc<Fake>) {
+        fake_with(Duration::from_secs(2 * 3600), Duration::from_secs(300))
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_caller_provoking_401s_for_an_hour_gets_at_most_the_bound_of_token_requests() {
         let (source, requests) = fake();
         let mut token = source.token().await.unwrap();
-        assert_eq!(requests.load(Ordering::SeqCst), 1);
+        assert_eq!(requests.count(), 1);
         // The first 401 is answered by a new token at once: a revoked token is replaced.
         token = source.replace(&token).await.unwrap();
-        assert_eq!(requests.load(Ordering::SeqCst), 2);
+        assert_eq!(requests.count(), 2);
         // Then every call, one a second for an hour, is refused with 401 on its (fresh) token.
         let started = Instant::now();
         let mut refusal = None;
@@ -760,7 +787,7 @@ mod tests {
             }
             tokio::time::advance(Duration::from_secs(1)).await;
         }
-        let forced = requests.load(Ordering::SeqCst) - 1;
+        let forced = requests.count() - 1;
         assert!(
             forced <= MAX_FORCED_PER_HOUR as u64,
             "{forced} token requests forced by 401s in an hour"
@@ -770,7 +797,76 @@ mod tests {
         assert!(refusal.contains("in the last hour"), "{refusal}");
         tokio::time::advance(Duration::from_secs(3600)).await;
         token = source.replace(&token).await.unwrap();
-        assert_eq!(requests.load(Ordering::SeqCst), forced + 2);
+        assert_eq!(requests.count(), forced + 2);
         assert!(source.replace(&token).await.is_err(), "10 s apart at least");
+    }
+
+    /// The steady state (replaces a 30 s wall-clock test): 2 s tokens refreshed 1 s ahead, with
+    /// jitter, for 30 s of paused time; a caller every 50 ms always gets a valid token, without
+    /// waiting for a refresh, and the endpoint sees about one request a second.
+    #[tokio::test(start_paused = true)]
+    async fn short_lived_tokens_are_refreshed_ahead_of_expiry_and_callers_never_wait() {
+        let (source, fake) = fake_with(Duration::from_secs(2), Duration::from_secs(1));
+        source.token().await.unwrap();
+        let refresher = source.spawn_refresher().unwrap();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            let token = source.current().expect("a valid token at every moment");
+            assert!(token.is_valid(Instant::now()));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        refresher.abort();
+        let fetched = fake.count();
+        // One fetch every 0.5–1 s (refresh at most half the life ahead, jittered).
+        assert!(
+            (25..=70).contains(&fetched),
+            "{fetched} token requests in 30 s"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hundred_concurrent_first_callers_make_one_token_request() {
+        let (source, fake) = fake();
+        let calls: Vec<_> = (0..100)
+            .map(|_| {
+                let source = source.clone();
+                tokio::spawn(async move { source.token().await.map(|_| ()) })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        assert_eq!(fake.count(), 1);
+    }
+
+    /// The endpoint fails for longer than the token's remaining life minus `refresh_before`:
+    /// callers keep the old token until it expires, attempts back off, and then it is an error
+    /// naming the cause; once the endpoint is back, the next attempt recovers.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_endpoint_is_ridden_out_with_backoff_until_the_token_expires() {
+        let (source, fake) = fake_with(Duration::from_secs(600), Duration::from_secs(300));
+        source.token().await.unwrap();
+        let refresher = source.spawn_refresher().unwrap();
+        fake.failing.store(true, Ordering::SeqCst);
+        // Just before expiry: still the old token, and far fewer attempts than seconds passed.
+        tokio::time::sleep(Duration::from_secs(590)).await;
+        assert!(
+            source.current().is_some(),
+            "the old token is kept until it expires"
+        );
+        let attempts = fake.count() - 1;
+        assert!(attempts >= 3, "refreshes were not attempted: {attempts}");
+        assert!(attempts <= 20, "{attempts} attempts in ~300 s: no backoff");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(source.current().is_none(), "an expired token is not served");
+        let error = source.token().await.err().expect("no token to be had");
+        assert!(error.cause.contains("down"), "{}", error.cause);
+        fake.failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep(MAX_BACKOFF + Duration::from_secs(1)).await;
+        assert!(
+            source.current().is_some(),
+            "recovered once the endpoint is back"
+        );
+        refresher.abort();
     }
 }
