@@ -859,7 +859,7 @@ mod tests {
         assert!(attempts <= 20, "{attempts} attempts in ~300 s: no backoff");
         tokio::time::sleep(Duration::from_secs(20)).await;
         assert!(source.current().is_none(), "an expired token is not served");
-        let error = source.token().await.err().expect("no token to be had");
+        let error = source.token().await.expect_err("no token to be had");
         assert!(error.cause.contains("down"), "{}", error.cause);
         fake.failing.store(false, Ordering::SeqCst);
         tokio::time::sleep(MAX_BACKOFF + Duration::from_secs(1)).await;
