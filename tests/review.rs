@@ -88,3 +88,47 @@ async fn transfer_encoding_then_an_unparsable_content_length_is_still_refused() 
     }
     assert!(origin.requests().is_empty(), "nothing reached the upstream");
 }
+
+// ---- the gateway port and web pages ----
+
+/// With no inbound keys the gateway port trusts whoever reaches it on loopback, so a web page
+/// the operator opens can post to it (a form's `text/plain` POST needs no preflight) and the
+/// call goes out with the partner's credential. The Host rule does not stop it: the page names
+/// `127.0.0.1`. Browsers send `Origin` on every cross-site POST; the gateway must refuse a
+/// foreign one as the admin port does (README: "A web page reaches pcgate (... cross-site
+/// posts)").
+#[tokio::test]
+async fn a_cross_site_post_to_the_gateway_port_is_refused() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let gateway = start_gateway(&config(
+        &origin.base_url(),
+        "",
+        r#"
+        [[routes]]
+        name = "post"
+        match = "POST /v1/customers/*/carts"
+        "#,
+    ))
+    .await;
+    let body = "x=1";
+    let request = format!(
+        "POST /v1/customers/c1/carts HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://evil.example\r\n\
+         Content-Type: text/plain\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{body}",
+        addr = gateway.addr,
+        len = body.len()
+    );
+    let status = raw_status(gateway.addr, request.as_bytes()).await;
+    assert_eq!(status, 403);
+    assert!(origin.requests().is_empty(), "nothing reached the upstream");
+
+    // A caller that is no web page (no Origin), and the listener's own origin, still pass.
+    for extra in ["", &format!("Origin: http://{}\r\n", gateway.addr)] {
+        let request = format!(
+            "POST /v1/customers/c1/carts HTTP/1.1\r\nHost: {addr}\r\n{extra}\
+             Content-Type: text/plain\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{body}",
+            addr = gateway.addr,
+            len = body.len()
+        );
+        assert_eq!(raw_status(gateway.addr, request.as_bytes()).await, 200);
+    }
+}

@@ -114,7 +114,12 @@ fn classify(error: &(dyn std::error::Error + Send + Sync + 'static)) -> (StatusC
             AccessError::BadPath(_) => (StatusCode::BAD_REQUEST, "InvalidPath"),
             AccessError::NoRoute { .. } => (StatusCode::FORBIDDEN, "RouteNotAllowed"),
             AccessError::BadKey => (StatusCode::UNAUTHORIZED, "InvalidApiKey"),
-            AccessError::Host(_) => (StatusCode::MISDIRECTED_REQUEST, "MisdirectedRequest"),
+            AccessError::Host(crate::host::HostError::Misdirected(_)) => {
+                (StatusCode::MISDIRECTED_REQUEST, "MisdirectedRequest")
+            }
+            AccessError::Host(crate::host::HostError::ForeignOrigin(_)) => {
+                (StatusCode::FORBIDDEN, "ForeignOrigin")
+            }
         };
     }
     if find_cause::<BadTrackingHeader>(error).is_some() {
