@@ -66,6 +66,10 @@ pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
 /// anything near this is already "no budget").
 pub const MAX_BUDGET_MIN_PER_SECOND: u32 = 1_000_000;
 
+/// The longest duration any key takes: each is added to the clock, and a year is already far
+/// past any sensible timeout or cache window.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -444,6 +448,15 @@ impl Config {
     /// Checks what serde cannot: URLs, references between sections, numbers in range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError::Invalid(msg));
+        for (key, duration) in self.durations() {
+            if duration > MAX_DURATION {
+                return fail(format!(
+                    "{key}: {} is longer than the longest pcgate accepts ({})",
+                    humantime::format_duration(duration),
+                    humantime::format_duration(MAX_DURATION)
+                ));
+            }
+        }
         if self.server.header_read_timeout.is_zero() {
             return fail("server.header_read_timeout must be more than 0s (it closes connections that never send a request)".into());
         }
@@ -579,6 +592,54 @@ impl Config {
         // What `run` builds from the routes, so a table that passes here also starts.
         crate::route::RouteTable::new(&self.routes).map_err(ConfigError::Invalid)?;
         Ok(())
+    }
+
+    /// Every duration in the config, by key: each is added to the clock somewhere.
+    fn durations(&self) -> Vec<(String, Duration)> {
+        let mut all = vec![
+            (
+                "server.shutdown_grace".to_owned(),
+                self.server.shutdown_grace,
+            ),
+            (
+                "server.header_read_timeout".to_owned(),
+                self.server.header_read_timeout,
+            ),
+            ("server.idle_timeout".to_owned(), self.server.idle_timeout),
+            (
+                "upstream.connect_timeout".to_owned(),
+                self.upstream.connect_timeout,
+            ),
+            (
+                "upstream.attempt_timeout".to_owned(),
+                self.upstream.attempt_timeout,
+            ),
+            ("upstream.deadline".to_owned(), self.upstream.deadline),
+            ("retry.base_delay".to_owned(), self.retry.base_delay),
+            ("retry.max_delay".to_owned(), self.retry.max_delay),
+            (
+                "retry.max_retry_after".to_owned(),
+                self.retry.max_retry_after,
+            ),
+        ];
+        for (name, credential) in &self.credentials {
+            all.push((
+                format!("credentials.{name}.refresh_before"),
+                credential.refresh_before,
+            ));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            for (key, window) in [
+                ("cache_ttl", route.cache_ttl),
+                ("stale_while_revalidate", route.stale_while_revalidate),
+                ("stale_if_error", route.stale_if_error),
+            ] {
+                if let Some(window) = window {
+                    all.push((format!("routes[{i}].{key}"), window));
+                }
+            }
+        }
+        all
     }
 
     /// What is allowed but unsafe: a credential that would travel in clear text off this host.
@@ -902,6 +963,11 @@ mod tests {
                 (route("match = \"FETCH /v1/invoices\""), "routes[0]"),
                 (route("name = \"\"\nmatch = \"GET /v1/invoices\""), "routes[0]"),
                 (with("[server]\nlisten = \"0.0.0.0:8080\""), "server.listen"),
+                (
+                    route("match = \"GET /v1/invoices\"\ncache_ttl = \"500000000000years\""),
+                    "routes[0].cache_ttl",
+                ),
+                (with("[server]\nidle_timeout = \"2years\""), "server.idle_timeout"),
             ];
             for (result, key) in cases {
                 let msg = message(result);

@@ -110,6 +110,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        // `Host` is end-to-end by definition, and the `Host` rule must see it.
+        .filter(|name| *name != header::HOST)
         .collect();
     for name in named {
         headers.remove(name);
@@ -151,5 +153,16 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("accept"));
+    }
+
+    #[test]
+    fn a_connection_header_cannot_remove_host() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", "host, x-private".parse().unwrap());
+        headers.insert("host", "evil.example".parse().unwrap());
+        headers.insert("x-private", "1".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers["host"], "evil.example");
+        assert!(!headers.contains_key("x-private"));
     }
 }

@@ -73,7 +73,8 @@ pub enum AccessError {
     /// Inbound keys are configured and the caller sent none, or a wrong one (401).
     #[error("missing or unknown API key: send `Authorization: Bearer <key>` with a key from [[access.clients]]")]
     BadKey,
-    /// No inbound keys, and `Host` names a host this listener does not answer (421).
+    /// No inbound keys, and `Host` names a host this listener does not answer (421), or `Origin`
+    /// is another site's (403).
     #[error(transparent)]
     Host(#[from] HostError),
 }
@@ -84,7 +85,8 @@ impl crate::error::Problem for AccessError {
             AccessError::BadPath(_) => http::StatusCode::BAD_REQUEST,
             AccessError::NoRoute { .. } => http::StatusCode::FORBIDDEN,
             AccessError::BadKey => http::StatusCode::UNAUTHORIZED,
-            AccessError::Host(_) => http::StatusCode::MISDIRECTED_REQUEST,
+            AccessError::Host(HostError::Misdirected(_)) => http::StatusCode::MISDIRECTED_REQUEST,
+            AccessError::Host(HostError::ForeignOrigin(_)) => http::StatusCode::FORBIDDEN,
         }
     }
 
@@ -93,7 +95,8 @@ impl crate::error::Problem for AccessError {
             AccessError::BadPath(_) => "InvalidPath",
             AccessError::NoRoute { .. } => "RouteNotAllowed",
             AccessError::BadKey => "InvalidApiKey",
-            AccessError::Host(_) => "MisdirectedRequest",
+            AccessError::Host(HostError::Misdirected(_)) => "MisdirectedRequest",
+            AccessError::Host(HostError::ForeignOrigin(_)) => "ForeignOrigin",
         }
     }
 }
@@ -135,7 +138,7 @@ pub struct AccessLayer {
 
 impl AccessLayer {
     /// Uses this route table; with `keys` not empty, callers must present one, and without
-    /// keys, `Host` must pass `hosts` (a key already proves the caller is no web page).
+    /// keys, `Host` and `Origin` must pass `hosts` (a key already proves the caller is no web page).
     pub fn new(table: RouteTable, keys: Vec<ClientKey>, hosts: HostRule) -> Self {
         AccessLayer {
             table: Arc::new(table),
@@ -206,7 +209,10 @@ where
 impl<S> Access<S> {
     fn admit(&self, request: &mut Request) -> Result<Arc<Route>, AccessError> {
         if self.keys.is_empty() {
+            // No key proves the caller is no web page: refuse a rebound name, and a page of
+            // another site posting here (browsers send `Origin` on every cross-site POST).
             self.hosts.check_host(request)?;
+            self.hosts.check_origin(request)?;
         } else {
             let client = self.client(request).ok_or(AccessError::BadKey)?;
             tracing::debug!(client = %client.name, "inbound key accepted");

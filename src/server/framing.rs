@@ -339,16 +339,20 @@ fn parse_head(bytes: &[u8]) -> Parsed {
         Err(_) => Parsed::Refused,
         Ok(httparse::Status::Complete(len)) => {
             let mut length = None;
+            let mut unparsable = false;
             let mut chunked = false;
             let mut te = false;
             for header in request.headers.iter() {
                 if header.name.eq_ignore_ascii_case("content-length") {
+                    // A value hyper cannot parse is still a second framing when it comes after
+                    // `Transfer-Encoding`: hyper skips it unread and serves the chunked body,
+                    // while a proxy in front may read it (`5, 5`) as a length.
                     match std::str::from_utf8(header.value)
                         .ok()
                         .and_then(|v| v.trim().parse::<u64>().ok())
                     {
                         Some(n) => length = Some(n),
-                        None => return Parsed::Refused,
+                        None => unparsable = true,
                     }
                 } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
                     te = true;
@@ -361,6 +365,9 @@ fn parse_head(bytes: &[u8]) -> Parsed {
                 }
             }
             let framing = match (te, length) {
+                (true, _) if unparsable => BodyFraming::Conflict,
+                // Without `Transfer-Encoding` hyper refuses the head itself.
+                (false, _) if unparsable => return Parsed::Refused,
                 (true, Some(_)) => BodyFraming::Conflict,
                 (true, None) if chunked => BodyFraming::Chunked,
                 (true, None) => return Parsed::Refused,
@@ -425,6 +432,9 @@ mod tests {
         for head in [
             &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"[..],
             &b"POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: gzip, chunked\r\n\r\n"[..],
+            // hyper never parses a Content-Length after Transfer-Encoding: any value conflicts.
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3, 3\r\n\r\n"[..],
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n"[..],
         ] {
             let mut f = Framing::default();
             assert_eq!(f.feed(head), vec![Event::HeadStarted, done(0, true)]);
