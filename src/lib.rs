@@ -225,6 +225,7 @@ impl Gateway {
             name,
             header_read_timeout: config.server.header_read_timeout,
             idle_timeout: config.server.idle_timeout,
+            stall_timeout: config.upstream.deadline + config.server.idle_timeout,
             grace: config.server.shutdown_grace,
         };
         tracing::info!(

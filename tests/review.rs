@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -131,4 +132,91 @@ async fn a_cross_site_post_to_the_gateway_port_is_refused() {
         );
         assert_eq!(raw_status(gateway.addr, request.as_bytes()).await, 200);
     }
+}
+
+// ---- HTTP/2 by hand ----
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A GET for `path` on `stream`, HPACK without Huffman or indexing.
+fn get_headers(stream: u32, path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 9]);
+    block.extend_from_slice(b"127.0.0.1");
+    frame(HEADERS, END_STREAM | END_HEADERS, stream, &block)
+}
+
+/// Opens an h2c connection whose SETTINGS give the server a send window of zero
+/// (SETTINGS_INITIAL_WINDOW_SIZE = 0), and asks for `path` on a few streams: the answers' heads
+/// can come, their bodies never can. Acknowledges the server's SETTINGS and nothing else.
+async fn h2_never_reading(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[0x00, 0x04, 0, 0, 0, 0]));
+    for id in [1, 3, 5] {
+        hello.extend(get_headers(id, path));
+    }
+    stream.write_all(&hello).await.unwrap();
+    // The server's SETTINGS come first: acknowledge them, so nothing is left to time out on.
+    let mut head = [0u8; 9];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.unwrap();
+    assert_eq!(head[3], SETTINGS);
+    stream
+        .write_all(&frame(SETTINGS, ACK, 0, &[]))
+        .await
+        .unwrap();
+    stream
+}
+
+/// A client that asks and never lets an answer's body through holds its connection (and a file
+/// descriptor) for as long as it likes: the call counts as in flight until the body is finished,
+/// hyper only polls a body it has room to send, so neither the idle timer, the header timer nor
+/// `upstream.deadline` ever fires. A few hundred such sockets lock real callers out, as item 2's
+/// silent sockets did.
+#[tokio::test]
+async fn an_http2_client_that_never_opens_its_window_is_closed() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let gateway = start_gateway(&format!(
+        "{}\n",
+        config(
+            &origin.base_url(),
+            "header_read_timeout = \"300ms\"\nidle_timeout = \"300ms\"",
+            "",
+        )
+        .replace(
+            "[upstream]",
+            "[upstream]\nattempt_timeout = \"1s\"\ndeadline = \"1s\""
+        )
+    ))
+    .await;
+    let mut open = Vec::new();
+    for (addr, path) in [(gateway.addr, "/v1/invoices"), (gateway.admin, "/healthz")] {
+        let mut stream = h2_never_reading(addr, path).await;
+        // Deadline and idle timers are 1 s and 300 ms: stalled for 1.3 s, then closed.
+        let within = Duration::from_secs(2) + CLOSED_WITHIN;
+        if read_until_closed(&mut stream, within).await.is_err() {
+            open.push(path);
+        }
+    }
+    assert!(open.is_empty(), "still open: {open:?}");
 }

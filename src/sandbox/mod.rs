@@ -236,6 +236,8 @@ impl Sandbox {
             name: "sandbox",
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            // Past any latency fault a test or a developer sets.
+            stall_timeout: Duration::from_secs(600),
             grace: Duration::from_secs(5),
         };
         crate::server::serve(self.listener, service, options, shutdown).await;

@@ -39,6 +39,8 @@ pub(crate) struct ConnState {
     head_since: AtomicU64,
     /// The index of the call whose head carried both `Content-Length` and `Transfer-Encoding`.
     conflict: AtomicU64,
+    /// When a byte last moved on the socket, either way.
+    progress: AtomicU64,
     /// Wakes the driver when the connection falls idle or a head begins.
     pub(crate) wake: Notify,
 }
@@ -53,6 +55,7 @@ impl ConnState {
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(NONE),
             conflict: AtomicU64::new(NONE),
+            progress: AtomicU64::new(0),
             wake: Notify::new(),
         })
     }
@@ -78,6 +81,16 @@ impl ConnState {
     /// Whether a call is in flight.
     pub(crate) fn busy(&self) -> bool {
         self.in_flight.load(Ordering::SeqCst) > 0
+    }
+
+    /// Bytes moved on the socket (read or written) just now.
+    pub(crate) fn moved(&self) {
+        self.progress.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// When a byte last moved on the socket.
+    pub(crate) fn progress_since(&self) -> Instant {
+        self.at(self.progress.load(Ordering::Relaxed))
     }
 
     /// When the connection last fell idle (read only when it is not [`busy`](Self::busy)).

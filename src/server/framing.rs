@@ -53,6 +53,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
         if let Poll::Ready(Ok(())) = result {
             let read = &buf.filled()[before..];
             if !read.is_empty() {
+                this.state.moved();
                 for event in this.framing.feed(read) {
                     match event {
                         Event::HeadStarted => this.state.head_started(),
@@ -74,7 +75,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            if n > 0 {
+                this.state.moved();
+            }
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -82,7 +90,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            if n > 0 {
+                this.state.moved();
+            }
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

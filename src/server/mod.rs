@@ -72,6 +72,10 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// A connection with no call in flight this long is closed.
     pub idle_timeout: Duration,
+    /// A connection with a call in flight but no byte moving either way this long is closed: a
+    /// client that never reads its answer (an HTTP/2 window left at zero) holds nothing forever.
+    /// Longer than any legitimate wait (the call's deadline plus `idle_timeout`).
+    pub stall_timeout: Duration,
     /// How long in-flight requests may run on after shutdown starts.
     pub grace: Duration,
 }
@@ -172,16 +176,18 @@ enum Timer {
     Idle,
     /// Asked to close and nothing is in flight: past the deadline it is closed.
     Linger,
+    /// Calls in flight, but nothing moved on the socket: past the deadline it is closed.
+    Stall,
 }
 
-/// The next deadline for a connection, if any: none while a call is in flight.
+/// The next deadline for a connection: while a call is in flight, only the stall timer.
 fn next_deadline(
     state: &ConnState,
     options: &ServeOptions,
     closing: Option<Instant>,
 ) -> Option<(Instant, Timer)> {
     if state.busy() {
-        return None;
+        return Some((state.progress_since() + options.stall_timeout, Timer::Stall));
     }
     if let Some(since) = closing {
         return Some((since.max(state.idle_since()) + CLOSE_LINGER, Timer::Linger));
@@ -244,6 +250,10 @@ async fn drive<S>(
                         tracing::debug!(listener = name, %peer, "idle for idle_timeout: closing");
                         connection.as_mut().graceful_shutdown();
                         closing = Some(Instant::now());
+                    }
+                    Some((at, Timer::Stall)) if at <= Instant::now() => {
+                        tracing::debug!(listener = name, %peer, "calls in flight but nothing moved for stall_timeout: closed");
+                        return;
                     }
                     Some((at, Timer::Linger)) if at <= Instant::now() => {
                         tracing::debug!(listener = name, %peer, "did not close when asked: closed");
