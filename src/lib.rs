@@ -70,9 +70,12 @@ pub enum StartError {
     /// A credential could not be set up (a secret file missing, say).
     #[error(transparent)]
     Credential(#[from] token::SetupError),
-    /// The config was valid but the stack could not be built from it.
-    #[error("{0}")]
-    Setup(String),
+    /// The route table could not be built (a route names a credential that is not configured).
+    #[error(transparent)]
+    Route(#[from] route::RouteError),
+    /// The config was not validated and does not hold (a config built in code, say).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
 }
 
 /// A gateway whose listeners are bound and whose parts are built, ready to serve.
@@ -98,11 +101,13 @@ impl Gateway {
             config.upstream.connect_timeout,
             metrics.clone(),
         )?;
-        let routes = route::RouteTable::new(&config.routes).map_err(StartError::Setup)?;
-        let known: Vec<metrics::KnownRoute<'_>> = routes
-            .routes()
+        // Each route's credential is resolved to its source here, once.
+        let routes = route::RouteTable::new(&config.routes, &tokens)?;
+        let known: Vec<metrics::KnownRoute<'_>> = config
+            .routes
+            .iter()
             .map(|r| metrics::KnownRoute {
-                name: &r.name,
+                name: r.name(),
                 cached: r.cache_ttl.is_some(),
                 coalesced: r.coalesce,
             })
@@ -110,23 +115,12 @@ impl Gateway {
         let fetched: Vec<&str> = config
             .credentials
             .iter()
-            .filter(|(_, c)| c.grant != config::Grant::Static)
+            .filter(|(_, c)| c.grant() != config::Grant::Static)
             .map(|(name, _)| name.as_str())
             .collect();
         metrics.prime(&known, &fetched);
         drop(known);
-        let upstream = upstream::Upstream::new(&config.upstream, tls, metrics.clone())
-            .map_err(StartError::Setup)?;
-        let keys = config
-            .access
-            .clients
-            .iter()
-            .map(|c| {
-                layer::access::ClientKey::from_hex(&c.name, &c.key_sha256).ok_or_else(|| {
-                    StartError::Setup(format!("access.clients `{}`: bad key_sha256", c.name))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let upstream = upstream::Upstream::new(&config.upstream, tls, metrics.clone());
         let bind = |addr: SocketAddr, key: &'static str| async move {
             TcpListener::bind(addr)
                 .await
@@ -134,17 +128,15 @@ impl Gateway {
         };
         let listener = bind(config.server.listen, "server.listen").await?;
         let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
-        let tracking =
-            layer::tracking::TrackingSettings::new(&config.tracking).map_err(StartError::Setup)?;
+        let tracking = layer::tracking::TrackingSettings::new(&config.tracking)
+            .map_err(config::ConfigError::Invalid)?;
         let retry = layer::retry::RetrySettings::new(&config.retry, config.upstream.deadline);
         let store = std::sync::Arc::new(layer::cache::Store::new(
             config.cache.max_bytes.as_u64(),
             config.cache.max_entry_bytes.as_u64(),
             metrics.clone(),
         ));
-        let (forward_headers, key_headers) = config
-            .header_lists()
-            .map_err(|e| StartError::Setup(e.to_string()))?;
+        let (forward_headers, key_headers) = config.header_lists()?;
         let parts = stack::Parts {
             forward_headers,
             key_headers: key_headers.into(),
@@ -153,7 +145,7 @@ impl Gateway {
             metrics,
             tracking,
             routes,
-            keys,
+            keys: config.access.clients.clone(),
             hosts: host::HostRule::new(&config.server.admin_hosts),
             tokens,
             upstream,
@@ -198,17 +190,9 @@ impl Gateway {
             parts,
         } = self;
         let tokens = parts.tokens.clone();
-        let mut used: Vec<String> = config
-            .routes
-            .iter()
-            .filter_map(|r| r.credential.clone())
-            .collect();
-        used.sort();
-        used.dedup();
         let admin_state = admin::Admin {
             hosts: host::HostRule::new(&config.server.admin_hosts),
-            tokens: tokens.clone(),
-            used: used.into(),
+            credentials: parts.routes.credentials().into(),
             store: parts.store.clone(),
             metrics: parts.metrics.clone(),
         };

@@ -46,7 +46,7 @@ impl CallInfo {
         self.route
             .get()
             .cloned()
-            .unwrap_or_else(|| Arc::from("none"))
+            .unwrap_or_else(|| Arc::from(crate::route::NO_ROUTE))
     }
 }
 
