@@ -15,10 +15,12 @@
 //!   - [`layer::cache`]: fresh and stale answers from memory (moka), `Cache-Status`, `Age`.
 //!   - [`layer::coalesce`]: identical in-flight calls share one upstream fetch.
 //!   - [`layer::retry`]: the call's deadline; backoff with full jitter, Retry-After, a budget.
-//!   - [`layer::credential`]: the route's service token from [`token`]; 401 → refresh, replay once.
+//!   - [`layer::credential`]: the token from the route's own [`token`] source (resolved when the
+//!     route table is built); 401 → refresh, replay once.
 //! - [`upstream`]: the pooled rustls client that sends the call on and streams the answer back.
 //!
-//! Around them: [`config`] (figment: defaults, TOML, `PCGATE_` env), [`admin`] (the admin port),
+//! Around them: [`config`] (figment: defaults, TOML, `PCGATE_` env, parsed once into types that
+//! [`route`], [`upstream`] and [`token`] consume; it imports none of them), [`admin`] (the admin port),
 //! [`body`] (the body type), and [`sandbox`] (a local stand-in for Partner Center).
 //!
 //! [`run`] is what `main` and the tests call; [`Gateway`] splits it into bind and serve so tests

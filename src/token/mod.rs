@@ -815,6 +815,38 @@ mod tests {
         (source, requests)
     }
 
+    #[test]
+    fn setup_reads_the_files_the_typed_config_names_and_says_which_failed() {
+        let config = crate::config::Config::from_toml(
+            "[credentials.app]\ngrant = \"client_credentials\"\ntoken_url = \"https://login.example/t\"\nclient_id = \"id\"\nclient_secret_file = \"/nonexistent/pc-secret\"\n[credentials.fixed]\ngrant = \"static\"\ntoken = \"t0ken\"\n[[routes]]\nmatch = \"GET /a\"\n",
+        )
+        .unwrap();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(crate::upstream::tls_config(None).unwrap())
+            .build()
+            .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let error = TokenSource::new("app", &config.credentials["app"], &http, metrics.clone())
+            .unwrap_err();
+        assert_eq!(error.credential, "app");
+        assert!(
+            matches!(&error.kind, SetupErrorKind::SecretFileUnreadable { path, .. } if path == Path::new("/nonexistent/pc-secret")),
+            "{error:?}"
+        );
+        let text = error.to_string();
+        assert!(
+            text.contains("`app`") && text.contains("/nonexistent/pc-secret"),
+            "{text}"
+        );
+        let fixed =
+            TokenSource::new("fixed", &config.credentials["fixed"], &http, metrics).unwrap();
+        let token = fixed
+            .current()
+            .expect("a static token is valid from the start");
+        assert_eq!(token.header(), "Bearer t0ken");
+        assert!(fixed.spawn_refresher().is_none());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_caller_provoking_401s_for_an_hour_gets_at_most_the_bound_of_token_requests() {
         let (source, requests) = fake();
