@@ -12,17 +12,16 @@ use crate::error::problem;
 use crate::host::{HostError, HostRule};
 use crate::layer::cache::Store;
 use crate::metrics::Metrics;
-use crate::token::TokenSources;
+use crate::token::TokenSource;
 
 /// What the admin endpoints report on.
 #[derive(Clone)]
 pub struct Admin {
     /// The `Host` names and the `Origin` answered.
     pub hosts: HostRule,
-    /// Token sources by credential name.
-    pub tokens: TokenSources,
-    /// The credentials some route uses: readiness waits for these.
-    pub used: Arc<[String]>,
+    /// The token sources some route uses (the route table's own handles): readiness waits for
+    /// these.
+    pub credentials: Arc<[TokenSource]>,
     /// The response cache (purge, size gauges).
     pub store: Arc<Store>,
     /// The metrics registry.
@@ -73,10 +72,10 @@ impl Admin {
 
     fn readiness(&self) -> Response {
         let missing: Vec<&str> = self
-            .used
+            .credentials
             .iter()
-            .filter(|name| self.tokens.get(name).and_then(|s| s.current()).is_none())
-            .map(String::as_str)
+            .filter(|source| source.current().is_none())
+            .map(TokenSource::name)
             .collect();
         if missing.is_empty() {
             text(

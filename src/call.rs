@@ -5,8 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// The `route` label of a call no route matched (metrics and the access log).
-pub const NO_ROUTE: &str = "none";
+pub use crate::route::NO_ROUTE;
 
 /// What the inner layers learned about one call.
 #[derive(Debug, Default)]

@@ -2,8 +2,23 @@
 //! `__` for nesting (`PCGATE_UPSTREAM__BASE_URL`), merged by figment into one tree of structs.
 //!
 //! Every struct denies unknown keys, durations are humantime strings (`"250ms"`, `"5m"`) and sizes
-//! are strings (`"64MiB"`). [`Config::validate`] checks what serde cannot, with messages that name
-//! the key and the fix.
+//! are strings (`"64MiB"`). Values with a shape of their own are parsed into types as they are
+//! read ([`Pattern`], [`BaseUrl`], [`TokenUrl`], [`KeySha256`], [`CredentialConfig`] by `grant`),
+//! so a bad one is a parse error naming its key; [`Config::validate`] checks what serde cannot
+//! (references between sections, numbers in range), with messages that name the key and the fix.
+//!
+//! This module imports neither `route` nor `upstream`: they consume its types.
+
+mod credential;
+mod pattern;
+mod url;
+
+pub use credential::{
+    AppCredential, Audience, BearerToken, ClientSecret, CredentialConfig, CredentialError, Grant,
+    StaticCredential, UserCredential,
+};
+pub use pattern::{Pattern, PatternError, Patterns};
+pub use url::{BaseUrl, TokenUrl, UrlError};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,10 +28,9 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
-use secrecy::SecretString;
-use serde::{Deserialize, Serialize, Serializer};
-
-use crate::route::Pattern;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 /// Where the gateway listens when the config does not say.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -77,7 +91,7 @@ pub enum ConfigError {
     #[error("config file {0} not found: pass --config FILE or set PCGATE_CONFIG")]
     NotFound(PathBuf),
     /// figment could not parse or map a value (the message names the key and the source).
-    #[error("{0}")]
+    #[error("{}", parse_message(.0))]
     Parse(Box<figment::Error>),
     /// The values parsed but do not make sense together.
     #[error("{0}")]
@@ -134,7 +148,7 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// `https://api.partnercenter.microsoft.com`; `http://` is allowed for the sandbox and tests.
-    pub base_url: String,
+    pub base_url: BaseUrl,
     /// Extra PEM trust roots (a private or test CA), added to the webpki roots.
     pub ca_file: Option<PathBuf>,
     /// TCP and TLS connect time limit.
@@ -149,65 +163,6 @@ pub struct UpstreamConfig {
     /// Request headers forwarded beyond those Partner Center documents; not in the cache key
     /// unless also in `cache.key_headers`.
     pub forward_headers: Vec<String>,
-}
-
-/// How a credential gets its token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Grant {
-    /// App-only: client id and secret.
-    ClientCredentials,
-    /// App+User: a refresh token from a one-time consent, rotated on every use.
-    RefreshToken,
-    /// A fixed bearer token (tests, benchmarks).
-    Static,
-}
-
-impl Grant {
-    /// The name used in config and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Grant::ClientCredentials => "client_credentials",
-            Grant::RefreshToken => "refresh_token",
-            Grant::Static => "static",
-        }
-    }
-}
-
-/// `[credentials.NAME]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CredentialConfig {
-    /// `client_credentials`, `refresh_token` or `static`.
-    pub grant: Grant,
-    /// The Entra ID token endpoint (v1 `.../oauth2/token` or v2 `.../oauth2/v2.0/token`).
-    pub token_url: Option<String>,
-    /// The app registration's client id.
-    pub client_id: Option<String>,
-    /// The client secret, inline.
-    #[serde(default, serialize_with = "redact_option")]
-    pub client_secret: Option<SecretString>,
-    /// The client secret, read from this file (preferred: keeps it out of the config).
-    pub client_secret_file: Option<PathBuf>,
-    /// v1 endpoints: the audience.
-    pub resource: Option<String>,
-    /// v2 endpoints: the scope, e.g. `https://api.partnercenter.microsoft.com/.default`.
-    pub scope: Option<String>,
-    /// The first refresh token, inline (`refresh_token` grant).
-    #[serde(default, serialize_with = "redact_option")]
-    pub refresh_token: Option<SecretString>,
-    /// Where the refresh token is kept; rotated tokens are written back here.
-    pub refresh_token_file: Option<PathBuf>,
-    /// The fixed token (`static` grant).
-    #[serde(default, serialize_with = "redact_option")]
-    pub token: Option<SecretString>,
-    /// Refresh this long before the token expires.
-    #[serde(default = "default_refresh_before", with = "humantime_serde")]
-    pub refresh_before: Duration,
-}
-
-fn default_refresh_before() -> Duration {
-    DEFAULT_REFRESH_BEFORE
 }
 
 /// `[access]`
@@ -227,8 +182,58 @@ pub struct AccessConfig {
 pub struct ClientKey {
     /// Who the key belongs to (for logs).
     pub name: String,
-    /// Hex SHA-256 of the key; the key itself is never stored.
-    pub key_sha256: String,
+    /// SHA-256 of the key (64 hex digits in the config); the key itself is never stored.
+    pub key_sha256: KeySha256,
+}
+
+/// The SHA-256 of an inbound key, from 64 hex digits.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeySha256([u8; 32]);
+
+impl KeySha256 {
+    /// From 64 hex digits (either case).
+    pub fn from_hex(hex: &str) -> Option<KeySha256> {
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut sha256 = [0u8; 32];
+        for (i, byte) in sha256.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(KeySha256(sha256))
+    }
+
+    /// The 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for KeySha256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeySha256({})", self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for KeySha256 {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let hex = String::deserialize(deserializer)?;
+        KeySha256::from_hex(&hex).ok_or_else(|| {
+            de::Error::custom(
+                "must be 64 hex digits (make it with `printf %s \"$KEY\" | sha256sum`)",
+            )
+        })
+    }
+}
+
+impl Serialize for KeySha256 {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
 }
 
 /// `[tracking]`
@@ -320,43 +325,12 @@ pub struct RouteConfig {
     pub retry: bool,
 }
 
-/// One pattern or several.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum Patterns {
-    /// `match = "GET /v1/invoices"`
-    One(String),
-    /// `match = ["GET /a", "GET /b"]`
-    Many(Vec<String>),
-}
-
-impl Patterns {
-    /// The patterns as a slice.
-    pub fn as_slice(&self) -> &[String] {
-        match self {
-            Patterns::One(one) => std::slice::from_ref(one),
-            Patterns::Many(many) => many,
-        }
-    }
-}
-
 impl RouteConfig {
     /// The route's name: `name`, else its first pattern.
     pub fn name(&self) -> &str {
         self.name
             .as_deref()
-            .or_else(|| self.patterns.as_slice().first().map(String::as_str))
-            .unwrap_or("")
-    }
-}
-
-fn redact_option<S: Serializer>(
-    value: &Option<SecretString>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match value {
-        Some(_) => serializer.serialize_str("[redacted]"),
-        None => serializer.serialize_none(),
+            .unwrap_or_else(|| self.patterns.first().as_str())
     }
 }
 
@@ -376,7 +350,7 @@ impl Default for ServerConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
-            base_url: DEFAULT_BASE_URL.to_owned(),
+            base_url: BaseUrl::parse(DEFAULT_BASE_URL).expect("valid default URL"),
             ca_file: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
@@ -445,7 +419,7 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what serde cannot: URLs, references between sections, numbers in range.
+    /// Checks what serde cannot: references between sections, numbers in range, files.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError::Invalid(msg));
         for (key, duration) in self.durations() {
@@ -463,8 +437,6 @@ impl Config {
         if self.server.idle_timeout.is_zero() {
             return fail("server.idle_timeout must be more than 0s (it closes connections with no call in flight)".into());
         }
-        crate::upstream::BaseUrl::parse(&self.upstream.base_url)
-            .map_err(|e| ConfigError::Invalid(format!("upstream.base_url: {e}")))?;
         if self.upstream.connect_timeout.is_zero() || self.upstream.attempt_timeout.is_zero() {
             return fail(
                 "upstream.connect_timeout and upstream.attempt_timeout must be more than 0s".into(),
@@ -484,9 +456,8 @@ impl Config {
                     ca.display()
                 ));
             }
-            // The same check `run` makes: a file that is not PEM certificates fails here.
-            crate::upstream::tls_config(Some(ca))
-                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            // What `run` reads: a file that is not PEM certificates fails here.
+            ca_certificates(ca).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         for host in &self.server.admin_hosts {
             let valid = !host.is_empty()
@@ -511,20 +482,6 @@ impl Config {
         }
         crate::layer::tracking::TrackingSettings::new(&self.tracking)
             .map_err(ConfigError::Invalid)?;
-        for (name, credential) in &self.credentials {
-            credential
-                .validate()
-                .map_err(|e| ConfigError::Invalid(format!("credentials.{name}: {e}")))?;
-        }
-        for client in &self.access.clients {
-            let hex = &client.key_sha256;
-            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return fail(format!(
-                    "access.clients `{}`: key_sha256 must be 64 hex digits (make it with `printf %s \"$KEY\" | sha256sum`)",
-                    client.name
-                ));
-            }
-        }
         self.header_lists()?;
         if self.cache.max_entry_bytes > self.cache.max_bytes {
             return fail("cache.max_entry_bytes is larger than cache.max_bytes".into());
@@ -562,12 +519,6 @@ impl Config {
                     "routes[{i}]: `name` is empty; it labels metrics and logs, so give it a name or leave it out"
                 ));
             }
-            if route.patterns.as_slice().is_empty() {
-                return fail(format!("{at}: `match` is empty"));
-            }
-            for pattern in route.patterns.as_slice() {
-                Pattern::parse(pattern).map_err(|e| ConfigError::Invalid(format!("{at}: {e}")))?;
-            }
             if name.chars().any(char::is_control) {
                 return fail(format!("{at}: `name` has control characters"));
             }
@@ -589,8 +540,6 @@ impl Config {
                 ));
             }
         }
-        // What `run` builds from the routes, so a table that passes here also starts.
-        crate::route::RouteTable::new(&self.routes).map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
@@ -623,10 +572,12 @@ impl Config {
             ),
         ];
         for (name, credential) in &self.credentials {
-            all.push((
-                format!("credentials.{name}.refresh_before"),
-                credential.refresh_before,
-            ));
+            if let Some(app) = credential.app() {
+                all.push((
+                    format!("credentials.{name}.refresh_before"),
+                    app.refresh_before,
+                ));
+            }
         }
         for (i, route) in self.routes.iter().enumerate() {
             for (key, window) in [
@@ -645,28 +596,22 @@ impl Config {
     /// What is allowed but unsafe: a credential that would travel in clear text off this host.
     /// `run` and `check-config` print these at start.
     pub fn warnings(&self) -> Vec<String> {
-        let off_loopback_http = |url: &str| {
-            url.parse::<http::Uri>().is_ok_and(|uri| {
-                uri.scheme_str() == Some("http") && uri.host().is_some_and(|h| !is_loopback_host(h))
-            })
-        };
         let mut warnings = Vec::new();
-        let real = |grant: Grant| grant != Grant::Static;
         let sends_real_token = self.routes.iter().any(|r| {
             r.credential
                 .as_ref()
                 .and_then(|c| self.credentials.get(c))
-                .is_some_and(|c| real(c.grant))
+                .is_some_and(|c| c.app().is_some())
         });
-        if sends_real_token && off_loopback_http(&self.upstream.base_url) {
+        if sends_real_token && self.upstream.base_url.is_clear_text_off_loopback() {
             warnings.push(format!(
                 "upstream.base_url {} is http:// off loopback: the partner's access tokens would cross the network in clear text; use https://",
                 self.upstream.base_url
             ));
         }
         for (name, credential) in &self.credentials {
-            if let Some(url) = credential.token_url.as_deref() {
-                if real(credential.grant) && off_loopback_http(url) {
+            if let Some(url) = credential.app().map(|app| &app.token_url) {
+                if url.is_clear_text_off_loopback() {
                     warnings.push(format!(
                         "credentials.{name}.token_url {url} is http:// off loopback: the client secret and tokens would cross the network in clear text; use https://"
                     ));
@@ -710,76 +655,61 @@ impl Config {
     }
 }
 
-/// `localhost`, or an IP literal on loopback (`127.0.0.0/8`, `[::1]`).
-fn is_loopback_host(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+/// Why `upstream.ca_file` cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream.ca_file {path}: {reason}")]
+pub struct CaFileError {
+    /// The file named in the config.
+    pub path: String,
+    /// What went wrong.
+    pub reason: String,
 }
 
-impl CredentialConfig {
-    fn validate(&self) -> Result<(), String> {
-        let need = |field: Option<&str>, key: &str| match field {
-            Some(v) if !v.is_empty() => Ok(()),
-            _ => Err(format!("grant `{}` needs `{key}`", self.grant.as_str())),
-        };
-        match self.grant {
-            Grant::Static => {
-                use secrecy::ExposeSecret;
-                let Some(token) = &self.token else {
-                    return Err("grant `static` needs `token`".into());
-                };
-                // It goes into `Authorization: Bearer <token>` as it is: say so now, not at the
-                // first call. The message never shows the token.
-                let token = token.expose_secret();
-                if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err("`token` must be printable ASCII without spaces or control characters (check for a trailing newline)".into());
+/// The PEM certificates in `upstream.ca_file`: at least one, each well-formed. `check-config`
+/// and `run` read the file with this one function.
+pub fn ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaFileError> {
+    let fail = |reason: String| CaFileError {
+        path: path.display().to_string(),
+        reason,
+    };
+    let certificates = CertificateDer::pem_file_iter(path)
+        .map_err(|e| fail(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(fail("no PEM certificate in the file".into()));
+    }
+    Ok(certificates)
+}
+
+/// A figment error with its key written as in these docs (`routes[0].match`), then the source.
+fn parse_message(error: &figment::Error) -> String {
+    let mut lines = Vec::new();
+    for error in error.clone() {
+        let mut line = String::new();
+        if !error.path.is_empty() {
+            for (i, part) in error.path.iter().enumerate() {
+                if part.bytes().all(|b| b.is_ascii_digit()) {
+                    line.push_str(&format!("[{part}]"));
+                } else {
+                    if i > 0 {
+                        line.push('.');
+                    }
+                    line.push_str(part);
                 }
             }
-            Grant::ClientCredentials | Grant::RefreshToken => {
-                need(self.token_url.as_deref(), "token_url")?;
-                if let Some(url) = &self.token_url {
-                    let uri: http::Uri = url
-                        .parse()
-                        .map_err(|e| format!("token_url `{url}` is not a URL ({e})"))?;
-                    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                        return Err(format!(
-                            "token_url `{url}` must be an http:// or https:// URL"
-                        ));
-                    }
-                }
-                need(self.client_id.as_deref(), "client_id")?;
-                match (&self.client_secret, &self.client_secret_file) {
-                    (Some(_), Some(_)) => {
-                        return Err("set `client_secret` or `client_secret_file`, not both".into())
-                    }
-                    (None, None) => {
-                        return Err(
-                            "needs `client_secret` or `client_secret_file` (preferred)".into()
-                        )
-                    }
-                    _ => {}
-                }
-                if self.resource.is_some() && self.scope.is_some() {
-                    return Err(
-                        "set `resource` (v1 token endpoint) or `scope` (v2), not both".into(),
-                    );
-                }
-                if self.grant == Grant::RefreshToken
-                    && self.refresh_token.is_none()
-                    && self.refresh_token_file.is_none()
-                {
-                    return Err(
-                        "grant `refresh_token` needs `refresh_token_file` (or `refresh_token`)"
-                            .into(),
-                    );
-                }
+            line.push_str(": ");
+        }
+        line.push_str(&error.kind.to_string());
+        if let Some(metadata) = &error.metadata {
+            match &metadata.source {
+                Some(source) => line.push_str(&format!(" (in {} {source})", metadata.name)),
+                None => line.push_str(&format!(" (in {})", metadata.name)),
             }
         }
-        Ok(())
+        lines.push(line);
     }
+    lines.join("\n")
 }
 
 #[cfg(test)]
@@ -820,8 +750,8 @@ mod tests {
                 ]
             );
             assert_eq!(config.routes[0].cache_ttl, Some(Duration::from_secs(300)));
-            assert_eq!(config.upstream.base_url, DEFAULT_BASE_URL);
-            assert_eq!(config.credentials["user"].grant, Grant::RefreshToken);
+            assert_eq!(config.upstream.base_url.as_str(), DEFAULT_BASE_URL);
+            assert_eq!(config.credentials["user"].grant(), Grant::RefreshToken);
             Ok(())
         });
     }
@@ -849,7 +779,7 @@ mod tests {
             jail.set_env("PCGATE_SERVER__SHUTDOWN_GRACE", "5s");
             jail.set_env("PCGATE_CONFIG", "pcgate.toml");
             let config = Config::load(Path::new("pcgate.toml")).map_err(|e| e.to_string())?;
-            assert_eq!(config.upstream.base_url, "http://127.0.0.1:9200");
+            assert_eq!(config.upstream.base_url.as_str(), "http://127.0.0.1:9200");
             assert_eq!(config.server.shutdown_grace, Duration::from_secs(5));
             Ok(())
         });
@@ -1080,6 +1010,183 @@ mod tests {
             assert_eq!(
                 config.header_lists().map_err(|e| e.to_string())?.1,
                 ["x-locale"]
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn values_with_a_shape_are_parsed_into_types_naming_their_key() {
+        Jail::expect_with(|jail| {
+            let route = |extra: &str| {
+                Config::from_toml(&format!(
+                    "[upstream]\nbase_url = \"http://127.0.0.1:9100\"\n[[routes]]\n{extra}\n"
+                ))
+            };
+            for (result, key, what) in [
+                (route("match = \"get /a\""), "routes[0].match", "`get`"),
+                (
+                    route("match = [\"GET /a\", \"GET /a/**/b\"]"),
+                    "routes[0].match[1]",
+                    "`**`",
+                ),
+                (route("match = []"), "routes[0].match", "empty"),
+                (
+                    route("match = \"GET /a\"\n[[access.clients]]\nname = \"x\"\nkey_sha256 = \"abc\""),
+                    "access.clients[0].key_sha256",
+                    "64 hex digits",
+                ),
+                (
+                    route(&format!(
+                        "match = \"GET /a\"\n[[access.clients]]\nname = \"x\"\nkey_sha256 = \"{}\"",
+                        "g".repeat(64)
+                    )),
+                    "access.clients[0].key_sha256",
+                    "64 hex digits",
+                ),
+            ] {
+                let msg = message(result);
+                assert!(msg.contains(key) && msg.contains(what), "{key}: {msg}");
+            }
+            // An environment override is parsed the same way, and named the same way.
+            jail.set_env("PCGATE_UPSTREAM__BASE_URL", "ftp://x");
+            let msg = message(Config::from_toml(MINIMAL));
+            assert!(
+                msg.contains("upstream.base_url") && msg.contains("https://"),
+                "{msg}"
+            );
+            jail.clear_env();
+
+            let hash = "Ab".repeat(32);
+            let config = route(&format!(
+                "match = [\"GET /a\", \"GET /b/*\"]\n[[access.clients]]\nname = \"app\"\nkey_sha256 = \"{hash}\""
+            ))
+            .map_err(|e| e.to_string())?;
+            assert_eq!(config.access.clients[0].key_sha256.as_bytes(), &[0xab; 32]);
+            let patterns = config.routes[0].patterns.as_slice();
+            assert_eq!(patterns[1].as_str(), "GET /b/*");
+            assert!(patterns[1].matches(&http::Method::HEAD, &["b".into(), "c".into()]));
+            assert_eq!(config.routes[0].name(), "GET /a");
+            assert_eq!(config.upstream.base_url.as_str(), "http://127.0.0.1:9100");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_credential_holds_what_its_grant_uses_and_nothing_else() {
+        Jail::expect_with(|jail| {
+            jail.create_file("secret", "s3cr3t\n")?;
+            let with = |table: &str| {
+                Config::from_toml(&format!(
+                    "{MINIMAL}\n[credentials.c]\ntoken_url = \"https://login.example/t/oauth2/token\"\nclient_id = \"id\"\n{table}\n"
+                ))
+            };
+            let cases = [
+                ("grant = \"client_credentials\"\nclient_secrett = \"s\"", "client_secrett"),
+                ("grant = \"client_credentials\"\nclient_secret = \"s\"\nrefresh_token_file = \"rt\"", "refresh_token_file"),
+                ("grant = \"client_credentials\"\nclient_secret = \"s\"\nclient_secret_file = \"secret\"", "client_secret_file"),
+                ("grant = \"client_credentials\"\nclient_secret = \"s\"\nresource = \"r\"\nscope = \"s\"", "scope"),
+                ("grant = \"client_credentials\"\nclient_secret = \"s\"\nrefresh_before = \"soon\"", "duration"),
+                ("grant = \"refresh_token\"\nclient_secret = \"s\"", "refresh_token_file"),
+                ("grant = \"magic\"", "magic"),
+                ("client_secret = \"s\"", "grant"),
+                // A key another grant uses is unknown here (figment's tables are sorted: `client_id` first).
+                ("grant = \"static\"\ntoken = \"t\"", "unknown field: found `client_id`"),
+            ];
+            for (table, key) in cases {
+                let msg = message(with(table));
+                assert!(
+                    msg.contains("credentials.c") && msg.contains(key),
+                    "{table}: {msg}"
+                );
+                assert!(!msg.contains("s3cr3t"), "{msg}");
+            }
+            let msg = message(Config::from_toml(&format!(
+                "{MINIMAL}\n[credentials.c]\ngrant = \"client_credentials\"\ntoken_url = \"https://login.example/t\"\nclient_id = \"\"\nclient_secret = \"s\"\n"
+            )));
+            assert!(
+                msg.contains("credentials.c") && msg.contains("client_id"),
+                "{msg}"
+            );
+            let msg = message(Config::from_toml(&format!(
+                "{MINIMAL}\n[credentials.fixed]\ngrant = \"static\"\ntoken = \"t\"\nrefresh_before = \"1m\"\n"
+            )));
+            assert!(
+                msg.contains("credentials.fixed") && msg.contains("refresh_before"),
+                "{msg}"
+            );
+
+            // What parses is typed: no option left for `token/` to check again.
+            let config = with("grant = \"refresh_token\"\nclient_secret_file = \"secret\"\nrefresh_token_file = \"rt\"")
+                .map_err(|e| e.to_string())?;
+            let CredentialConfig::RefreshToken(user) = &config.credentials["c"] else {
+                panic!("{:?}", config.credentials["c"]);
+            };
+            assert!(matches!(&user.app.secret, ClientSecret::File(p) if p == Path::new("secret")));
+            assert_eq!(
+                user.app.audience,
+                Audience::Resource(DEFAULT_RESOURCE.into())
+            );
+            assert_eq!(user.app.refresh_before, DEFAULT_REFRESH_BEFORE);
+            assert_eq!(
+                config.credentials["c"].client_secret_file(),
+                Some(Path::new("secret"))
+            );
+            assert_eq!(
+                config.credentials["c"].refresh_token_file(),
+                Some(Path::new("rt"))
+            );
+            let config = with("grant = \"client_credentials\"\nclient_secret = \"s\"\nscope = \"https://api.partnercenter.microsoft.com/.default\"")
+                .map_err(|e| e.to_string())?;
+            let app = config.credentials["c"].app().expect("an app credential");
+            assert!(matches!(&app.audience, Audience::Scope(s) if s.ends_with("/.default")));
+            assert_eq!(config.credentials["c"].grant(), Grant::ClientCredentials);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_printed_config_reloads_to_the_same_values() {
+        Jail::expect_with(|_jail| {
+            let hash = "ab".repeat(32);
+            let config = Config::from_toml(&format!(
+                r#"
+                [credentials.user]
+                grant = "refresh_token"
+                token_url = "https://login.example/t/oauth2/v2.0/token"
+                client_id = "id"
+                client_secret = "s3cr3t-value"
+                scope = "https://api.partnercenter.microsoft.com/.default"
+                refresh_token = "r3fr3sh-value"
+                refresh_token_file = "/var/lib/pcgate/refresh-token"
+                [[access.clients]]
+                name = "billing"
+                key_sha256 = "{hash}"
+                [[routes]]
+                name = "two"
+                match = ["GET /a", "GET /b/**"]
+                credential = "user"
+                "#
+            ))
+            .map_err(|e| e.to_string())?;
+            let printed = config.to_toml();
+            for secret in ["s3cr3t-value", "r3fr3sh-value"] {
+                assert!(!printed.contains(secret), "{printed}");
+            }
+            let reloaded = Config::from_toml(&printed).map_err(|e| e.to_string())?;
+            assert_eq!(reloaded.to_toml(), printed);
+            assert_eq!(
+                reloaded.access.clients[0].key_sha256.as_bytes(),
+                &[0xab; 32]
+            );
+            assert_eq!(reloaded.routes[0].patterns, config.routes[0].patterns);
+            let user = reloaded.credentials["user"]
+                .app()
+                .expect("an app credential");
+            assert!(matches!(&user.audience, Audience::Scope(_)));
+            assert_eq!(
+                reloaded.credentials["user"].refresh_token_file(),
+                Some(Path::new("/var/lib/pcgate/refresh-token"))
             );
             Ok(())
         });

@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 
 use secrecy::SecretString;
 
-use crate::config::{Config, ConfigError, CredentialConfig, Grant, DEFAULT_REFRESH_BEFORE};
+use crate::config::{
+    AppCredential, Audience, BaseUrl, ClientSecret, Config, ConfigError, CredentialConfig,
+    TokenUrl, UserCredential, DEFAULT_REFRESH_BEFORE,
+};
 use crate::sandbox::{self, Sandbox, SandboxOptions};
 use crate::{Gateway, StartError};
 
@@ -18,24 +21,25 @@ pub const SHIPPED_CONFIG: &str = include_str!("../config/pcgate.toml");
 /// `user`: App+User by refresh token) set to the sandbox's token endpoint.
 pub fn config_for(sandbox: &Sandbox) -> Result<Config, ConfigError> {
     let mut config = Config::from_toml(SHIPPED_CONFIG)?;
-    config.upstream.base_url = sandbox.base_url();
-    let credential = |grant| CredentialConfig {
-        grant,
-        token_url: Some(sandbox.token_url()),
-        client_id: Some(sandbox::SANDBOX_CLIENT_ID.to_owned()),
-        client_secret: Some(SecretString::from(sandbox::SANDBOX_CLIENT_SECRET)),
-        client_secret_file: None,
-        resource: Some(crate::config::DEFAULT_RESOURCE.to_owned()),
-        scope: None,
-        refresh_token: (grant == Grant::RefreshToken)
-            .then(|| SecretString::from(sandbox::SANDBOX_REFRESH_TOKEN)),
-        refresh_token_file: None,
-        token: None,
+    config.upstream.base_url = BaseUrl::parse(&sandbox.base_url())
+        .map_err(|e| ConfigError::Invalid(format!("upstream.base_url: {e}")))?;
+    let token_url = TokenUrl::parse(&sandbox.token_url())
+        .map_err(|e| ConfigError::Invalid(format!("credentials.app.token_url: {e}")))?;
+    let app = AppCredential {
+        token_url,
+        client_id: sandbox::SANDBOX_CLIENT_ID.to_owned(),
+        secret: ClientSecret::Inline(SecretString::from(sandbox::SANDBOX_CLIENT_SECRET)),
+        audience: Audience::Resource(crate::config::DEFAULT_RESOURCE.to_owned()),
         refresh_before: DEFAULT_REFRESH_BEFORE,
     };
+    let user = UserCredential {
+        app: app.clone(),
+        refresh_token: Some(SecretString::from(sandbox::SANDBOX_REFRESH_TOKEN)),
+        refresh_token_file: None,
+    };
     config.credentials = BTreeMap::from([
-        ("app".to_owned(), credential(Grant::ClientCredentials)),
-        ("user".to_owned(), credential(Grant::RefreshToken)),
+        ("app".to_owned(), CredentialConfig::ClientCredentials(app)),
+        ("user".to_owned(), CredentialConfig::RefreshToken(user)),
     ]);
     config.validate()?;
     Ok(config)

@@ -15,10 +15,12 @@
 //!   - [`layer::cache`]: fresh and stale answers from memory (moka), `Cache-Status`, `Age`.
 //!   - [`layer::coalesce`]: identical in-flight calls share one upstream fetch.
 //!   - [`layer::retry`]: the call's deadline; backoff with full jitter, Retry-After, a budget.
-//!   - [`layer::credential`]: the route's service token from [`token`]; 401 → refresh, replay once.
+//!   - [`layer::credential`]: the token from the route's own [`token`] source (resolved when the
+//!     route table is built); 401 → refresh, replay once.
 //! - [`upstream`]: the pooled rustls client that sends the call on and streams the answer back.
 //!
-//! Around them: [`config`] (figment: defaults, TOML, `PCGATE_` env), [`admin`] (the admin port),
+//! Around them: [`config`] (figment: defaults, TOML, `PCGATE_` env, parsed once into types that
+//! [`route`], [`upstream`] and [`token`] consume; it imports none of them), [`admin`] (the admin port),
 //! [`body`] (the body type), and [`sandbox`] (a local stand-in for Partner Center).
 //!
 //! [`run`] is what `main` and the tests call; [`Gateway`] splits it into bind and serve so tests
@@ -72,9 +74,12 @@ pub enum StartError {
     /// A credential could not be set up (a secret file missing, say).
     #[error(transparent)]
     Credential(#[from] token::SetupError),
-    /// The config was valid but the stack could not be built from it.
-    #[error("{0}")]
-    Setup(String),
+    /// The route table could not be built (a route names a credential that is not configured).
+    #[error(transparent)]
+    Route(#[from] route::RouteError),
+    /// The config was not validated and does not hold (a config built in code, say).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
 }
 
 /// A gateway whose listeners are bound and whose parts are built, ready to serve.
@@ -100,11 +105,13 @@ impl Gateway {
             config.upstream.connect_timeout,
             metrics.clone(),
         )?;
-        let routes = route::RouteTable::new(&config.routes).map_err(StartError::Setup)?;
-        let known: Vec<metrics::KnownRoute<'_>> = routes
-            .routes()
+        // Each route's credential is resolved to its source here, once.
+        let routes = route::RouteTable::new(&config.routes, &tokens)?;
+        let known: Vec<metrics::KnownRoute<'_>> = config
+            .routes
+            .iter()
             .map(|r| metrics::KnownRoute {
-                name: &r.name,
+                name: r.name(),
                 cached: r.cache_ttl.is_some(),
                 coalesced: r.coalesce,
             })
@@ -112,23 +119,12 @@ impl Gateway {
         let fetched: Vec<&str> = config
             .credentials
             .iter()
-            .filter(|(_, c)| c.grant != config::Grant::Static)
+            .filter(|(_, c)| c.grant() != config::Grant::Static)
             .map(|(name, _)| name.as_str())
             .collect();
         metrics.prime(&known, &fetched);
         drop(known);
-        let upstream = upstream::Upstream::new(&config.upstream, tls, metrics.clone())
-            .map_err(StartError::Setup)?;
-        let keys = config
-            .access
-            .clients
-            .iter()
-            .map(|c| {
-                layer::access::ClientKey::from_hex(&c.name, &c.key_sha256).ok_or_else(|| {
-                    StartError::Setup(format!("access.clients `{}`: bad key_sha256", c.name))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let upstream = upstream::Upstream::new(&config.upstream, tls, metrics.clone());
         let bind = |addr: SocketAddr, key: &'static str| async move {
             TcpListener::bind(addr)
                 .await
@@ -136,17 +132,15 @@ impl Gateway {
         };
         let listener = bind(config.server.listen, "server.listen").await?;
         let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
-        let tracking =
-            layer::tracking::TrackingSettings::new(&config.tracking).map_err(StartError::Setup)?;
+        let tracking = layer::tracking::TrackingSettings::new(&config.tracking)
+            .map_err(config::ConfigError::Invalid)?;
         let retry = layer::retry::RetrySettings::new(&config.retry, config.upstream.deadline);
         let store = std::sync::Arc::new(layer::cache::Store::new(
             config.cache.max_bytes.as_u64(),
             config.cache.max_entry_bytes.as_u64(),
             metrics.clone(),
         ));
-        let (forward_headers, key_headers) = config
-            .header_lists()
-            .map_err(|e| StartError::Setup(e.to_string()))?;
+        let (forward_headers, key_headers) = config.header_lists()?;
         let parts = stack::Parts {
             forward_headers,
             key_headers: key_headers.into(),
@@ -155,7 +149,7 @@ impl Gateway {
             metrics,
             tracking,
             routes,
-            keys,
+            keys: config.access.clients.clone(),
             hosts: host::HostRule::new(&config.server.admin_hosts),
             tokens,
             upstream,
@@ -200,17 +194,9 @@ impl Gateway {
             parts,
         } = self;
         let tokens = parts.tokens.clone();
-        let mut used: Vec<String> = config
-            .routes
-            .iter()
-            .filter_map(|r| r.credential.clone())
-            .collect();
-        used.sort();
-        used.dedup();
         let admin_state = admin::Admin {
             hosts: host::HostRule::new(&config.server.admin_hosts),
-            tokens: tokens.clone(),
-            used: used.into(),
+            credentials: parts.routes.credentials().into(),
             store: parts.store.clone(),
             metrics: parts.metrics.clone(),
         };

@@ -368,7 +368,7 @@ impl Metrics {
     /// expiry gauge is left out: a zero there would claim an expired token.
     pub fn prime(&self, routes: &[KnownRoute<'_>], credentials: &[&str]) {
         let none = KnownRoute {
-            name: "none",
+            name: crate::route::NO_ROUTE,
             cached: false,
             coalesced: false,
         };

@@ -1,9 +1,9 @@
 //! The route table: which calls pcgate forwards, and with what policy.
 //!
-//! A pattern is `"METHOD /path"` where a path segment is a literal, `*` (exactly one segment) or a
-//! final `**` (one or more segments). A `GET` pattern also admits `HEAD`. Paths are normalised
-//! before matching (see [`normalize_path`]) and the normalised path is the one sent upstream, so
-//! what was matched is what is forwarded.
+//! Each route's patterns ([`crate::config::Pattern`], parsed with the config) are matched in table
+//! order. Paths are normalised before matching (see [`normalize_path`]) and the normalised path is
+//! the one sent upstream, so what was matched is what is forwarded. Each route's credential is
+//! resolved to its [`TokenSource`] when the table is built, so no call looks a name up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,12 @@ use std::time::Duration;
 use http::Method;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 
-use crate::config::RouteConfig;
+use crate::config::{Pattern, RouteConfig};
+use crate::token::{TokenSource, TokenSources};
+
+/// The route label of a call no route matched (or that never reached `access`), in logs and
+/// metrics alike.
+pub const NO_ROUTE: &str = "none";
 
 /// Characters escaped when a decoded segment is written back (RFC 3986 §3.3 `pchar` complement).
 const SEGMENT: &AsciiSet = &CONTROLS
@@ -112,96 +117,13 @@ pub fn normalize_path(raw: &str) -> Result<NormalPath, PathError> {
     Ok(NormalPath { segments, encoded })
 }
 
-/// One segment of a pattern.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    One,
-    Rest,
-}
-
-/// A parsed `"METHOD /path"` pattern.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pattern {
-    method: Method,
-    segments: Vec<Segment>,
-}
-
-impl Pattern {
-    /// Parses `"GET /v1/invoices/*/lineitems/**"`.
-    pub fn parse(text: &str) -> Result<Pattern, String> {
-        let (method, path) = text
-            .trim()
-            .split_once(' ')
-            .ok_or_else(|| format!("pattern `{text}` must be `METHOD /path`"))?;
-        // Methods are case-sensitive (RFC 9110 §9.1): `get` would be a method of its own that
-        // never matches a real call, so only the standard ones, in capitals, are accepted.
-        const METHODS: [&str; 8] = [
-            "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
-        ];
-        if !METHODS.contains(&method) {
-            return Err(format!(
-                "pattern `{text}`: `{method}` is not an HTTP method (use one of {})",
-                METHODS.join(", ")
-            ));
-        }
-        let method: Method = method
-            .parse()
-            .map_err(|_| format!("pattern `{text}`: `{method}` is not an HTTP method"))?;
-        let path = path.trim();
-        let rest = path
-            .strip_prefix('/')
-            .ok_or_else(|| format!("pattern `{text}`: the path must start with `/`"))?;
-        let pieces: Vec<&str> = rest.split('/').collect();
-        let mut segments = Vec::with_capacity(pieces.len());
-        for (i, piece) in pieces.iter().enumerate() {
-            segments.push(match *piece {
-                "" => return Err(format!("pattern `{text}` has an empty segment")),
-                "*" => Segment::One,
-                "**" if i + 1 == pieces.len() => Segment::Rest,
-                "**" => {
-                    return Err(format!(
-                        "pattern `{text}`: `**` may only be the last segment"
-                    ))
-                }
-                literal if literal.contains('*') => {
-                    return Err(format!(
-                        "pattern `{text}`: `*` must be a whole segment (`/a/*/b`), not part of one"
-                    ))
-                }
-                literal => Segment::Literal(literal.to_owned()),
-            });
-        }
-        Ok(Pattern { method, segments })
-    }
-
-    /// Whether a request with this method and path matches.
-    pub fn matches(&self, method: &Method, path: &NormalPath) -> bool {
-        let method_ok =
-            self.method == method || (self.method == Method::GET && method == Method::HEAD);
-        method_ok && segments_match(&self.segments, path.segments())
-    }
-}
-
-fn segments_match(pattern: &[Segment], path: &[String]) -> bool {
-    match (pattern.split_first(), path.split_first()) {
-        (None, None) => true,
-        (Some((Segment::Rest, _)), _) => !path.is_empty(),
-        (Some((Segment::One, p)), Some((_, rest))) => segments_match(p, rest),
-        (Some((Segment::Literal(lit), p)), Some((seg, rest))) => {
-            lit == seg && segments_match(p, rest)
-        }
-        _ => false,
-    }
-}
-
 /// What a matched route asks of the inner layers; put in the request's extensions by `access`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Route {
     /// Label for logs and metrics (shared, so labelling a metric does not allocate).
     pub name: Arc<str>,
-    /// The credential whose token is sent upstream.
-    pub credential: Option<String>,
+    /// The token source of the credential whose token is sent upstream.
+    pub credential: Option<TokenSource>,
     /// Cache freshness for 200 responses.
     pub cache_ttl: Option<Duration>,
     /// Serve-stale-while-refreshing window after the TTL.
@@ -214,52 +136,77 @@ pub struct Route {
     pub retry: bool,
 }
 
+/// Why the route table could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// A route names a credential that has no token source.
+    #[error("route `{route}`: credential `{credential}` is not configured: add [credentials.{credential}] or change the route")]
+    UnknownCredential {
+        /// The route's name.
+        route: String,
+        /// The credential it names.
+        credential: String,
+    },
+}
+
 /// The ordered route table; first match wins.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     entries: Vec<(Pattern, Arc<Route>)>,
+    /// The token sources some route uses, once each, in table order.
+    credentials: Vec<TokenSource>,
 }
 
 impl RouteTable {
-    /// Builds the table from validated config.
-    pub fn new(routes: &[RouteConfig]) -> Result<RouteTable, String> {
+    /// Builds the table from the config's routes, each credential resolved to its source.
+    pub fn new(routes: &[RouteConfig], tokens: &TokenSources) -> Result<RouteTable, RouteError> {
         let mut entries = Vec::new();
+        let mut credentials: Vec<TokenSource> = Vec::new();
         for config in routes {
+            let credential = match &config.credential {
+                None => None,
+                Some(name) => Some(tokens.get(name).cloned().ok_or_else(|| {
+                    RouteError::UnknownCredential {
+                        route: config.name().to_owned(),
+                        credential: name.clone(),
+                    }
+                })?),
+            };
+            if let Some(source) = &credential {
+                if !credentials.iter().any(|known| known.same_as(source)) {
+                    credentials.push(source.clone());
+                }
+            }
             let route = Arc::new(Route {
                 name: config.name().into(),
-                credential: config.credential.clone(),
+                credential,
                 cache_ttl: config.cache_ttl,
                 stale_while_revalidate: config.stale_while_revalidate,
                 stale_if_error: config.stale_if_error,
                 coalesce: config.coalesce,
                 retry: config.retry,
             });
-            for text in config.patterns.as_slice() {
-                entries.push((Pattern::parse(text)?, route.clone()));
+            for pattern in config.patterns.as_slice() {
+                entries.push((pattern.clone(), route.clone()));
             }
         }
-        Ok(RouteTable { entries })
+        Ok(RouteTable {
+            entries,
+            credentials,
+        })
     }
 
     /// The first route whose pattern matches.
     pub fn find(&self, method: &Method, path: &NormalPath) -> Option<&Arc<Route>> {
         self.entries
             .iter()
-            .find(|(pattern, _)| pattern.matches(method, path))
+            .find(|(pattern, _)| pattern.matches(method, path.segments()))
             .map(|(_, route)| route)
     }
 
-    /// Every route, once each, in table order.
-    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
-        let mut seen: Vec<&Arc<Route>> = Vec::new();
-        self.entries.iter().filter_map(move |(_, route)| {
-            if seen.iter().any(|r| Arc::ptr_eq(r, route)) {
-                None
-            } else {
-                seen.push(route);
-                Some(route)
-            }
-        })
+    /// The token sources some route uses, once each: readiness waits for these.
+    pub fn credentials(&self) -> &[TokenSource] {
+        &self.credentials
     }
 }
 
@@ -270,7 +217,7 @@ mod tests {
 
     fn table() -> RouteTable {
         let config = Config::from_toml(include_str!("../config/pcgate.toml")).unwrap();
-        RouteTable::new(&config.routes).unwrap()
+        RouteTable::new(&config.routes, &TokenSources::fixed(&["app", "user"])).unwrap()
     }
 
     fn route(method: &str, path: &str) -> Option<String> {
@@ -325,24 +272,6 @@ mod tests {
     }
 
     #[test]
-    fn star_is_one_segment_and_double_star_the_rest() {
-        let p = Pattern::parse("GET /a/*/c/**").unwrap();
-        let m = |path: &str| p.matches(&Method::GET, &normalize_path(path).unwrap());
-        assert!(m("/a/b/c/d"));
-        assert!(m("/a/b/c/d/e/f"));
-        assert!(!m("/a/b/c"));
-        assert!(!m("/a/b/x/c/d"));
-        assert!(!m("/a/c/d"));
-        assert!(Pattern::parse("GET /a/**/b").is_err());
-        assert!(Pattern::parse("GET /a/b*").is_err());
-        assert!(Pattern::parse("/a").is_err());
-        assert!(Pattern::parse("GET a").is_err());
-        assert!(Pattern::parse("get /a").is_err());
-        assert!(Pattern::parse("FETCH /a").is_err());
-        assert!(Pattern::parse("CONNECT /a").is_err());
-    }
-
-    #[test]
     fn first_match_wins() {
         let config = Config::from_toml(
             r#"
@@ -355,7 +284,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let table = RouteTable::new(&config.routes).unwrap();
+        let table = RouteTable::new(&config.routes, &TokenSources::default()).unwrap();
         let find = |p: &str| {
             table
                 .find(&Method::GET, &normalize_path(p).unwrap())
@@ -365,7 +294,41 @@ mod tests {
         };
         assert_eq!(find("/v1/invoices/summary"), "specific");
         assert_eq!(find("/v1/invoices/D1"), "general");
-        assert_eq!(table.routes().count(), 2);
+        assert!(table.credentials().is_empty());
+    }
+
+    #[test]
+    fn each_route_holds_its_credentials_source_resolved_once() {
+        let tokens = TokenSources::fixed(&["app", "user", "unused"]);
+        let config = Config::from_toml(include_str!("../config/pcgate.toml")).unwrap();
+        let table = RouteTable::new(&config.routes, &tokens).unwrap();
+        let source = |path: &str| {
+            table
+                .find(&Method::GET, &normalize_path(path).unwrap())
+                .and_then(|r| r.credential.clone())
+                .unwrap()
+        };
+        // The very handles the sources hold, not copies found by name per call.
+        assert!(source("/v1/invoices/summary").same_as(tokens.get("app").unwrap()));
+        assert!(source("/v1/invoices/D1").same_as(tokens.get("user").unwrap()));
+        // Readiness waits for these: every credential some route uses, once each, no other.
+        let used: Vec<&str> = table.credentials().iter().map(TokenSource::name).collect();
+        assert_eq!(used, ["app", "user"]);
+        assert!(table.credentials()[0].same_as(tokens.get("app").unwrap()));
+    }
+
+    #[test]
+    fn a_route_naming_a_missing_credential_is_a_typed_error() {
+        let config = Config::from_toml(include_str!("../config/pcgate.toml")).unwrap();
+        let error = RouteTable::new(&config.routes, &TokenSources::fixed(&["app"])).unwrap_err();
+        assert_eq!(
+            error,
+            RouteError::UnknownCredential {
+                route: "summaries".into(),
+                credential: "user".into()
+            }
+        );
+        assert!(error.to_string().contains("[credentials.user]"), "{error}");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! inside (DESIGN.md §2).
 
 use crate::body::Response;
+use crate::config::ClientKey;
 use crate::deadline::Deadline;
-use crate::layer::access::{AccessLayer, ClientKey};
+use crate::layer::access::AccessLayer;
 use crate::layer::cache::{CacheLayer, Store};
 use crate::layer::coalesce::CoalesceLayer;
 use crate::layer::credential::CredentialLayer;
@@ -23,7 +24,7 @@ pub struct Parts {
     pub keys: Vec<ClientKey>,
     /// The `Host` names answered when there are no inbound keys (DNS rebinding defence).
     pub hosts: crate::host::HostRule,
-    /// Token sources, by credential name.
+    /// Token sources, by credential name (each route holds its own handle; these run refreshers).
     pub tokens: TokenSources,
     /// The response cache.
     pub store: std::sync::Arc<Store>,
@@ -98,6 +99,6 @@ pub fn build(
         // shared or stored answer is the one that came after retrying.
         .layer(RetryLayer::new(parts.retry, &parts.metrics))
         // Innermost but the client: every attempt, and the 401 replay, carries a current token.
-        .layer(CredentialLayer::new(parts.tokens))
+        .layer(CredentialLayer::new())
         .service(parts.upstream)
 }

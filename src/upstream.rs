@@ -7,18 +7,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::Uri;
+use http::uri::PathAndQuery;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 
 use crate::body::{self, Body, BoxError, BoxFuture, Request, Response};
 use crate::call::CallInfo;
-use crate::config::UpstreamConfig;
+use crate::config::{BaseUrl, CaFileError, UpstreamConfig};
 pub use crate::headers::strip_hop_by_hop;
 use crate::headers::{strip_fixed_hop_by_hop, MS_CV};
 use crate::layer::tracking::Tracking;
@@ -63,70 +60,11 @@ impl crate::error::Problem for UpstreamError {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// `ca_file` could not be read or holds no certificate.
-    #[error("upstream.ca_file {path}: {reason}")]
-    CaFile {
-        /// The file named in the config.
-        path: String,
-        /// What went wrong.
-        reason: String,
-    },
+    #[error(transparent)]
+    CaFile(#[from] CaFileError),
     /// rustls refused the settings.
     #[error("TLS setup failed: {0}")]
     Rustls(#[from] rustls::Error),
-}
-
-/// `upstream.base_url`, split once at start-up.
-#[derive(Debug, Clone)]
-pub struct BaseUrl {
-    scheme: Scheme,
-    authority: Authority,
-    /// A path prefix without the trailing `/` (usually empty).
-    prefix: String,
-}
-
-impl BaseUrl {
-    /// Parses and checks `http(s)://host[:port][/prefix]`.
-    pub fn parse(text: &str) -> Result<BaseUrl, String> {
-        let uri: Uri = text
-            .parse()
-            .map_err(|e| format!("`{text}` is not a URL ({e})"))?;
-        let scheme = match uri.scheme_str() {
-            Some("https") => Scheme::HTTPS,
-            Some("http") => Scheme::HTTP,
-            _ => {
-                return Err(format!(
-                    "`{text}` must start with https:// (or http:// for a local sandbox)"
-                ))
-            }
-        };
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| format!("`{text}` has no host"))?;
-        if uri.query().is_some() {
-            return Err(format!("`{text}` must not have a query"));
-        }
-        let prefix = uri.path().trim_end_matches('/').to_owned();
-        Ok(BaseUrl {
-            scheme,
-            authority,
-            prefix,
-        })
-    }
-
-    /// The absolute upstream URI for an origin-form path and query.
-    pub fn join(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        let pq: PathAndQuery = if self.prefix.is_empty() {
-            path_and_query.parse()?
-        } else {
-            format!("{}{}", self.prefix, path_and_query).parse()?
-        };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-    }
 }
 
 /// The rustls client settings for the upstream and the token endpoints: webpki roots plus `ca_file`.
@@ -134,18 +72,11 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsErr
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let ca_error = |reason: String| TlsError::CaFile {
-            path: path.display().to_string(),
-            reason,
-        };
-        let mut added = 0;
-        for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_error(e.to_string()))? {
-            let cert = cert.map_err(|e| ca_error(e.to_string()))?;
-            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(ca_error("no PEM certificate in the file".into()));
+        for cert in crate::config::ca_certificates(path)? {
+            roots.add(cert).map_err(|e| CaFileError {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -170,8 +101,7 @@ impl Upstream {
         config: &UpstreamConfig,
         tls: rustls::ClientConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<Upstream, String> {
-        let base = BaseUrl::parse(&config.base_url)?;
+    ) -> Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -187,12 +117,12 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(https);
-        Ok(Upstream {
+        Upstream {
             client,
-            base: Arc::new(base),
+            base: Arc::new(config.base_url.clone()),
             attempt_timeout: config.attempt_timeout,
             metrics,
-        })
+        }
     }
 }
 
@@ -292,26 +222,4 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base_url_joins_paths() {
-        let base = BaseUrl::parse("https://api.example.com").unwrap();
-        assert_eq!(
-            base.join("/v1/invoices?size=2").unwrap().to_string(),
-            "https://api.example.com/v1/invoices?size=2"
-        );
-        let base = BaseUrl::parse("http://127.0.0.1:9000/prefix/").unwrap();
-        assert_eq!(
-            base.join("/v1/invoices").unwrap().to_string(),
-            "http://127.0.0.1:9000/prefix/v1/invoices"
-        );
-        assert!(BaseUrl::parse("ftp://x").is_err());
-        assert!(BaseUrl::parse("/relative").is_err());
-        assert!(BaseUrl::parse("https://x/?q=1").is_err());
-    }
 }

@@ -341,12 +341,12 @@ fn the_configmap_config_loads_with_the_shipped_route_table_and_mounted_files() {
 
     assert!(!config.credentials.is_empty());
     for (name, credential) in &config.credentials {
-        if let Some(file) = &credential.client_secret_file {
+        if let Some(file) = credential.client_secret_file() {
             let (_, volume, read_only) = holder("pcgate", file);
             assert!(read_only, "credential {name}: mount secrets read-only");
             secret_key_at(&volume, file);
         }
-        if let Some(file) = &credential.refresh_token_file {
+        if let Some(file) = credential.refresh_token_file() {
             // pcgate writes rotated tokens next to the file: a writable emptyDir...
             let (path, volume, read_only) = holder("pcgate", file);
             assert!(!read_only, "credential {name}: {path} must be writable");

@@ -25,6 +25,7 @@ use subtle::ConstantTimeEq;
 
 use crate::body::{BoxError, Request, Response};
 use crate::call::CallInfo;
+use crate::config::ClientKey;
 use crate::headers::is_forwarded;
 pub use crate::headers::{configured_header, FORWARDED};
 use crate::host::{HostError, HostRule};
@@ -98,32 +99,6 @@ impl crate::error::Problem for AccessError {
             AccessError::Host(HostError::Misdirected(_)) => "MisdirectedRequest",
             AccessError::Host(HostError::ForeignOrigin(_)) => "ForeignOrigin",
         }
-    }
-}
-
-/// The SHA-256 of one inbound key, and whose it is.
-#[derive(Clone, Debug)]
-pub struct ClientKey {
-    /// Who the key belongs to (logged on each call).
-    pub name: String,
-    /// SHA-256 of the key.
-    pub sha256: [u8; 32],
-}
-
-impl ClientKey {
-    /// From config: the name and 64 hex digits.
-    pub fn from_hex(name: &str, hex: &str) -> Option<ClientKey> {
-        if hex.len() != 64 {
-            return None;
-        }
-        let mut sha256 = [0u8; 32];
-        for (i, byte) in sha256.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(ClientKey {
-            name: name.to_owned(),
-            sha256,
-        })
     }
 }
 
@@ -254,7 +229,7 @@ impl<S> Access<S> {
         // Check every key, so the time taken does not tell which one came close.
         let mut found = None;
         for client in self.keys.iter() {
-            if bool::from(client.sha256.ct_eq(&presented)) {
+            if bool::from(client.key_sha256.as_bytes().ct_eq(&presented)) {
                 found = Some(client);
             }
         }

@@ -129,7 +129,7 @@ where
             .extensions()
             .get::<Arc<Route>>()
             .map(|r| r.name.clone())
-            .unwrap_or_else(|| Arc::from(""));
+            .unwrap_or_else(|| Arc::from(crate::route::NO_ROUTE));
 
         let mut flights = state.flights.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(flight) = flights.get(&key).cloned() {

@@ -1,5 +1,6 @@
 //! `credential`: sends the route's service credential upstream. The caller's `Authorization` was
-//! removed by `access`; this layer injects `Bearer <token>` from the route's [`TokenSource`]. On an
+//! removed by `access`; this layer injects `Bearer <token>` from the route's
+//! [`TokenSource`](crate::token::TokenSource), resolved when the route table was built. On an
 //! upstream 401 it asks the source for a different token (one refresh, shared with every other
 //! call that saw the same 401) and replays the call once.
 
@@ -10,7 +11,7 @@ use http::{header, StatusCode};
 
 use crate::body::{self, BoxError, BoxFuture, Request, Response};
 use crate::route::Route;
-use crate::token::{TokenError, TokenSources};
+use crate::token::TokenError;
 
 /// Why the call could not be given a credential.
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +32,13 @@ impl crate::error::Problem for CredentialError {
 }
 
 /// Adds [`Credential`] in front of a service.
-#[derive(Clone, Debug)]
-pub struct CredentialLayer {
-    sources: TokenSources,
-}
+#[derive(Clone, Debug, Default)]
+pub struct CredentialLayer;
 
 impl CredentialLayer {
-    /// Uses these token sources, by credential name.
-    pub fn new(sources: TokenSources) -> Self {
-        CredentialLayer { sources }
+    /// Sends each route's own token source's token.
+    pub fn new() -> Self {
+        CredentialLayer
     }
 }
 
@@ -47,10 +46,7 @@ impl<S> tower::Layer<S> for CredentialLayer {
     type Service = Credential<S>;
 
     fn layer(&self, inner: S) -> Credential<S> {
-        Credential {
-            inner,
-            sources: self.sources.clone(),
-        }
+        Credential { inner }
     }
 }
 
@@ -58,7 +54,6 @@ impl<S> tower::Layer<S> for CredentialLayer {
 #[derive(Clone, Debug)]
 pub struct Credential<S> {
     inner: S,
-    sources: TokenSources,
 }
 
 impl<S> tower::Service<Request> for Credential<S>
@@ -81,9 +76,7 @@ where
         let source = request
             .extensions()
             .get::<Arc<Route>>()
-            .and_then(|route| route.credential.as_deref())
-            .and_then(|name| self.sources.get(name))
-            .cloned();
+            .and_then(|route| route.credential.clone());
         Box::pin(async move {
             let Some(source) = source else {
                 return inner.call(request).await;

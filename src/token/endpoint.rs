@@ -65,14 +65,7 @@ pub enum FetchError {
     TooLarge(String),
 }
 
-/// The audience of the tokens asked for.
-#[derive(Debug, Clone)]
-pub enum Audience {
-    /// v1: `resource=...`.
-    Resource(String),
-    /// v2: `scope=...`.
-    Scope(String),
-}
+pub use crate::config::Audience;
 
 /// A token endpoint and the client credential used at it.
 pub struct Endpoint {

@@ -7,7 +7,7 @@ pub mod endpoint;
 pub mod store;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -16,9 +16,9 @@ use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
-use crate::config::{CredentialConfig, Grant};
+use crate::config::{AppCredential, ClientSecret, CredentialConfig};
 use crate::metrics::{CredentialLabel, Metrics, TokenLabels};
-use endpoint::{Audience, Endpoint, FetchError};
+use endpoint::{Endpoint, FetchError};
 
 /// First wait after a failed refresh; doubled each failure up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -48,12 +48,63 @@ pub struct TokenError {
 
 /// Why a token source could not be set up at start.
 #[derive(Debug, thiserror::Error)]
-#[error("credential `{credential}`: {reason}")]
+#[error("credential `{credential}`: {kind}")]
 pub struct SetupError {
-    /// The credential's name.
+    /// The credential's name (`*`: every credential).
     pub credential: String,
     /// What is wrong and what to do.
-    pub reason: String,
+    #[source]
+    pub kind: SetupErrorKind,
+}
+
+/// What could not be set up; each says what to do. Never shows a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupErrorKind {
+    /// `client_secret_file` could not be read.
+    #[error("client_secret_file {} is not readable ({source})", path.display())]
+    SecretFileUnreadable {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `client_secret_file` holds nothing but whitespace.
+    #[error("client_secret_file {} is empty", .0.display())]
+    SecretFileEmpty(PathBuf),
+    /// `refresh_token_file` exists but could not be read.
+    #[error("refresh_token_file {} is not readable ({source})", path.display())]
+    RefreshTokenUnreadable {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Rotated refresh tokens could not be written next to `refresh_token_file`.
+    #[error(
+        "refresh_token_file {}: cannot create files in {} ({source}), where each rotated refresh \
+         token is written; make that directory writable by pcgate's user",
+        path.display(),
+        store::directory(path).display()
+    )]
+    RefreshTokenDirectory {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Neither the file nor the config holds a refresh token.
+    #[error(
+        "no refresh token: refresh_token_file {} does not exist or is empty and no refresh_token \
+         is set; run the App+User consent flow and write the refresh token there",
+        .0.as_ref().map_or("(unset)".into(), |p| p.display().to_string())
+    )]
+    NoRefreshToken(Option<PathBuf>),
+    /// The token cannot go into an `Authorization` header.
+    #[error("the token has characters not allowed in a header")]
+    BadToken,
+    /// The HTTP client for the token endpoints could not be built.
+    #[error("HTTP client: {0}")]
+    HttpClient(String),
 }
 
 /// A bearer token, ready to put in a header. Its value never appears in `Debug`.
@@ -77,6 +128,20 @@ impl Token {
 
     fn is_valid(&self, now: Instant) -> bool {
         now < self.expires_at
+    }
+}
+
+impl Token {
+    /// A token that never expires (the `static` grant).
+    fn fixed(header: HeaderValue) -> Token {
+        let far = Duration::from_secs(100 * 365 * 24 * 3600);
+        Token {
+            header,
+            expires_at: Instant::now() + far,
+            expires_at_unix: endpoint::unix_now() + far.as_secs(),
+            refresh_at: Instant::now() + far,
+            generation: 1,
+        }
     }
 }
 
@@ -153,57 +218,47 @@ impl std::fmt::Debug for TokenSource {
 
 impl TokenSource {
     /// Sets up the source from config: reads secret files, builds the endpoint. Fetches nothing.
+    /// The config's shape was checked as it was read; only files are checked here.
     pub fn new(
         name: &str,
         config: &CredentialConfig,
         http: &reqwest::Client,
         metrics: Arc<Metrics>,
     ) -> Result<TokenSource, SetupError> {
-        let fail = |reason: String| SetupError {
+        let fail = |kind: SetupErrorKind| SetupError {
             credential: name.to_owned(),
-            reason,
+            kind,
         };
-        let kind = match config.grant {
-            Grant::Static => {
-                let token = config
-                    .token
-                    .as_ref()
-                    .ok_or_else(|| fail("grant `static` needs `token`".into()))?;
-                let far = Duration::from_secs(100 * 365 * 24 * 3600);
-                Kind::Static(Arc::new(Token {
-                    header: bearer(token).map_err(fail)?,
-                    expires_at: Instant::now() + far,
-                    expires_at_unix: endpoint::unix_now() + far.as_secs(),
-                    refresh_at: Instant::now() + far,
-                    generation: 1,
-                }))
+        let (kind, refresh_before) = match config {
+            CredentialConfig::Static(fixed) => {
+                let header =
+                    bearer(fixed.token.secret()).map_err(|_| fail(SetupErrorKind::BadToken))?;
+                (Kind::Static(Arc::new(Token::fixed(header))), Duration::ZERO)
             }
-            Grant::ClientCredentials => {
-                Kind::ClientCredentials(endpoint_for(config, http).map_err(fail)?)
-            }
-            Grant::RefreshToken => {
-                let endpoint = endpoint_for(config, http).map_err(fail)?;
-                let file = config.refresh_token_file.clone();
+            CredentialConfig::ClientCredentials(app) => (
+                Kind::ClientCredentials(endpoint_for(app, http).map_err(fail)?),
+                app.refresh_before,
+            ),
+            CredentialConfig::RefreshToken(user) => {
+                let endpoint = endpoint_for(&user.app, http).map_err(fail)?;
+                let file = user.refresh_token_file.clone();
                 let stored = match &file {
-                    Some(path) => store::read(path).map_err(|e| {
-                        fail(format!(
-                            "refresh_token_file {} is not readable ({e})",
-                            path.display()
-                        ))
+                    Some(path) => store::read(path).map_err(|source| {
+                        fail(SetupErrorKind::RefreshTokenUnreadable {
+                            path: path.clone(),
+                            source,
+                        })
                     })?,
                     None => None,
                 };
                 if let Some(path) = &file {
                     // Every rotation writes the new refresh token there; if it cannot, the token
                     // lives only in memory and a restart needs re-consent. Better to refuse now.
-                    store::check_writable(path).map_err(|e| {
-                        fail(format!(
-                            "refresh_token_file {}: cannot create files in {} ({e}), where each \
-                             rotated refresh token is written; make that directory writable by \
-                             pcgate's user",
-                            path.display(),
-                            store::directory(path).display()
-                        ))
+                    store::check_writable(path).map_err(|source| {
+                        fail(SetupErrorKind::RefreshTokenDirectory {
+                            path: path.clone(),
+                            source,
+                        })
                     })?;
                     // Exported at zero from start, so the alert has a series to watch.
                     let label = CredentialLabel {
@@ -211,27 +266,38 @@ impl TokenSource {
                     };
                     let _ = metrics.token_store_failures.get_or_create(&label);
                 }
-                let current = stored.or_else(|| config.refresh_token.clone()).ok_or_else(|| {
-                    fail(format!(
-                        "no refresh token: refresh_token_file {} does not exist or is empty and no refresh_token is set; \
-                         run the App+User consent flow and write the refresh token there",
-                        file.as_ref().map_or("(unset)".into(), |p| p.display().to_string())
-                    ))
-                })?;
-                Kind::RefreshToken {
-                    endpoint,
-                    current: Mutex::new(current),
-                    file,
-                    unsaved: AtomicBool::new(false),
-                }
+                let current = stored
+                    .or_else(|| user.refresh_token.clone())
+                    .ok_or_else(|| fail(SetupErrorKind::NoRefreshToken(file.clone())))?;
+                (
+                    Kind::RefreshToken {
+                        endpoint,
+                        current: Mutex::new(current),
+                        file,
+                        unsaved: AtomicBool::new(false),
+                    },
+                    user.app.refresh_before,
+                )
             }
         };
-        Ok(TokenSource::from_kind(
+        Ok(TokenSource::from_kind(name, kind, refresh_before, metrics))
+    }
+
+    /// A source that always gives this static token (tests of the layers that carry a route).
+    #[cfg(test)]
+    pub(crate) fn fixed(name: &str) -> TokenSource {
+        let header = bearer(&SecretString::from(format!("fixed-{name}"))).expect("a header value");
+        TokenSource::from_kind(
             name,
-            kind,
-            config.refresh_before,
-            metrics,
-        ))
+            Kind::Static(Arc::new(Token::fixed(header))),
+            Duration::ZERO,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    /// Whether `other` is a handle to this same source.
+    pub fn same_as(&self, other: &TokenSource) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     fn from_kind(
@@ -634,36 +700,31 @@ fn jittered(wait: Duration) -> Duration {
 }
 
 /// The token endpoint of a credential, its client secret read (from the file if so configured).
-fn endpoint_for(config: &CredentialConfig, http: &reqwest::Client) -> Result<Endpoint, String> {
-    let secret = match (&config.client_secret, &config.client_secret_file) {
-        (Some(secret), _) => secret.clone(),
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                format!(
-                    "client_secret_file {} is not readable ({e})",
-                    path.display()
-                )
-            })?;
-            let secret = text.trim();
-            if secret.is_empty() {
-                return Err(format!("client_secret_file {} is empty", path.display()));
-            }
-            SecretString::from(secret.to_owned())
-        }
-        (None, None) => return Err("needs `client_secret` or `client_secret_file`".into()),
-    };
-    let audience = match (&config.scope, &config.resource) {
-        (Some(scope), _) => Audience::Scope(scope.clone()),
-        (None, Some(resource)) => Audience::Resource(resource.clone()),
-        (None, None) => Audience::Resource(crate::config::DEFAULT_RESOURCE.to_owned()),
+fn endpoint_for(app: &AppCredential, http: &reqwest::Client) -> Result<Endpoint, SetupErrorKind> {
+    let client_secret = match &app.secret {
+        ClientSecret::Inline(secret) => secret.clone(),
+        ClientSecret::File(path) => read_secret_file(path)?,
     };
     Ok(Endpoint {
         client: http.clone(),
-        url: config.token_url.clone().unwrap_or_default(),
-        client_id: config.client_id.clone().unwrap_or_default(),
-        client_secret: secret,
-        audience,
+        url: app.token_url.as_str().to_owned(),
+        client_id: app.client_id.clone(),
+        client_secret,
+        audience: app.audience.clone(),
     })
+}
+
+fn read_secret_file(path: &Path) -> Result<SecretString, SetupErrorKind> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| SetupErrorKind::SecretFileUnreadable {
+            path: path.to_owned(),
+            source,
+        })?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(SetupErrorKind::SecretFileEmpty(path.to_owned()));
+    }
+    Ok(SecretString::from(secret.to_owned()))
 }
 
 /// Every configured credential's source, by name.
@@ -691,7 +752,7 @@ impl TokenSources {
             .build()
             .map_err(|e| SetupError {
                 credential: "*".into(),
-                reason: format!("HTTP client: {e}"),
+                kind: SetupErrorKind::HttpClient(e.to_string()),
             })?;
         let mut sources = BTreeMap::new();
         for (name, config) in credentials {
@@ -705,9 +766,21 @@ impl TokenSources {
         })
     }
 
-    /// The source for a credential name.
+    /// The source for a credential name (the route table resolves each route's once).
     pub fn get(&self, name: &str) -> Option<&TokenSource> {
         self.sources.get(name)
+    }
+
+    /// Static sources under these names (tests of tables and layers that need a source).
+    #[cfg(test)]
+    pub(crate) fn fixed(names: &[&str]) -> TokenSources {
+        let sources = names
+            .iter()
+            .map(|name| ((*name).to_owned(), TokenSource::fixed(name)))
+            .collect();
+        TokenSources {
+            sources: Arc::new(sources),
+        }
     }
 
     /// Starts every background refresher; abort the handles to stop them.
@@ -767,6 +840,38 @@ mod tests {
 
     fn fake() -> (TokenSource, Arc<Fake>) {
         fake_with(Duration::from_secs(2 * 3600), Duration::from_secs(300))
+    }
+
+    #[test]
+    fn setup_reads_the_files_the_typed_config_names_and_says_which_failed() {
+        let config = crate::config::Config::from_toml(
+            "[credentials.app]\ngrant = \"client_credentials\"\ntoken_url = \"https://login.example/t\"\nclient_id = \"id\"\nclient_secret_file = \"/nonexistent/pc-secret\"\n[credentials.fixed]\ngrant = \"static\"\ntoken = \"t0ken\"\n[[routes]]\nmatch = \"GET /a\"\n",
+        )
+        .unwrap();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(crate::upstream::tls_config(None).unwrap())
+            .build()
+            .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let error = TokenSource::new("app", &config.credentials["app"], &http, metrics.clone())
+            .unwrap_err();
+        assert_eq!(error.credential, "app");
+        assert!(
+            matches!(&error.kind, SetupErrorKind::SecretFileUnreadable { path, .. } if path == Path::new("/nonexistent/pc-secret")),
+            "{error:?}"
+        );
+        let text = error.to_string();
+        assert!(
+            text.contains("`app`") && text.contains("/nonexistent/pc-secret"),
+            "{text}"
+        );
+        let fixed =
+            TokenSource::new("fixed", &config.credentials["fixed"], &http, metrics).unwrap();
+        let token = fixed
+            .current()
+            .expect("a static token is valid from the start");
+        assert_eq!(token.header(), "Bearer t0ken");
+        assert!(fixed.spawn_refresher().is_none());
     }
 
     #[tokio::test(start_paused = true)]

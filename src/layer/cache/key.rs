@@ -73,8 +73,8 @@ impl Key {
         let credential = request
             .extensions()
             .get::<Arc<Route>>()
-            .and_then(|route| route.credential.as_deref())
-            .unwrap_or("");
+            .and_then(|route| route.credential.as_ref())
+            .map_or("", crate::token::TokenSource::name);
         let mut text = String::with_capacity(128);
         for part in [credential, request.method().as_str(), request.uri().path()] {
             text.push_str(part);
@@ -169,7 +169,7 @@ mod tests {
         }
         request.extensions_mut().insert(Arc::new(Route {
             name: "r".into(),
-            credential: credential.map(str::to_owned),
+            credential: credential.map(crate::token::TokenSource::fixed),
             cache_ttl: None,
             stale_while_revalidate: None,
             stale_if_error: None,

@@ -597,7 +597,7 @@ mod tests {
             .unwrap();
         request.extensions_mut().insert(Arc::new(Route {
             name: "summary".into(),
-            credential: Some("app".into()),
+            credential: Some(crate::token::TokenSource::fixed("app")),
             cache_ttl: Some(Duration::from_secs(300)),
             stale_while_revalidate: Some(Duration::from_secs(60)),
             stale_if_error: Some(Duration::from_secs(3600)),
