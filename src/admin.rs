@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use crate::body::{self, Response};
 use crate::error::problem;
 use crate::host::{HostError, HostRule};
-use crate::layer::cache::Store;
+use crate::layer::cache::{MemoryStore, Purge, Storage};
 use crate::metrics::Metrics;
 use crate::token::TokenSources;
 
@@ -23,8 +23,8 @@ pub struct Admin {
     pub tokens: TokenSources,
     /// The credentials some route uses: readiness waits for these.
     pub used: Arc<[String]>,
-    /// The response cache (purge, size gauges).
-    pub store: Arc<Store>,
+    /// The response cache's store (purge, size gauges).
+    pub store: Arc<MemoryStore>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
 }
@@ -32,7 +32,7 @@ pub struct Admin {
 impl Admin {
     /// Answers one admin request.
     pub async fn handle(self, request: http::Request<Incoming>) -> Result<Response, Infallible> {
-        let mut response = match self.route(&request) {
+        let mut response = match self.route(&request).await {
             Ok(response) => response,
             Err(error @ HostError::Misdirected(_)) => problem(
                 StatusCode::MISDIRECTED_REQUEST,
@@ -51,14 +51,14 @@ impl Admin {
         Ok(response)
     }
 
-    fn route(&self, request: &http::Request<Incoming>) -> Result<Response, HostError> {
+    async fn route(&self, request: &http::Request<Incoming>) -> Result<Response, HostError> {
         self.hosts.check_host(request)?;
         self.hosts.check_origin(request)?;
         Ok(match (request.method(), request.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
             (&Method::GET | &Method::HEAD, "/readyz") => self.readiness(),
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(request.headers()),
-            (&Method::POST, "/cache/purge") => self.purge(request.uri().query()),
+            (&Method::POST, "/cache/purge") => self.purge(request.uri().query()).await,
             (_, "/healthz" | "/readyz" | "/metrics") => {
                 problem(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "use GET")
             }
@@ -119,7 +119,7 @@ impl Admin {
         }
     }
 
-    fn purge(&self, query: Option<&str>) -> Response {
+    async fn purge(&self, query: Option<&str>) -> Response {
         let prefix = query.and_then(|q| {
             form_urlencoded::parse(q.as_bytes())
                 .find(|(k, _)| k == "prefix")
@@ -134,7 +134,17 @@ impl Admin {
                 );
             }
         }
-        let purged = self.store.purge(prefix.as_deref());
+        let scope = prefix.clone().map_or(Purge::All, Purge::Under);
+        let purged = match self.store.purge(scope).await {
+            Ok(purged) => purged,
+            Err(error) => {
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "PurgeFailed",
+                    &format!("the cache could not be purged: {error}; try again"),
+                )
+            }
+        };
         tracing::info!(
             purged,
             prefix = prefix.as_deref().unwrap_or("(all)"),

@@ -137,7 +137,7 @@ impl Gateway {
         let tracking =
             layer::tracking::TrackingSettings::new(&config.tracking).map_err(StartError::Setup)?;
         let retry = layer::retry::RetrySettings::new(&config.retry, config.upstream.deadline);
-        let store = std::sync::Arc::new(layer::cache::Store::new(
+        let store = std::sync::Arc::new(layer::cache::MemoryStore::new(
             config.cache.max_bytes.as_u64(),
             config.cache.max_entry_bytes.as_u64(),
             metrics.clone(),

@@ -1,10 +1,11 @@
-//! `coalesce`: identical calls in flight at the same time share one upstream call, on routes with
-//! `coalesce = true`. "Identical" is the cache [`Key`].
+//! `coalesce`: identical calls in flight at the same time share one upstream call, on uncached
+//! routes with `coalesce = true` (on a cached route the cache's miss lock does this, and stores
+//! the answer once). "Identical" is the cache [`Key`]. Nothing is stored here.
 //!
 //! The shared fetch runs in its own task, so a first caller that hangs up does not fail the others;
-//! each caller waits at most the call's deadline. The answer is buffered to be shared; one larger
-//! than `cache.max_entry_bytes` is not: it streams to the caller that started the fetch, and the
-//! others go on their own.
+//! each caller waits against its own [`Deadline`], and the fetch against its first caller's. The
+//! answer is buffered to be shared; one larger than `cache.max_entry_bytes` is not: it streams to
+//! the caller that started the fetch, and the others go on their own.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,19 +17,15 @@ use std::time::Duration;
 use futures_util::future::{FutureExt, Shared};
 use http::HeaderName;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Response};
-use crate::deadline::DeadlineExceeded;
-use crate::layer::cache::{shareable, Key, StoreOnArrival};
+use crate::deadline::Deadline;
+/// The shared fetch failed: the cache's miss lock and this layer report it alike.
+pub use crate::layer::cache::SharedError;
+use crate::layer::cache::{shareable, Key};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::route::Route;
-
-/// The shared fetch failed; every caller that waited on it gets this, pointing at the cause.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct SharedError(pub Arc<BoxError>);
 
 /// What a shared fetch came to.
 #[derive(Clone)]
@@ -54,12 +51,14 @@ pub struct CoalesceLayer {
 struct State {
     flights: Mutex<HashMap<Key, Flight>>,
     max_entry_bytes: usize,
+    /// `upstream.deadline`, for a request that arrives without a [`Deadline`] (a layer test).
     deadline: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl CoalesceLayer {
-    /// Shares answers up to `max_entry_bytes`; followers wait at most `deadline`.
+    /// Shares answers up to `max_entry_bytes`; `deadline` is the call's limit when a request
+    /// carries no [`Deadline`] of its own.
     pub fn new(max_entry_bytes: usize, deadline: Duration, metrics: Arc<Metrics>) -> Self {
         CoalesceLayer {
             shared: Arc::new(State {
@@ -112,11 +111,12 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> BoxFuture {
+    fn call(&mut self, request: Request) -> BoxFuture {
+        // Cached routes are coalesced by the cache's miss lock, above.
         let wanted = request
             .extensions()
             .get::<Arc<Route>>()
-            .is_some_and(|r| r.coalesce)
+            .is_some_and(|r| r.coalesce && r.cache_ttl.is_none())
             && shareable(&request);
         let Some(spare) = body::clone_bodiless(&request).filter(|_| wanted) else {
             return Box::pin(self.inner.call(request));
@@ -124,7 +124,8 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let state = self.state.clone();
-        let key = Key::get_or_insert(&mut request, &self.key_headers);
+        let key = Key::of(&request, &self.key_headers);
+        let deadline = Deadline::of(&request, state.deadline);
         let route = request
             .extensions()
             .get::<Arc<Route>>()
@@ -139,23 +140,22 @@ where
                 .coalesced
                 .get_or_create(&RouteLabel { route })
                 .inc();
-            let started = Instant::now();
             return Box::pin(async move {
-                match state.wait(flight).await? {
+                match deadline.run(flight).await? {
                     Outcome::Whole(buffered) => Ok(buffered.to_response()),
                     Outcome::Failed(error) => Err(SharedError(error).into()),
                     // Too large to share: this caller fetches for itself, in what is left of its time.
-                    Outcome::TooBig => {
-                        let left = state.deadline.saturating_sub(started.elapsed());
-                        tokio::time::timeout(left, inner.oneshot(spare))
-                            .await
-                            .map_err(|_| DeadlineExceeded(state.deadline))?
-                    }
+                    Outcome::TooBig => deadline.run(inner.oneshot(spare)).await?,
                 }
             });
         }
         let (big_tx, big_rx) = oneshot::channel();
-        let fetch = tokio::spawn(state.clone().fetch(inner, request, key.clone(), big_tx));
+        let fetch =
+            tokio::spawn(
+                state
+                    .clone()
+                    .fetch(inner, request, key.clone(), deadline, big_tx),
+            );
         let flight: Flight = async move {
             fetch.await.unwrap_or_else(|e| {
                 Outcome::Failed(Arc::new(format!("shared fetch ended: {e}").into()))
@@ -166,7 +166,7 @@ where
         flights.insert(key, flight.clone());
         drop(flights);
         Box::pin(async move {
-            match state.wait(flight).await? {
+            match deadline.run(flight).await? {
                 Outcome::Whole(buffered) => Ok(buffered.to_response()),
                 Outcome::Failed(error) => Err(SharedError(error).into()),
                 Outcome::TooBig => big_rx
@@ -185,7 +185,7 @@ struct Landing {
 
 impl Drop for Landing {
     fn drop(&mut self) {
-        // Later arrivals start a new fetch (or find the answer in the cache, outside).
+        // Later arrivals start a new fetch.
         self.state
             .flights
             .lock()
@@ -195,19 +195,13 @@ impl Drop for Landing {
 }
 
 impl State {
-    /// Waits for a flight, at most the call's deadline.
-    async fn wait(&self, flight: Flight) -> Result<Outcome, BoxError> {
-        tokio::time::timeout(self.deadline, flight)
-            .await
-            .map_err(|_| DeadlineExceeded(self.deadline).into())
-    }
-
     /// The shared fetch, in its own task: call the upstream, buffer the answer, publish it.
     async fn fetch<S>(
         self: Arc<Self>,
         inner: S,
         request: Request,
         key: Key,
+        deadline: Deadline,
         big: oneshot::Sender<Response>,
     ) -> Outcome
     where
@@ -217,31 +211,28 @@ impl State {
             state: self.clone(),
             key,
         };
-        let store = request.extensions().get::<Arc<StoreOnArrival>>().cloned();
         // The deadline covers the body too: an upstream that sends headers and then stalls must
         // not hold every identical caller on this flight.
-        let fetched = tokio::time::timeout(self.deadline, async {
-            match inner.oneshot(request).await {
-                Err(error) => Outcome::Failed(Arc::new(error)),
-                Ok(response) => match body::buffer_up_to(response, self.max_entry_bytes).await {
-                    Ok(Limited::Whole(mut buffered)) => {
-                        buffered.keep_shareable_headers();
-                        // Into the cache (on cached routes) before the flight lands.
-                        if let Some(store) = &store {
-                            store.store(&buffered);
+        let fetched = deadline
+            .run(async {
+                match inner.oneshot(request).await {
+                    Err(error) => Outcome::Failed(Arc::new(error)),
+                    Ok(response) => {
+                        match body::buffer_up_to(response, self.max_entry_bytes).await {
+                            Ok(Limited::Whole(mut buffered)) => {
+                                buffered.keep_shareable_headers();
+                                Outcome::Whole(Arc::new(buffered))
+                            }
+                            Ok(Limited::TooBig(response)) => {
+                                let _ = big.send(response);
+                                Outcome::TooBig
+                            }
+                            Err(error) => Outcome::Failed(Arc::new(error.into())),
                         }
-                        Outcome::Whole(Arc::new(buffered))
                     }
-                    Ok(Limited::TooBig(response)) => {
-                        let _ = big.send(response);
-                        Outcome::TooBig
-                    }
-                    Err(error) => Outcome::Failed(Arc::new(error.into())),
-                },
-            }
-        })
-        .await;
-        fetched
-            .unwrap_or_else(|_| Outcome::Failed(Arc::new(DeadlineExceeded(self.deadline).into())))
+                }
+            })
+            .await;
+        fetched.unwrap_or_else(|exceeded| Outcome::Failed(Arc::new(exceeded.into())))
     }
 }
