@@ -236,3 +236,138 @@ impl State {
         fetched.unwrap_or_else(|exceeded| Outcome::Failed(Arc::new(exceeded.into())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::time::Instant;
+    use tower::Layer;
+
+    use crate::deadline::DeadlineExceeded;
+    use crate::error::find_cause;
+
+    /// Coalesce over an inner service that counts calls; each waits `delay`, then answers with
+    /// a body that never ends when `stall`, else with the call number.
+    fn harness(
+        delay: Duration,
+        stall: bool,
+    ) -> (
+        Coalesce<
+            impl tower::Service<Request, Response = Response, Error = BoxError, Future: Send>
+                + Clone
+                + Send,
+        >,
+        Arc<AtomicUsize>,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let inner = tower::service_fn(move |_request: Request| {
+            let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                tokio::time::sleep(delay).await;
+                if stall {
+                    let stream = futures_util::stream::pending::<
+                        Result<http_body::Frame<bytes::Bytes>, body::BodyError>,
+                    >();
+                    let body = http_body_util::StreamBody::new(stream);
+                    return Ok(Response::new(http_body_util::BodyExt::boxed_unsync(body)));
+                }
+                Ok::<_, BoxError>(Response::new(body::full(format!("answer {n}"))))
+            }
+        });
+        let metrics = Arc::new(Metrics::new());
+        let layer = CoalesceLayer::new(1 << 16, Duration::from_secs(60), metrics);
+        (layer.layer(inner), calls)
+    }
+
+    fn request(cached: bool, deadline: Option<Duration>) -> Request {
+        let mut request = http::Request::get("/v1/invoices?size=5")
+            .body(body::empty())
+            .unwrap();
+        request.extensions_mut().insert(Arc::new(Route {
+            name: "invoices".into(),
+            credential: Some("app".into()),
+            cache_ttl: cached.then(|| Duration::from_secs(300)),
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            coalesce: true,
+            retry: true,
+        }));
+        if let Some(limit) = deadline {
+            request.extensions_mut().insert(Deadline::after(limit));
+        }
+        request
+    }
+
+    async fn send<S>(service: &S, request: Request) -> Result<String, BoxError>
+    where
+        S: tower::Service<Request, Response = Response, Error = BoxError> + Clone,
+    {
+        let response = service.clone().oneshot(request).await?;
+        let bytes = http_body_util::BodyExt::collect(response.into_body())
+            .await?
+            .to_bytes();
+        Ok(String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identical_uncached_calls_share_one_fetch_cached_ones_are_the_caches() {
+        let (service, calls) = harness(Duration::from_secs(1), false);
+        let answers =
+            futures_util::future::join_all((0..10).map(|_| send(&service, request(false, None))))
+                .await;
+        assert!(answers.iter().all(|a| a.as_deref().unwrap() == "answer 1"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // On a cached route the cache's miss lock folds calls; here each goes through.
+        let answers =
+            futures_util::future::join_all((0..3).map(|_| send(&service, request(true, None))))
+                .await;
+        assert!(answers.iter().all(Result::is_ok));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_caller_waits_against_its_own_deadline() {
+        // Headers after 8 s, then a body that stalls; the call's deadline is 10 s, the layer's 60 s.
+        let (service, calls) = harness(Duration::from_secs(8), true);
+        let started = Instant::now();
+        let call_at = |arrive: u64| {
+            let service = service.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(arrive)).await;
+                let error = send(&service, request(false, Some(Duration::from_secs(10))))
+                    .await
+                    .unwrap_err();
+                (error, started.elapsed())
+            }
+        };
+        let (leader, follower) = tokio::join!(call_at(0), call_at(2));
+        for (error, _) in [&leader, &follower] {
+            assert!(
+                find_cause::<DeadlineExceeded>(&**error).is_some(),
+                "{error}"
+            );
+        }
+        // The leader's deadline ends the shared fetch; the follower gets its outcome then.
+        assert_eq!(leader.1, Duration::from_secs(10));
+        assert_eq!(follower.1, Duration::from_secs(10));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_is_released_at_its_deadline_even_if_the_fetch_goes_on() {
+        let (service, _calls) = harness(Duration::from_secs(30), false);
+        let started = Instant::now();
+        let (leader, follower) = tokio::join!(
+            send(&service, request(false, Some(Duration::from_secs(40)))),
+            async {
+                let result = send(&service, request(false, Some(Duration::from_secs(5)))).await;
+                (result, started.elapsed())
+            }
+        );
+        assert_eq!(leader.unwrap(), "answer 1");
+        assert!(follower.0.is_err());
+        assert_eq!(follower.1, Duration::from_secs(5));
+    }
+}
