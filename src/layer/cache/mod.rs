@@ -130,7 +130,13 @@ pub struct Cache<S> {
     key_headers: Arc<[HeaderName]>,
 }
 
-impl<S> Cache<S> {
+impl<S: Clone> Cache<S> {
+    /// The inner service `poll_ready` readied, leaving a clone in its place.
+    fn take_ready(&mut self) -> S {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
+    }
+
     /// What this call is to the cache, if it is a cached route's shareable call.
     fn plan(&self, request: &Request) -> Option<Call> {
         let route = request.extensions().get::<Arc<Route>>()?;
@@ -181,36 +187,41 @@ where
             .asks
             .takes_stored()
             .then(|| self.shared.store.get(&call.key));
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
         match lookup {
             // A store that answers at once (memory): hits are answered here, without touching
             // the layers below or allocating a future.
             Some(Either::Left(ready)) => match call.judge(call.looked_up(ready.into_inner())) {
                 Judged::Hit(response) => Either::Left(future::ready(Ok(response))),
                 Judged::Stale(response) => {
-                    call.revalidate(inner, request);
+                    call.revalidate(self.inner.clone(), request);
                     Either::Left(future::ready(Ok(response)))
                 }
                 Judged::Miss(fallback) => {
+                    let inner = self.take_ready();
                     Either::Right(Box::pin(call.miss(inner, request, fallback)))
                 }
             },
-            Some(Either::Right(pending)) => Either::Right(Box::pin(async move {
-                let found = match call.deadline.run(pending).await {
-                    Ok(found) => found,
-                    Err(DeadlineExceeded(limit)) => Err(StorageError::Timeout(limit)),
-                };
-                match call.judge(call.looked_up(found)) {
-                    Judged::Hit(response) => Ok(response),
-                    Judged::Stale(response) => {
-                        call.revalidate(inner, request);
-                        Ok(response)
+            Some(Either::Right(pending)) => {
+                let inner = self.take_ready();
+                Either::Right(Box::pin(async move {
+                    let found = match call.deadline.run(pending).await {
+                        Ok(found) => found,
+                        Err(DeadlineExceeded(limit)) => Err(StorageError::Timeout(limit)),
+                    };
+                    match call.judge(call.looked_up(found)) {
+                        Judged::Hit(response) => Ok(response),
+                        Judged::Stale(response) => {
+                            call.revalidate(inner, request);
+                            Ok(response)
+                        }
+                        Judged::Miss(fallback) => call.miss(inner, request, fallback).await,
                     }
-                    Judged::Miss(fallback) => call.miss(inner, request, fallback).await,
-                }
-            })),
-            None => Either::Right(Box::pin(call.miss(inner, request, None))),
+                }))
+            }
+            None => {
+                let inner = self.take_ready();
+                Either::Right(Box::pin(call.miss(inner, request, None)))
+            }
         }
     }
 }
