@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use crate::body::{self, Response};
 use crate::error::problem;
 use crate::host::{HostError, HostRule};
-use crate::layer::cache::Store;
+use crate::layer::cache::{MemoryStore, Purge, Storage};
 use crate::metrics::Metrics;
 use crate::token::TokenSource;
 
@@ -23,7 +23,7 @@ pub struct Admin {
     /// these.
     pub credentials: Arc<[TokenSource]>,
     /// The response cache (purge, size gauges).
-    pub store: Arc<Store>,
+    pub store: Arc<MemoryStore>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
 }
@@ -31,7 +31,7 @@ pub struct Admin {
 impl Admin {
     /// Answers one admin request.
     pub async fn handle(self, request: http::Request<Incoming>) -> Result<Response, Infallible> {
-        let mut response = match self.route(&request) {
+        let mut response = match self.route(&request).await {
             Ok(response) => response,
             Err(error @ HostError::Misdirected(_)) => problem(
                 StatusCode::MISDIRECTED_REQUEST,
@@ -50,14 +50,14 @@ impl Admin {
         Ok(response)
     }
 
-    fn route(&self, request: &http::Request<Incoming>) -> Result<Response, HostError> {
+    async fn route(&self, request: &http::Request<Incoming>) -> Result<Response, HostError> {
         self.hosts.check_host(request)?;
         self.hosts.check_origin(request)?;
         Ok(match (request.method(), request.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
             (&Method::GET | &Method::HEAD, "/readyz") => self.readiness(),
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(request.headers()),
-            (&Method::POST, "/cache/purge") => self.purge(request.uri().query()),
+            (&Method::POST, "/cache/purge") => self.purge(request.uri().query()).await,
             (_, "/healthz" | "/readyz" | "/metrics") => {
                 problem(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "use GET")
             }
@@ -118,7 +118,7 @@ impl Admin {
         }
     }
 
-    fn purge(&self, query: Option<&str>) -> Response {
+    async fn purge(&self, query: Option<&str>) -> Response {
         let prefix = query.and_then(|q| {
             form_urlencoded::parse(q.as_bytes())
                 .find(|(k, _)| k == "prefix")
@@ -133,7 +133,17 @@ impl Admin {
                 );
             }
         }
-        let purged = self.store.purge(prefix.as_deref());
+        let scope = prefix.clone().map_or(Purge::All, Purge::Under);
+        let purged = match self.store.purge(scope).await {
+            Ok(purged) => purged,
+            Err(error) => {
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "PurgeFailed",
+                    &format!("the cache could not be purged: {error}; try again"),
+                )
+            }
+        };
         tracing::info!(
             purged,
             prefix = prefix.as_deref().unwrap_or("(all)"),

@@ -153,8 +153,6 @@ pub fn clone_bodiless(request: &Request) -> Option<Request> {
 pub struct Buffered {
     /// The status.
     pub status: http::StatusCode,
-    /// The HTTP version the upstream spoke (kept for completeness; hyper re-frames on the way out).
-    pub version: http::Version,
     /// The end-to-end headers.
     pub headers: http::HeaderMap,
     /// The body.
@@ -258,7 +256,6 @@ pub async fn buffer_up_to(response: Response, limit: usize) -> Result<Limited, B
     }
     Ok(Limited::Whole(Buffered {
         status: parts.status,
-        version: parts.version,
         headers: parts.headers,
         body: bytes.freeze(),
     }))

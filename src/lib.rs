@@ -12,8 +12,10 @@
 //!   - [`layer::tracking`]: MS-RequestId, MS-CorrelationId, MS-CV ([`cv`]); echoed on the response.
 //!   - [`layer::access`]: path normalisation and the route table ([`route`]), inbound keys;
 //!     forwards only the documented request headers (never the caller's `Authorization`); 400 / 401 / 403.
-//!   - [`layer::cache`]: fresh and stale answers from memory (moka), `Cache-Status`, `Age`.
-//!   - [`layer::coalesce`]: identical in-flight calls share one upstream fetch.
+//!   - [`layer::cache`]: fresh and stale answers from a store behind one small interface (moka
+//!     first), `Cache-Status`, `Age`; on a miss one lock per key, so identical misses make one
+//!     fetch, stored once, and the waiters re-read the store.
+//!   - [`layer::coalesce`]: on uncached routes, identical in-flight calls share one upstream fetch.
 //!   - [`layer::retry`]: the call's deadline; backoff with full jitter, Retry-After, a budget.
 //!   - [`layer::credential`]: the token from the route's own [`token`] source (resolved when the
 //!     route table is built); 401 → refresh, replay once.
@@ -135,7 +137,7 @@ impl Gateway {
         let tracking = layer::tracking::TrackingSettings::new(&config.tracking)
             .map_err(config::ConfigError::Invalid)?;
         let retry = layer::retry::RetrySettings::new(&config.retry, config.upstream.deadline);
-        let store = std::sync::Arc::new(layer::cache::Store::new(
+        let store = std::sync::Arc::new(layer::cache::MemoryStore::new(
             config.cache.max_bytes.as_u64(),
             config.cache.max_entry_bytes.as_u64(),
             metrics.clone(),

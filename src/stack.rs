@@ -5,7 +5,7 @@ use crate::body::Response;
 use crate::config::ClientKey;
 use crate::deadline::Deadline;
 use crate::layer::access::AccessLayer;
-use crate::layer::cache::{CacheLayer, Store};
+use crate::layer::cache::{CacheLayer, MemoryStore};
 use crate::layer::coalesce::CoalesceLayer;
 use crate::layer::credential::CredentialLayer;
 use crate::layer::observe::ObserveLayer;
@@ -26,8 +26,8 @@ pub struct Parts {
     pub hosts: crate::host::HostRule,
     /// Token sources, by credential name (each route holds its own handle; these run refreshers).
     pub tokens: TokenSources,
-    /// The response cache.
-    pub store: std::sync::Arc<Store>,
+    /// The response cache's in-process store.
+    pub store: std::sync::Arc<MemoryStore>,
     /// Retry policy and the call deadline.
     pub retry: RetrySettings,
     /// Where every layer counts what it does.
@@ -77,16 +77,18 @@ pub fn build(
             AccessLayer::new(parts.routes, parts.keys, parts.hosts)
                 .forward_headers(parts.forward_headers),
         )
-        // Inside access, so only allowed calls are looked up, keyed with the route's credential.
+        // Inside access, so only allowed calls are looked up, keyed with the route's credential;
+        // on a miss it takes the key's lock, so identical misses make one fetch, stored once.
         .layer(
             CacheLayer::new(
                 parts.store.clone(),
+                parts.store.max_entry_bytes(),
                 parts.metrics.clone(),
                 parts.retry.deadline,
             )
             .key_headers(parts.key_headers.clone()),
         )
-        // Misses (and background refreshes) of identical calls share one upstream fetch.
+        // Uncached routes: identical calls in flight share one upstream fetch.
         .layer(
             CoalesceLayer::new(
                 parts.store.max_entry_bytes(),

@@ -1,5 +1,5 @@
 //! Issue 6: the summary cache and request coalescing, end to end against the sandbox's request log.
-//! (TTL expiry and stale-while-revalidate timing are unit-tested under paused time in
+//! (TTL expiry, stale-while-revalidate timing and the miss lock are unit-tested under paused time in
 //! `src/layer/cache/mod.rs`.)
 
 mod common;
@@ -443,6 +443,37 @@ async fn a_body_that_stalls_does_not_leave_its_callers_stuck_on_a_dead_fetch() {
     assert_eq!(second.status(), 200);
     assert_eq!(second.text().await.unwrap(), "whole");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_cached_call_whose_body_stalls_late_ends_at_its_deadline() {
+    // Headers at 0.8 x the deadline, then a body that never comes: the cache's read of the body
+    // to store it counts against the same deadline, so the call ends at about 1 s, not 1.8 s.
+    let origin = origin(|_| async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let stream = futures_util::stream::pending::<
+            Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >();
+        pcgate::body::Response::new(pcgate::body::boxed(http_body_util::StreamBody::new(stream)))
+    })
+    .await;
+    let toml = format!(
+        "[upstream]\nbase_url = \"{}\"\ndeadline = \"1s\"\nattempt_timeout = \"1s\"\n[[routes]]\nname = \"summary\"\nmatch = \"GET /v1/invoices/summary\"\ncache_ttl = \"5m\"\ncoalesce = true\n",
+        origin.base_url()
+    );
+    let gateway = start_gateway(&toml).await;
+    let started = std::time::Instant::now();
+    let response = client()
+        .get(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(950) && elapsed < Duration::from_millis(1_500),
+        "answered after {elapsed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,10 +1,11 @@
-//! `coalesce`: identical calls in flight at the same time share one upstream call, on routes with
-//! `coalesce = true`. "Identical" is the cache [`Key`].
+//! `coalesce`: identical calls in flight at the same time share one upstream call, on uncached
+//! routes with `coalesce = true` (on a cached route the cache's miss lock does this, and stores
+//! the answer once). "Identical" is the cache [`Key`]. Nothing is stored here.
 //!
 //! The shared fetch runs in its own task, so a first caller that hangs up does not fail the others;
-//! each caller waits at most the call's deadline. The answer is buffered to be shared; one larger
-//! than `cache.max_entry_bytes` is not: it streams to the caller that started the fetch, and the
-//! others go on their own.
+//! each caller waits against its own [`Deadline`], and the fetch against its first caller's. The
+//! answer is buffered to be shared; one larger than `cache.max_entry_bytes` is not: it streams to
+//! the caller that started the fetch, and the others go on their own.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,19 +17,15 @@ use std::time::Duration;
 use futures_util::future::{FutureExt, Shared};
 use http::HeaderName;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Response};
-use crate::deadline::DeadlineExceeded;
-use crate::layer::cache::{shareable, Key, StoreOnArrival};
+use crate::deadline::Deadline;
+/// The shared fetch failed: the cache's miss lock and this layer report it alike.
+pub use crate::layer::cache::SharedError;
+use crate::layer::cache::{shareable, Key};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::route::Route;
-
-/// The shared fetch failed; every caller that waited on it gets this, pointing at the cause.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct SharedError(pub Arc<BoxError>);
 
 /// What a shared fetch came to.
 #[derive(Clone)]
@@ -54,12 +51,14 @@ pub struct CoalesceLayer {
 struct State {
     flights: Mutex<HashMap<Key, Flight>>,
     max_entry_bytes: usize,
+    /// `upstream.deadline`, for a request that arrives without a [`Deadline`] (a layer test).
     deadline: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl CoalesceLayer {
-    /// Shares answers up to `max_entry_bytes`; followers wait at most `deadline`.
+    /// Shares answers up to `max_entry_bytes`; `deadline` is the call's limit when a request
+    /// carries no [`Deadline`] of its own.
     pub fn new(max_entry_bytes: usize, deadline: Duration, metrics: Arc<Metrics>) -> Self {
         CoalesceLayer {
             shared: Arc::new(State {
@@ -112,11 +111,12 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> BoxFuture {
+    fn call(&mut self, request: Request) -> BoxFuture {
+        // Cached routes are coalesced by the cache's miss lock, above.
         let wanted = request
             .extensions()
             .get::<Arc<Route>>()
-            .is_some_and(|r| r.coalesce)
+            .is_some_and(|r| r.coalesce && r.cache_ttl.is_none())
             && shareable(&request);
         let Some(spare) = body::clone_bodiless(&request).filter(|_| wanted) else {
             return Box::pin(self.inner.call(request));
@@ -124,7 +124,8 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let state = self.state.clone();
-        let key = Key::get_or_insert(&mut request, &self.key_headers);
+        let key = Key::of(&request, &self.key_headers);
+        let deadline = Deadline::of(&request, state.deadline);
         let route = request
             .extensions()
             .get::<Arc<Route>>()
@@ -139,23 +140,22 @@ where
                 .coalesced
                 .get_or_create(&RouteLabel { route })
                 .inc();
-            let started = Instant::now();
             return Box::pin(async move {
-                match state.wait(flight).await? {
+                match deadline.run(flight).await? {
                     Outcome::Whole(buffered) => Ok(buffered.to_response()),
                     Outcome::Failed(error) => Err(SharedError(error).into()),
                     // Too large to share: this caller fetches for itself, in what is left of its time.
-                    Outcome::TooBig => {
-                        let left = state.deadline.saturating_sub(started.elapsed());
-                        tokio::time::timeout(left, inner.oneshot(spare))
-                            .await
-                            .map_err(|_| DeadlineExceeded(state.deadline))?
-                    }
+                    Outcome::TooBig => deadline.run(inner.oneshot(spare)).await?,
                 }
             });
         }
         let (big_tx, big_rx) = oneshot::channel();
-        let fetch = tokio::spawn(state.clone().fetch(inner, request, key.clone(), big_tx));
+        let fetch =
+            tokio::spawn(
+                state
+                    .clone()
+                    .fetch(inner, request, key.clone(), deadline, big_tx),
+            );
         let flight: Flight = async move {
             fetch.await.unwrap_or_else(|e| {
                 Outcome::Failed(Arc::new(format!("shared fetch ended: {e}").into()))
@@ -166,7 +166,7 @@ where
         flights.insert(key, flight.clone());
         drop(flights);
         Box::pin(async move {
-            match state.wait(flight).await? {
+            match deadline.run(flight).await? {
                 Outcome::Whole(buffered) => Ok(buffered.to_response()),
                 Outcome::Failed(error) => Err(SharedError(error).into()),
                 Outcome::TooBig => big_rx
@@ -185,7 +185,7 @@ struct Landing {
 
 impl Drop for Landing {
     fn drop(&mut self) {
-        // Later arrivals start a new fetch (or find the answer in the cache, outside).
+        // Later arrivals start a new fetch.
         self.state
             .flights
             .lock()
@@ -195,19 +195,13 @@ impl Drop for Landing {
 }
 
 impl State {
-    /// Waits for a flight, at most the call's deadline.
-    async fn wait(&self, flight: Flight) -> Result<Outcome, BoxError> {
-        tokio::time::timeout(self.deadline, flight)
-            .await
-            .map_err(|_| DeadlineExceeded(self.deadline).into())
-    }
-
     /// The shared fetch, in its own task: call the upstream, buffer the answer, publish it.
     async fn fetch<S>(
         self: Arc<Self>,
         inner: S,
         request: Request,
         key: Key,
+        deadline: Deadline,
         big: oneshot::Sender<Response>,
     ) -> Outcome
     where
@@ -217,31 +211,163 @@ impl State {
             state: self.clone(),
             key,
         };
-        let store = request.extensions().get::<Arc<StoreOnArrival>>().cloned();
         // The deadline covers the body too: an upstream that sends headers and then stalls must
         // not hold every identical caller on this flight.
-        let fetched = tokio::time::timeout(self.deadline, async {
-            match inner.oneshot(request).await {
-                Err(error) => Outcome::Failed(Arc::new(error)),
-                Ok(response) => match body::buffer_up_to(response, self.max_entry_bytes).await {
-                    Ok(Limited::Whole(mut buffered)) => {
-                        buffered.keep_shareable_headers();
-                        // Into the cache (on cached routes) before the flight lands.
-                        if let Some(store) = &store {
-                            store.store(&buffered);
+        let fetched = deadline
+            .run(async {
+                match inner.oneshot(request).await {
+                    Err(error) => Outcome::Failed(Arc::new(error)),
+                    Ok(response) => {
+                        match body::buffer_up_to(response, self.max_entry_bytes).await {
+                            Ok(Limited::Whole(mut buffered)) => {
+                                buffered.keep_shareable_headers();
+                                Outcome::Whole(Arc::new(buffered))
+                            }
+                            Ok(Limited::TooBig(response)) => {
+                                let _ = big.send(response);
+                                Outcome::TooBig
+                            }
+                            Err(error) => Outcome::Failed(Arc::new(error.into())),
                         }
-                        Outcome::Whole(Arc::new(buffered))
                     }
-                    Ok(Limited::TooBig(response)) => {
-                        let _ = big.send(response);
-                        Outcome::TooBig
-                    }
-                    Err(error) => Outcome::Failed(Arc::new(error.into())),
-                },
+                }
+            })
+            .await;
+        fetched.unwrap_or_else(|exceeded| Outcome::Failed(Arc::new(exceeded.into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::time::Instant;
+    use tower::Layer;
+
+    use crate::deadline::DeadlineExceeded;
+    use crate::error::find_cause;
+
+    /// Coalesce over an inner service that counts calls; each waits `delay`, then answers with
+    /// a body that never ends when `stall`, else with the call number.
+    fn harness(
+        delay: Duration,
+        stall: bool,
+    ) -> (
+        Coalesce<
+            impl tower::Service<Request, Response = Response, Error = BoxError, Future: Send>
+                + Clone
+                + Send,
+        >,
+        Arc<AtomicUsize>,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let inner = tower::service_fn(move |_request: Request| {
+            let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                tokio::time::sleep(delay).await;
+                if stall {
+                    let stream = futures_util::stream::pending::<
+                        Result<http_body::Frame<bytes::Bytes>, body::BodyError>,
+                    >();
+                    let body = http_body_util::StreamBody::new(stream);
+                    return Ok(Response::new(http_body_util::BodyExt::boxed_unsync(body)));
+                }
+                Ok::<_, BoxError>(Response::new(body::full(format!("answer {n}"))))
             }
-        })
-        .await;
-        fetched
-            .unwrap_or_else(|_| Outcome::Failed(Arc::new(DeadlineExceeded(self.deadline).into())))
+        });
+        let metrics = Arc::new(Metrics::new());
+        let layer = CoalesceLayer::new(1 << 16, Duration::from_secs(60), metrics);
+        (layer.layer(inner), calls)
+    }
+
+    fn request(cached: bool, deadline: Option<Duration>) -> Request {
+        let mut request = http::Request::get("/v1/invoices?size=5")
+            .body(body::empty())
+            .unwrap();
+        request.extensions_mut().insert(Arc::new(Route {
+            name: "invoices".into(),
+            credential: Some(crate::token::TokenSource::fixed("app")),
+            cache_ttl: cached.then(|| Duration::from_secs(300)),
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            coalesce: true,
+            retry: true,
+        }));
+        if let Some(limit) = deadline {
+            request.extensions_mut().insert(Deadline::after(limit));
+        }
+        request
+    }
+
+    async fn send<S>(service: &S, request: Request) -> Result<String, BoxError>
+    where
+        S: tower::Service<Request, Response = Response, Error = BoxError> + Clone,
+    {
+        let response = service.clone().oneshot(request).await?;
+        let bytes = http_body_util::BodyExt::collect(response.into_body())
+            .await?
+            .to_bytes();
+        Ok(String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identical_uncached_calls_share_one_fetch_cached_ones_are_the_caches() {
+        let (service, calls) = harness(Duration::from_secs(1), false);
+        let answers =
+            futures_util::future::join_all((0..10).map(|_| send(&service, request(false, None))))
+                .await;
+        assert!(answers.iter().all(|a| a.as_deref().unwrap() == "answer 1"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // On a cached route the cache's miss lock folds calls; here each goes through.
+        let answers =
+            futures_util::future::join_all((0..3).map(|_| send(&service, request(true, None))))
+                .await;
+        assert!(answers.iter().all(Result::is_ok));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_caller_waits_against_its_own_deadline() {
+        // Headers after 8 s, then a body that stalls; the call's deadline is 10 s, the layer's 60 s.
+        let (service, calls) = harness(Duration::from_secs(8), true);
+        let started = Instant::now();
+        let call_at = |arrive: u64| {
+            let service = service.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(arrive)).await;
+                let error = send(&service, request(false, Some(Duration::from_secs(10))))
+                    .await
+                    .unwrap_err();
+                (error, started.elapsed())
+            }
+        };
+        let (leader, follower) = tokio::join!(call_at(0), call_at(2));
+        for (error, _) in [&leader, &follower] {
+            assert!(
+                find_cause::<DeadlineExceeded>(&**error).is_some(),
+                "{error}"
+            );
+        }
+        // The leader's deadline ends the shared fetch; the follower gets its outcome then.
+        assert_eq!(leader.1, Duration::from_secs(10));
+        assert_eq!(follower.1, Duration::from_secs(10));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_is_released_at_its_deadline_even_if_the_fetch_goes_on() {
+        let (service, _calls) = harness(Duration::from_secs(30), false);
+        let started = Instant::now();
+        let (leader, follower) = tokio::join!(
+            send(&service, request(false, Some(Duration::from_secs(40)))),
+            async {
+                let result = send(&service, request(false, Some(Duration::from_secs(5)))).await;
+                (result, started.elapsed())
+            }
+        );
+        assert_eq!(leader.unwrap(), "answer 1");
+        assert!(follower.0.is_err());
+        assert_eq!(follower.1, Duration::from_secs(5));
     }
 }

@@ -94,16 +94,6 @@ impl Key {
         Key(text.into())
     }
 
-    /// The key of `request`, computed once and kept in its extensions for the next layer.
-    pub fn get_or_insert(request: &mut Request, extra: &[HeaderName]) -> Key {
-        if let Some(key) = request.extensions().get::<Key>() {
-            return key.clone();
-        }
-        let key = Key::of(request, extra);
-        request.extensions_mut().insert(key.clone());
-        key
-    }
-
     /// The normalised path this key is for.
     pub fn path(&self) -> &str {
         self.0.split(SEPARATOR).nth(2).unwrap_or("")

@@ -2,228 +2,62 @@
 //!
 //! - Only `200` answers to `GET`/`HEAD` without a body are stored, never answers to a request
 //!   with `Cache-Control: no-store`, never one over `cache.max_entry_bytes` (it streams through).
-//! - Freshness is kept on tokio's clock in the entry; moka's own expiry only evicts, at the end
-//!   of the last window, and moka bounds the total by `cache.max_bytes` with a byte weigher.
+//!   The rules are pure functions in [`policy`]; what happened is one [`CacheStatusHeader`],
+//!   rendered once as `Cache-Status` (RFC 9211) and counted as its [`CacheStatus`].
+//! - Entries live behind the [`Storage`] interface (get, put, purge); [`MemoryStore`] (moka,
+//!   bounded by `cache.max_bytes` with a byte weigher) is the first. An entry carries its own
+//!   wall-clock stored-at time and windows; moka's own expiry only evicts. A store that fails or
+//!   does not answer within the call's deadline is a miss, never the caller's error.
+//! - On a miss, one lock per key ([`lock`]; routes with `coalesce = true`): the first caller
+//!   fetches in a task of its own (so its hanging up cancels nothing) and stores the answer before
+//!   it releases the lock; the others wait, against their own deadline, and re-read the store. An
+//!   answer that is not stored (not a `200`) is handed to them, a failure reaches them as itself;
+//!   one too large to store, they fetch for themselves; a writer that timed out or vanished, they
+//!   replace, within their own deadline.
 //! - After the TTL: within `stale_while_revalidate` the stale answer is served and one background
-//!   refresh runs; within `stale_if_error` the stale answer is served when the upstream fails
-//!   (5xx, timeout, unreachable, no token).
+//!   refresh runs, through the same lock; within `stale_if_error` the stale answer is served when
+//!   the upstream fails (5xx, timeout, unreachable, no token).
 //! - A caller's `Cache-Control: no-cache` or `max-age=0` fetches fresh and stores the answer.
-//! - Every answer on a cached route says what happened in `Cache-Status` (RFC 9211) and, when it
-//!   came from the cache, its `Age` (RFC 9111 §5.1).
+//! - Every wait (a remote store, the lock, the body read to store) is against the call's
+//!   [`Deadline`], set once as the call entered, so no wait restarts the count.
+//! - Every answer on a cached route says what happened in `Cache-Status` and, when it came from
+//!   the cache, its `Age` (RFC 9111 §5.1).
 
 mod key;
+mod lock;
+mod policy;
+mod status;
+mod store;
 
 pub use key::{shareable, Key, KEYED_HEADERS, MS_CONTINUATION_TOKEN, MS_CONTRACT_VERSION};
+pub use lock::SharedError;
+pub use policy::Windows;
+pub use status::{CacheStatus, CacheStatusHeader, Detail, Forward, Ttl, CACHE_STATUS};
+pub use store::{
+    Clock, Entry, MemoryStore, Purge, Storage, StorageError, StoreFuture, ENTRY_OVERHEAD,
+};
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::{self, Either, Ready};
-use http::{header, HeaderName, HeaderValue, StatusCode};
-use tokio::time::Instant;
+use http::{header, HeaderName, HeaderValue};
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Response};
 use crate::call::CallInfo;
-use crate::deadline::DeadlineExceeded;
-use crate::metrics::{CacheLabels, Metrics};
+use crate::deadline::{Deadline, DeadlineExceeded};
+use crate::error::find_cause;
+use crate::metrics::{CacheLabels, Metrics, RouteLabel};
 use crate::route::Route;
-
-pub use crate::headers::CACHE_STATUS;
+use lock::{LockStatus, Locked, Locks, WritePermit};
+use policy::{Asks, Freshness};
 
 /// The caller's `Cache-Control` values: `access` takes them out of the request (they are not
 /// forwarded upstream) and leaves them here for the cache to honour.
 #[derive(Debug, Clone)]
 pub struct RequestCacheControl(pub Vec<HeaderValue>);
-
-/// What the cache did for a call (a metric label, a log field and the `Cache-Status` header).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
-    /// Answered from a fresh entry.
-    Hit,
-    /// Fetched from the upstream: nothing usable was stored.
-    Miss,
-    /// Answered from a stale entry (revalidating in the background, or the upstream failed).
-    Stale,
-    /// Fetched because the caller asked (`no-cache`, `max-age=0`, `no-store`).
-    Bypass,
-}
-
-impl CacheStatus {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheStatus::Hit => "hit",
-            CacheStatus::Miss => "miss",
-            CacheStatus::Stale => "stale",
-            CacheStatus::Bypass => "bypass",
-        }
-    }
-}
-
-/// A stored answer and its windows.
-#[derive(Debug)]
-pub struct Entry {
-    /// The answer.
-    pub response: Buffered,
-    /// When it was stored (tokio clock).
-    pub stored_at: Instant,
-    ttl: Duration,
-    swr: Duration,
-    sie: Duration,
-}
-
-impl Entry {
-    fn lifetime(&self) -> Duration {
-        self.ttl + self.swr.max(self.sie)
-    }
-}
-
-/// Evicts an entry when its last window closes (moka's clock; freshness uses tokio's).
-struct EntryExpiry;
-
-impl moka::Expiry<Key, Arc<Entry>> for EntryExpiry {
-    fn expire_after_create(
-        &self,
-        _: &Key,
-        entry: &Arc<Entry>,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(entry.lifetime())
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &Key,
-        entry: &Arc<Entry>,
-        _: std::time::Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(entry.lifetime())
-    }
-}
-
-/// What one stored entry costs beyond its key's text and its answer's headers and body, measured
-/// (RSS over 100,000 entries with no header and an empty body: 685 bytes, 40 of them the key's
-/// text): moka's node, its hash-table slot, its order queues and timer-wheel node, the `Arc`s, the
-/// [`Entry`] with its `HeaderMap`, and the key's `Arc<str>` header. The weigher adds it to every
-/// entry, so `cache.max_bytes` bounds what the cache really holds, not only its payload.
-pub const ENTRY_OVERHEAD: usize = 640;
-
-/// The response cache: a bounded moka map from [`Key`] to [`Entry`]. The one place entries are
-/// kept, behind a small interface (get, put, purge) so a shared second tier can slot in later.
-pub struct Store {
-    entries: moka::sync::Cache<Key, Arc<Entry>>,
-    max_entry_bytes: usize,
-    metrics: Arc<Metrics>,
-}
-
-impl Store {
-    /// A store holding at most `max_bytes` (bodies, headers, keys and each entry's own overhead,
-    /// [`ENTRY_OVERHEAD`]), each answer at most `max_entry_bytes`.
-    pub fn new(max_bytes: u64, max_entry_bytes: u64, metrics: Arc<Metrics>) -> Store {
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|key: &Key, entry: &Arc<Entry>| {
-                u32::try_from(ENTRY_OVERHEAD + key.len() + entry.response.weight())
-                    .unwrap_or(u32::MAX)
-            })
-            .expire_after(EntryExpiry)
-            .build();
-        Store {
-            entries,
-            max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
-            metrics,
-        }
-    }
-
-    /// The largest answer stored or shared.
-    pub fn max_entry_bytes(&self) -> usize {
-        self.max_entry_bytes
-    }
-
-    /// The entry for `key`, fresh or not.
-    pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
-        self.entries.get(key)
-    }
-
-    fn put(&self, key: Key, entry: Entry) {
-        self.entries.insert(key, Arc::new(entry));
-        self.update_gauges();
-    }
-
-    /// Removes every entry, or those under the path `prefix` (whole segments: `/v1/invoices`
-    /// covers `/v1/invoices/summary`, `/v1/invoices/summary` does not cover `.../summaries`);
-    /// returns how many.
-    pub fn purge(&self, prefix: Option<&str>) -> u64 {
-        self.entries.run_pending_tasks();
-        let under = |path: &str, prefix: &str| {
-            let prefix = prefix.trim_end_matches('/');
-            path.strip_prefix(prefix)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-        };
-        let mut purged = 0;
-        for (key, _) in self.entries.iter() {
-            if prefix.is_none_or(|p| under(key.path(), p)) {
-                self.entries.invalidate(&*key);
-                purged += 1;
-            }
-        }
-        self.entries.run_pending_tasks();
-        self.update_gauges();
-        purged
-    }
-
-    /// Applies pending evictions and returns (entries, weighted bytes).
-    pub fn usage(&self) -> (u64, u64) {
-        self.entries.run_pending_tasks();
-        self.update_gauges();
-        (self.entries.entry_count(), self.entries.weighted_size())
-    }
-
-    fn update_gauges(&self) {
-        self.metrics
-            .cache_entries
-            .set(self.entries.entry_count() as i64);
-        self.metrics
-            .cache_bytes
-            .set(self.entries.weighted_size() as i64);
-    }
-}
-
-/// Lets the layer that fetches an answer for a cached route store it at once, before it tells
-/// anyone the fetch is over. `coalesce` calls it before taking its flight out of its map, so a
-/// caller arriving in between finds the answer in the cache instead of starting a second fetch
-/// (the same guarantee as nginx's `proxy_cache_lock`).
-pub struct StoreOnArrival {
-    store: Arc<Store>,
-    key: Key,
-    windows: (Duration, Duration, Duration),
-}
-
-impl StoreOnArrival {
-    /// Stores `answer` if it is a `200` within the entry size limit.
-    pub fn store(&self, answer: &Buffered) {
-        if answer.status != StatusCode::OK || answer.body.len() > self.store.max_entry_bytes() {
-            return;
-        }
-        let mut response = answer.clone();
-        response.keep_shareable_headers();
-        let (ttl, swr, sie) = self.windows;
-        self.store.put(
-            self.key.clone(),
-            Entry {
-                response,
-                stored_at: Instant::now(),
-                ttl,
-                swr,
-                sie,
-            },
-        );
-    }
-}
 
 /// Adds [`Cache`] in front of a service.
 #[derive(Clone)]
@@ -234,22 +68,34 @@ pub struct CacheLayer {
 }
 
 struct Shared {
-    store: Arc<Store>,
+    store: Arc<dyn Storage>,
+    /// One writer per key on a miss or a background refresh.
+    locks: Arc<Locks>,
+    /// Stored-at times and ages.
+    clock: Clock,
+    /// The largest answer stored or shared with waiters.
+    max_entry_bytes: usize,
     metrics: Arc<Metrics>,
-    /// Keys with a background refresh running: one at a time per key.
-    revalidating: Mutex<HashSet<Key>>,
-    /// The call's deadline (`upstream.deadline`), which also bounds reading a body to store.
+    /// `upstream.deadline`, for a request that arrives without a [`Deadline`] (a layer test).
     deadline: Duration,
 }
 
 impl CacheLayer {
-    /// Caches into `store`; a body being stored must arrive within `deadline`.
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, deadline: Duration) -> Self {
+    /// Caches answers of at most `max_entry_bytes` into `store`; `deadline` is the call's limit
+    /// when a request carries no [`Deadline`] of its own.
+    pub fn new(
+        store: Arc<dyn Storage>,
+        max_entry_bytes: usize,
+        metrics: Arc<Metrics>,
+        deadline: Duration,
+    ) -> Self {
         CacheLayer {
             shared: Arc::new(Shared {
                 store,
+                locks: Arc::default(),
+                clock: Clock::default(),
+                max_entry_bytes,
                 metrics,
-                revalidating: Mutex::new(HashSet::new()),
                 deadline,
             }),
             key_headers: Arc::from([]),
@@ -257,7 +103,7 @@ impl CacheLayer {
     }
 
     /// Puts these request headers in every key too (`cache.key_headers`); `coalesce` must be
-    /// given the same list, since the two layers share keys.
+    /// given the same list, since the two layers key calls alike.
     pub fn key_headers(mut self, extra: Arc<[HeaderName]>) -> Self {
         self.key_headers = extra;
         self
@@ -284,46 +130,40 @@ pub struct Cache<S> {
     key_headers: Arc<[HeaderName]>,
 }
 
-/// The route's cache windows, if it is cached.
-fn windows(request: &Request) -> Option<(Duration, Duration, Duration, Arc<str>)> {
-    let route = request.extensions().get::<Arc<Route>>()?;
-    let ttl = route.cache_ttl?;
-    Some((
-        ttl,
-        route.stale_while_revalidate.unwrap_or_default(),
-        route.stale_if_error.unwrap_or_default(),
-        route.name.clone(),
-    ))
-}
-
-/// What the caller's `Cache-Control` asks of us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Asks {
-    Anything,
-    Fresh,
-    NoStore,
-}
-
-fn caller_asks(request: &Request) -> Asks {
-    let mut asks = Asks::Anything;
-    let taken = request
-        .extensions()
-        .get::<RequestCacheControl>()
-        .map_or(&[][..], |values| &values.0[..]);
-    for directive in taken
-        .iter()
-        .chain(request.headers().get_all(header::CACHE_CONTROL))
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|d| d.trim().to_ascii_lowercase())
-    {
-        match directive.as_str() {
-            "no-store" => return Asks::NoStore,
-            "no-cache" | "max-age=0" | "max-age=\"0\"" => asks = Asks::Fresh,
-            _ => {}
-        }
+impl<S: Clone> Cache<S> {
+    /// The inner service `poll_ready` readied, leaving a clone in its place.
+    fn take_ready(&mut self) -> S {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
     }
-    asks
+
+    /// What this call is to the cache, if it is a cached route's shareable call.
+    fn plan(&self, request: &Request) -> Option<Call> {
+        let route = request.extensions().get::<Arc<Route>>()?;
+        let windows = Windows::of(route)?;
+        if !shareable(request) {
+            return None;
+        }
+        let taken = request
+            .extensions()
+            .get::<RequestCacheControl>()
+            .map_or(&[][..], |values| &values.0[..]);
+        let asks = Asks::of(
+            taken
+                .iter()
+                .chain(request.headers().get_all(header::CACHE_CONTROL)),
+        );
+        Some(Call {
+            shared: self.shared.clone(),
+            route: route.name.clone(),
+            key: Key::of(request, &self.key_headers),
+            asks,
+            windows,
+            lock: route.coalesce,
+            deadline: Deadline::of(request, self.shared.deadline),
+            info: request.extensions().get::<Arc<CallInfo>>().cloned(),
+        })
+    }
 }
 
 impl<S> tower::Service<Request> for Cache<S>
@@ -339,317 +179,730 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
-        let cacheable = shareable(&request);
-        let Some((ttl, swr, sie, route)) = windows(&request).filter(|_| cacheable) else {
+    fn call(&mut self, request: Request) -> Self::Future {
+        let Some(call) = self.plan(&request) else {
             return Either::Right(Box::pin(self.inner.call(request)));
         };
-        let shared = self.shared.clone();
-        let key = Key::get_or_insert(&mut request, &self.key_headers);
-        let asks = caller_asks(&request);
-        let info = request.extensions().get::<Arc<CallInfo>>().cloned();
-        let now = Instant::now();
-        let entry = match asks {
-            Asks::Anything => shared.store.get(&key),
-            Asks::Fresh | Asks::NoStore => None,
-        };
-        // Hits are answered here, without touching the layers below or allocating a future.
-        if let Some(entry) = &entry {
-            let age = now.saturating_duration_since(entry.stored_at);
-            if age < entry.ttl {
-                shared.count(&route, CacheStatus::Hit, info.as_ref());
-                let left = (entry.ttl - age).as_secs();
-                let response = from_entry(
-                    entry,
-                    age,
-                    CacheStatus::Hit,
-                    &format!("pcgate; hit; ttl={left}"),
-                );
-                return Either::Left(future::ready(Ok(response)));
+        let lookup = call
+            .asks
+            .takes_stored()
+            .then(|| self.shared.store.get(&call.key));
+        match lookup {
+            // A store that answers at once (memory): hits are answered here, without touching
+            // the layers below or allocating a future.
+            Some(Either::Left(ready)) => match call.judge(call.looked_up(ready.into_inner())) {
+                Judged::Hit(response) => Either::Left(future::ready(Ok(response))),
+                Judged::Stale(response) => {
+                    call.revalidate(self.inner.clone(), request);
+                    Either::Left(future::ready(Ok(response)))
+                }
+                Judged::Miss(fallback) => {
+                    let inner = self.take_ready();
+                    Either::Right(Box::pin(call.miss(inner, request, fallback)))
+                }
+            },
+            Some(Either::Right(pending)) => {
+                let inner = self.take_ready();
+                Either::Right(Box::pin(async move {
+                    let found = match call.deadline.run(pending).await {
+                        Ok(found) => found,
+                        Err(DeadlineExceeded(limit)) => Err(StorageError::Timeout(limit)),
+                    };
+                    match call.judge(call.looked_up(found)) {
+                        Judged::Hit(response) => Ok(response),
+                        Judged::Stale(response) => {
+                            call.revalidate(inner, request);
+                            Ok(response)
+                        }
+                        Judged::Miss(fallback) => call.miss(inner, request, fallback).await,
+                    }
+                }))
             }
-            if age < entry.ttl + entry.swr {
-                shared.count(&route, CacheStatus::Stale, info.as_ref());
-                shared.revalidate(self.inner.clone(), request, key, (ttl, swr, sie));
-                let over = (age - entry.ttl).as_secs();
-                let cache_status =
-                    format!("pcgate; hit; ttl=-{over}; detail=stale-while-revalidate");
-                return Either::Left(future::ready(Ok(from_entry(
-                    entry,
-                    age,
-                    CacheStatus::Stale,
-                    &cache_status,
-                ))));
+            None => {
+                let inner = self.take_ready();
+                Either::Right(Box::pin(call.miss(inner, request, None)))
             }
         }
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        Either::Right(Box::pin(async move {
-            let status = match asks {
-                Asks::Anything => CacheStatus::Miss,
-                Asks::Fresh | Asks::NoStore => CacheStatus::Bypass,
-            };
-            let fwd = if status == CacheStatus::Miss {
-                "miss"
-            } else {
-                "request"
-            };
-            // A stale entry still within stale-if-error is the fallback if the fetch fails.
-            let fallback =
-                entry.filter(|e| now.saturating_duration_since(e.stored_at) < e.ttl + e.sie);
-            if asks != Asks::NoStore {
-                let hook = StoreOnArrival {
-                    store: shared.store.clone(),
-                    key: key.clone(),
-                    windows: (ttl, swr, sie),
-                };
-                request.extensions_mut().insert(Arc::new(hook));
-            }
-            let outcome = inner.oneshot(request).await;
-            let failed = match &outcome {
-                Ok(response) => response
-                    .status()
-                    .is_server_error()
-                    .then(|| response.status().as_u16()),
-                Err(_) => Some(0),
-            };
-            if let (Some(upstream_status), Some(entry)) = (failed, &fallback) {
-                shared.count(&route, CacheStatus::Stale, info.as_ref());
-                let age = Instant::now().saturating_duration_since(entry.stored_at);
-                let detail = match upstream_status {
-                    0 => String::new(),
-                    s => format!("; fwd-status={s}"),
-                };
-                tracing::info!(
-                    key = key.path(),
-                    "upstream failed: serving a stale answer (stale-if-error)"
-                );
-                return Ok(from_entry(
-                    entry,
-                    age,
-                    CacheStatus::Stale,
-                    &format!("pcgate; fwd=stale{detail}"),
-                ));
-            }
-            shared.count(&route, status, info.as_ref());
-            let response = outcome?;
-            if asks == Asks::NoStore {
-                return Ok(with_status(response, status, &format!("pcgate; fwd={fwd}")));
-            }
-            shared
-                .store_response(response, key, (ttl, swr, sie), status, fwd)
-                .await
-        }))
     }
 }
 
-impl Shared {
-    fn count(&self, route: &Arc<str>, status: CacheStatus, info: Option<&Arc<CallInfo>>) {
-        if let Some(info) = info {
+/// What a stored entry is to a call.
+enum Judged {
+    /// Fresh: this answer.
+    Hit(Response),
+    /// Stale within `stale_while_revalidate`: this answer, and a background refresh.
+    Stale(Response),
+    /// Fetch; this stale entry stands in if the upstream fails.
+    Miss(Option<Arc<Entry>>),
+}
+
+/// What the writer's fetch came to, for the writer.
+enum Fetched {
+    /// Stored: this entry.
+    Stored(Arc<Entry>),
+    /// Held whole but not stored.
+    Unstored(Arc<Buffered>),
+    /// Streamed on: too large to hold, or held by nobody else and not to be stored.
+    Streamed(Response),
+    /// The fetch failed.
+    Failed(Arc<BoxError>),
+    /// The deadline passed first.
+    TimedOut,
+}
+
+/// One call on a cached route, as the cache sees it.
+struct Call {
+    shared: Arc<Shared>,
+    /// The route's name (a metric label).
+    route: Arc<str>,
+    key: Key,
+    asks: Asks,
+    windows: Windows,
+    /// Whether misses take the key's lock (`coalesce = true`).
+    lock: bool,
+    deadline: Deadline,
+    info: Option<Arc<CallInfo>>,
+}
+
+impl Call {
+    /// A lookup's result; a store that failed or timed out is a miss.
+    fn looked_up(&self, found: Result<Option<Arc<Entry>>, StorageError>) -> Option<Arc<Entry>> {
+        found.unwrap_or_else(|error| {
+            tracing::info!(key = self.key.path(), %error, "cache lookup failed: a miss");
+            None
+        })
+    }
+
+    fn judge(&self, entry: Option<Arc<Entry>>) -> Judged {
+        let Some(entry) = entry else {
+            return Judged::Miss(None);
+        };
+        let age = policy::age(entry.stored_at, self.shared.clock.now());
+        match policy::freshness(&entry.windows, age) {
+            Freshness::Fresh { left } => {
+                Judged::Hit(self.answer_from(&entry, age, CacheStatusHeader::hit(left)))
+            }
+            Freshness::Revalidate { over } => {
+                Judged::Stale(self.answer_from(&entry, age, CacheStatusHeader::revalidating(over)))
+            }
+            Freshness::IfError => Judged::Miss(Some(entry)),
+            Freshness::Expired => Judged::Miss(None),
+        }
+    }
+
+    /// Why this call goes forward.
+    fn fwd(&self) -> Forward {
+        match self.asks {
+            Asks::Anything => Forward::Miss,
+            Asks::Fresh | Asks::NoStore => Forward::Request,
+        }
+    }
+
+    /// A miss: wait for the key's writer, or be it.
+    async fn miss<S>(
+        self,
+        inner: S,
+        request: Request,
+        fallback: Option<Arc<Entry>>,
+    ) -> Result<Response, BoxError>
+    where
+        S: tower::Service<Request, Response = Response, Error = BoxError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        if !self.lock {
+            return self.write(inner, request, None, fallback).await;
+        }
+        let mut waited = false;
+        loop {
+            let read = match self.shared.locks.lock(&self.key) {
+                Locked::Write(permit) => {
+                    // A writer that let go between this call's lookup and now stored its answer.
+                    if let Some((entry, age, left)) = self.stored_fresh().await {
+                        permit.release(LockStatus::Done);
+                        return Ok(self.answer_from(&entry, age, CacheStatusHeader::hit(left)));
+                    }
+                    return self.write(inner, request, Some(permit), fallback).await;
+                }
+                Locked::Read(read) => read,
+            };
+            if !waited {
+                waited = true;
+                self.shared
+                    .metrics
+                    .coalesced
+                    .get_or_create(&RouteLabel {
+                        route: self.route.clone(),
+                    })
+                    .inc();
+            }
+            let status = match read.wait(&self.deadline).await {
+                Ok(status) => status,
+                Err(exceeded) => return self.settle(Err(exceeded.into()), fallback),
+            };
+            match status {
+                LockStatus::Done => {
+                    if let Some(entry) = self.reread().await {
+                        let age = policy::age(entry.stored_at, self.shared.clock.now());
+                        let stored = self.asks != Asks::NoStore;
+                        let header = CacheStatusHeader::forwarded(self.fwd(), stored);
+                        return Ok(self.answer_from(&entry, age, header));
+                    }
+                    // Gone from the store already (evicted, or a remote store lost it): again.
+                }
+                LockStatus::Unstored(answer) => {
+                    return self.settle(Ok(answer.to_response()), fallback)
+                }
+                LockStatus::Failed(error) => return self.settle(Err(error.into()), fallback),
+                // Too large to share: this caller fetches for itself, in what is left of its time.
+                LockStatus::GaveUp => {
+                    let fetched = match self.deadline.run(inner.oneshot(request)).await {
+                        Ok(fetched) => fetched,
+                        Err(exceeded) => Err(exceeded.into()),
+                    };
+                    return self.settle(fetched, fallback);
+                }
+                other @ (LockStatus::TimedOut | LockStatus::Dangling | LockStatus::Waiting) => {
+                    // The upstream did not answer in time: a stale answer stands in, else this
+                    // caller tries again, within its own deadline.
+                    if fallback.is_some() || self.deadline.remaining().is_zero() {
+                        return self.settle(Err(self.deadline.exceeded().into()), fallback);
+                    }
+                    tracing::debug!(
+                        key = self.key.path(),
+                        writer = other.as_str(),
+                        "the key's writer gave no answer: trying again"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A fresh stored entry, its age and time left, for a caller that takes stored answers.
+    async fn stored_fresh(&self) -> Option<(Arc<Entry>, Duration, Duration)> {
+        if !self.asks.takes_stored() {
+            return None;
+        }
+        let entry = self.reread().await?;
+        let age = policy::age(entry.stored_at, self.shared.clock.now());
+        match policy::freshness(&entry.windows, age) {
+            Freshness::Fresh { left } => Some((entry, age, left)),
+            _ => None,
+        }
+    }
+
+    /// The stored entry, if the store has one (a failed or late read is none).
+    async fn reread(&self) -> Option<Arc<Entry>> {
+        let found = match self.deadline.run(self.shared.store.get(&self.key)).await {
+            Ok(found) => found,
+            Err(DeadlineExceeded(limit)) => Err(StorageError::Timeout(limit)),
+        };
+        self.looked_up(found)
+    }
+
+    /// Fetches (in a task of its own, so the caller hanging up cancels nothing), stores, releases
+    /// the key's lock if held, and answers.
+    async fn write<S>(
+        self,
+        inner: S,
+        request: Request,
+        permit: Option<WritePermit>,
+        fallback: Option<Arc<Entry>>,
+    ) -> Result<Response, BoxError>
+    where
+        S: tower::Service<Request, Response = Response, Error = BoxError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let task = tokio::spawn(fetch(
+            self.shared.clone(),
+            inner,
+            request,
+            self.key.clone(),
+            self.windows,
+            self.asks,
+            self.deadline,
+            permit,
+        ));
+        let fetched = task.await.unwrap_or_else(|error| {
+            Fetched::Failed(Arc::new(format!("the cache's fetch ended: {error}").into()))
+        });
+        match fetched {
+            Fetched::Stored(entry) => Ok(self.answer_from(
+                &entry,
+                Duration::ZERO,
+                CacheStatusHeader::forwarded(self.fwd(), true),
+            )),
+            Fetched::Unstored(answer) => self.settle(Ok(answer.to_response()), fallback),
+            Fetched::Streamed(response) => self.settle(Ok(response), fallback),
+            // The error itself when nobody else holds it, else the shared one that points at it.
+            Fetched::Failed(error) => {
+                let error =
+                    Arc::try_unwrap(error).unwrap_or_else(|shared| SharedError(shared).into());
+                self.settle(Err(error), fallback)
+            }
+            Fetched::TimedOut => self.settle(Err(self.deadline.exceeded().into()), fallback),
+        }
+    }
+
+    /// The upstream's outcome for this caller: the stale entry if it failed and one may stand in,
+    /// else the outcome itself, labelled.
+    fn settle(
+        &self,
+        outcome: Result<Response, BoxError>,
+        fallback: Option<Arc<Entry>>,
+    ) -> Result<Response, BoxError> {
+        let failed = policy::failure(outcome.as_ref().map(Response::status));
+        if let (Some(failure), Some(entry)) = (failed, fallback) {
+            tracing::info!(
+                key = self.key.path(),
+                "upstream failed: serving a stale answer (stale-if-error)"
+            );
+            let age = policy::age(entry.stored_at, self.shared.clock.now());
+            return Ok(self.answer_from(&entry, age, CacheStatusHeader::stale_if_error(failure)));
+        }
+        let header = CacheStatusHeader::forwarded(self.fwd(), false);
+        match outcome {
+            Ok(response) => Ok(self.label(response, header)),
+            Err(error) => {
+                self.count(header.outcome());
+                Err(error)
+            }
+        }
+    }
+
+    /// Starts one background refresh for this key, unless a fetch for it is running.
+    fn revalidate<S>(&self, inner: S, request: Request)
+    where
+        S: tower::Service<Request, Response = Response, Error = BoxError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let Some(permit) = self.shared.locks.try_write(&self.key) else {
+            return;
+        };
+        let (shared, key, windows, deadline) = (
+            self.shared.clone(),
+            self.key.clone(),
+            self.windows,
+            self.deadline,
+        );
+        tokio::spawn(async move {
+            let path = key.path().to_owned();
+            match fetch(
+                shared,
+                inner,
+                request,
+                key,
+                windows,
+                Asks::Anything,
+                deadline,
+                Some(permit),
+            )
+            .await
+            {
+                Fetched::Stored(_) => {}
+                Fetched::Unstored(answer) => tracing::info!(
+                    key = path,
+                    status = answer.status.as_u16(),
+                    "background refresh not stored"
+                ),
+                Fetched::Streamed(_) => tracing::info!(
+                    key = path,
+                    "background refresh not stored: larger than cache.max_entry_bytes"
+                ),
+                Fetched::Failed(error) => {
+                    tracing::info!(key = path, %error, "background refresh failed")
+                }
+                Fetched::TimedOut => tracing::info!(key = path, "background refresh timed out"),
+            }
+        });
+    }
+
+    /// A stored answer, `age` old, as this caller's response.
+    fn answer_from(&self, entry: &Entry, age: Duration, header: CacheStatusHeader) -> Response {
+        let mut response = entry.response.to_response();
+        response
+            .headers_mut()
+            .insert(header::AGE, HeaderValue::from(age.as_secs()));
+        self.label(response, header)
+    }
+
+    /// Says what the cache did, on the response, in the metrics and in the access log.
+    fn label(&self, mut response: Response, header: CacheStatusHeader) -> Response {
+        response.headers_mut().insert(CACHE_STATUS, header.render());
+        self.count(header.outcome());
+        response
+    }
+
+    fn count(&self, status: CacheStatus) {
+        if let Some(info) = &self.info {
             info.set_cache(status.as_str());
         }
-        self.metrics
+        self.shared
+            .metrics
             .cache_lookups
             .get_or_create(&CacheLabels {
-                route: route.clone(),
+                route: self.route.clone(),
                 result: status.as_str(),
             })
             .inc();
     }
-
-    /// Stores a 200 answer within the size limit and returns it; passes anything else through.
-    async fn store_response(
-        &self,
-        response: Response,
-        key: Key,
-        (ttl, swr, sie): (Duration, Duration, Duration),
-        status: CacheStatus,
-        fwd: &str,
-    ) -> Result<Response, BoxError> {
-        if response.status() != StatusCode::OK {
-            return Ok(with_status(response, status, &format!("pcgate; fwd={fwd}")));
-        }
-        // The deadline covers reading the body too: an upstream that stalls mid-body fails the call.
-        let read = body::buffer_up_to(response, self.store.max_entry_bytes());
-        let read = tokio::time::timeout(self.deadline, read)
-            .await
-            .map_err(|_| DeadlineExceeded(self.deadline))?;
-        match read? {
-            Limited::TooBig(response) => {
-                Ok(with_status(response, status, &format!("pcgate; fwd={fwd}")))
-            }
-            Limited::Whole(mut buffered) => {
-                buffered.keep_shareable_headers();
-                let entry = Entry {
-                    response: buffered,
-                    stored_at: Instant::now(),
-                    ttl,
-                    swr,
-                    sie,
-                };
-                let response = from_entry(
-                    &entry,
-                    Duration::ZERO,
-                    status,
-                    &format!("pcgate; fwd={fwd}; stored"),
-                );
-                self.store.put(key, entry);
-                Ok(response)
-            }
-        }
-    }
-
-    /// Starts one background refresh for `key`, unless one is running.
-    fn revalidate<S>(
-        self: &Arc<Self>,
-        inner: S,
-        request: Request,
-        key: Key,
-        windows: (Duration, Duration, Duration),
-    ) where
-        S: tower::Service<Request, Response = Response, Error = BoxError> + Send + 'static,
-        S::Future: Send + 'static,
-    {
-        if !self
-            .revalidating
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone())
-        {
-            return;
-        }
-        let shared = self.clone();
-        tokio::spawn(async move {
-            match inner.oneshot(request).await {
-                Ok(response) if response.status() == StatusCode::OK => {
-                    let _ = shared
-                        .store_response(response, key.clone(), windows, CacheStatus::Miss, "miss")
-                        .await;
-                }
-                Ok(response) => {
-                    tracing::info!(
-                        key = key.path(),
-                        status = response.status().as_u16(),
-                        "background refresh not stored"
-                    );
-                }
-                Err(error) => tracing::info!(key = key.path(), %error, "background refresh failed"),
-            }
-            shared
-                .revalidating
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
-        });
-    }
 }
 
-fn from_entry(entry: &Entry, age: Duration, status: CacheStatus, cache_status: &str) -> Response {
-    let mut response = entry.response.to_response();
-    response
-        .headers_mut()
-        .insert(header::AGE, HeaderValue::from(age.as_secs()));
-    with_status(response, status, cache_status)
-}
-
-fn with_status(mut response: Response, status: CacheStatus, cache_status: &str) -> Response {
-    if let Ok(value) = HeaderValue::from_str(cache_status) {
-        response.headers_mut().insert(CACHE_STATUS, value);
+/// The fetch, in a task of its own: call the upstream, read the answer within the deadline,
+/// store it if it may be, then release the lock with the outcome (store first, so a caller
+/// arriving after the release finds it).
+#[allow(clippy::too_many_arguments)]
+async fn fetch<S>(
+    shared: Arc<Shared>,
+    inner: S,
+    request: Request,
+    key: Key,
+    windows: Windows,
+    asks: Asks,
+    deadline: Deadline,
+    permit: Option<WritePermit>,
+) -> Fetched
+where
+    S: tower::Service<Request, Response = Response, Error = BoxError>,
+{
+    let sharing = permit.is_some();
+    // The deadline covers the body too: an upstream that sends headers and then stalls must not
+    // hold the call, or its waiters, past it; and it is the call's, so the read does not start a
+    // count of its own.
+    let read = deadline
+        .run(async {
+            let response = inner.oneshot(request).await?;
+            // Not to be stored, and nobody waits for it: it streams on.
+            if !sharing && policy::storable(asks, response.status()).is_err() {
+                return Ok::<_, BoxError>(Limited::TooBig(response));
+            }
+            Ok(body::buffer_up_to(response, shared.max_entry_bytes).await?)
+        })
+        .await;
+    let (fetched, status) = match read {
+        Err(_) => (Fetched::TimedOut, LockStatus::TimedOut),
+        Ok(Err(error)) if find_cause::<DeadlineExceeded>(&*error).is_some() => {
+            (Fetched::TimedOut, LockStatus::TimedOut)
+        }
+        Ok(Err(error)) => {
+            let error = Arc::new(error);
+            (
+                Fetched::Failed(error.clone()),
+                LockStatus::Failed(SharedError(error)),
+            )
+        }
+        Ok(Ok(Limited::TooBig(response))) => (Fetched::Streamed(response), LockStatus::GaveUp),
+        Ok(Ok(Limited::Whole(mut answer))) => {
+            answer.keep_shareable_headers();
+            match policy::storable(asks, answer.status) {
+                Err(why) => {
+                    tracing::debug!(key = key.path(), why = why.as_str(), "answer not stored");
+                    let answer = Arc::new(answer);
+                    (
+                        Fetched::Unstored(answer.clone()),
+                        LockStatus::Unstored(answer),
+                    )
+                }
+                Ok(()) => {
+                    let entry = Arc::new(Entry {
+                        response: answer,
+                        stored_at: shared.clock.now(),
+                        windows,
+                    });
+                    let put = match deadline
+                        .run(shared.store.put(key.clone(), entry.clone()))
+                        .await
+                    {
+                        Ok(put) => put,
+                        Err(DeadlineExceeded(limit)) => Err(StorageError::Timeout(limit)),
+                    };
+                    match put {
+                        Ok(()) => (Fetched::Stored(entry), LockStatus::Done),
+                        // Not stored: the caller and the waiters still get the answer.
+                        Err(error) => {
+                            tracing::info!(key = key.path(), %error, "answer not stored");
+                            let answer = Arc::new(entry.response.clone());
+                            (
+                                Fetched::Unstored(answer.clone()),
+                                LockStatus::Unstored(answer),
+                            )
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if let Some(permit) = permit {
+        permit.release(status);
     }
-    response.extensions_mut().insert(status);
-    response
+    fetched
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use tokio::time::Instant;
     use tower::{Layer, Service};
 
-    /// A cache over an inner service that counts calls and answers `status` with the call number.
-    fn harness(
-        status: Arc<Mutex<u16>>,
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    /// An inner service that counts its calls and answers with `answer(n)` for the n-th (from 1).
+    fn upstream<F, Fut>(
+        answer: F,
     ) -> (
-        impl Service<Request, Response = Response, Error = BoxError> + Clone,
+        impl Service<Request, Response = Response, Error = BoxError, Future: Send> + Clone + Send,
         Arc<AtomicUsize>,
-    ) {
+    )
+    where
+        F: Fn(usize) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = Result<Response, BoxError>> + Send + 'static,
+    {
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
-        let inner = tower::service_fn(move |_request: Request| {
+        let service = tower::service_fn(move |_request: Request| {
             let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
-            let status = *status.lock().unwrap();
-            async move {
-                let mut response = Response::new(body::full(format!("answer {n}")));
-                *response.status_mut() = StatusCode::from_u16(status).unwrap();
-                Ok::<_, BoxError>(response)
-            }
+            answer(n)
         });
+        (service, calls)
+    }
+
+    fn text(status: u16, body: String) -> Response {
+        let mut response = Response::new(body::full(body));
+        *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+        response
+    }
+
+    /// Answers `status` (read at each call) with the call number in the body.
+    fn numbered(
+        status: Arc<Mutex<u16>>,
+    ) -> impl Fn(usize) -> future::Ready<Result<Response, BoxError>> + Clone {
+        move |n| {
+            let status = *status.lock().unwrap();
+            future::ready(Ok(text(status, format!("answer {n}"))))
+        }
+    }
+
+    /// A body that sends nothing, ever.
+    fn stalled() -> Response {
+        let stream = futures_util::stream::pending::<
+            Result<http_body::Frame<bytes::Bytes>, body::BodyError>,
+        >();
+        Response::new(http_body_util::BodyExt::boxed_unsync(
+            http_body_util::StreamBody::new(stream),
+        ))
+    }
+
+    /// A store around a [`MemoryStore`] that counts puts, can hide the next gets (as if they had
+    /// looked before a put), answers later instead of at once, or fails every operation.
+    struct TestStore {
+        memory: MemoryStore,
+        puts: AtomicUsize,
+        hide_gets: AtomicUsize,
+        remote: bool,
+        broken: bool,
+    }
+
+    impl TestStore {
+        fn new() -> TestStore {
+            TestStore {
+                memory: MemoryStore::new(1 << 20, 1 << 16, Arc::new(Metrics::new())),
+                puts: AtomicUsize::new(0),
+                hide_gets: AtomicUsize::new(0),
+                remote: false,
+                broken: false,
+            }
+        }
+
+        fn later<T: Send + 'static>(&self, ready: StoreFuture<T>) -> StoreFuture<T> {
+            let Either::Left(ready) = ready else {
+                unreachable!("memory answers at once")
+            };
+            let result = if self.broken {
+                Err(StorageError::Failed("the store is down".into()))
+            } else {
+                ready.into_inner()
+            };
+            if self.remote {
+                Either::Right(Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    result
+                }))
+            } else {
+                Either::Left(future::ready(result))
+            }
+        }
+    }
+
+    impl Storage for TestStore {
+        fn get(&self, key: &Key) -> StoreFuture<Option<Arc<Entry>>> {
+            let hide = self
+                .hide_gets
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if hide {
+                return self.later(Either::Left(future::ready(Ok(None))));
+            }
+            self.later(self.memory.get(key))
+        }
+
+        fn put(&self, key: Key, entry: Arc<Entry>) -> StoreFuture<()> {
+            self.puts.fetch_add(1, Ordering::SeqCst);
+            if self.broken {
+                return self.later(Either::Left(future::ready(Ok(()))));
+            }
+            self.later(self.memory.put(key, entry))
+        }
+
+        fn purge(&self, scope: Purge) -> StoreFuture<u64> {
+            self.later(self.memory.purge(scope))
+        }
+    }
+
+    struct Harness<S> {
+        service: Cache<S>,
+        store: Arc<TestStore>,
+        metrics: Arc<Metrics>,
+    }
+
+    fn harness<S>(inner: S, store: TestStore, max_entry_bytes: usize) -> Harness<S> {
         let metrics = Arc::new(Metrics::new());
-        let store = Arc::new(Store::new(1 << 20, 1 << 16, metrics.clone()));
-        (
-            CacheLayer::new(store, metrics, Duration::from_secs(60)).layer(inner),
-            calls,
-        )
+        let store = Arc::new(store);
+        let service =
+            CacheLayer::new(store.clone(), max_entry_bytes, metrics.clone(), MINUTE).layer(inner);
+        Harness {
+            service,
+            store,
+            metrics,
+        }
+    }
+
+    fn route(coalesce: bool) -> Arc<Route> {
+        Arc::new(Route {
+            name: "summary".into(),
+            credential: Some(crate::token::TokenSource::fixed("app")),
+            cache_ttl: Some(Duration::from_secs(300)),
+            stale_while_revalidate: Some(Duration::from_secs(60)),
+            stale_if_error: Some(Duration::from_secs(3600)),
+            coalesce,
+            retry: true,
+        })
     }
 
     fn summary() -> Request {
         let mut request = http::Request::get("/v1/invoices/summary")
             .body(body::empty())
             .unwrap();
-        request.extensions_mut().insert(Arc::new(Route {
-            name: "summary".into(),
-            credential: Some(crate::token::TokenSource::fixed("app")),
-            cache_ttl: Some(Duration::from_secs(300)),
-            stale_while_revalidate: Some(Duration::from_secs(60)),
-            stale_if_error: Some(Duration::from_secs(3600)),
-            coalesce: true,
-            retry: true,
-        }));
+        request.extensions_mut().insert(route(true));
         request
     }
 
-    async fn get(
-        service: &mut (impl Service<Request, Response = Response, Error = BoxError> + Clone),
-    ) -> (String, String) {
-        let response = tower::ServiceExt::oneshot(service.clone(), summary())
-            .await
-            .unwrap();
-        let cache_status = response.headers()[CACHE_STATUS]
-            .to_str()
-            .unwrap()
-            .to_owned();
+    fn with(mut request: Request, name: &'static str, value: &'static str) -> Request {
+        request
+            .headers_mut()
+            .insert(name, HeaderValue::from_static(value));
+        request
+    }
+
+    fn with_deadline(mut request: Request, limit: Duration) -> Request {
+        request.extensions_mut().insert(Deadline::after(limit));
+        request
+    }
+
+    /// (status, Cache-Status, body) of one call.
+    async fn send<S>(
+        service: &Cache<S>,
+        request: Request,
+    ) -> Result<(u16, String, String), BoxError>
+    where
+        S: Service<Request, Response = Response, Error = BoxError> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let response = service.clone().oneshot(request).await?;
+        let status = response.status().as_u16();
+        let cache_status = response
+            .headers()
+            .get(CACHE_STATUS)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
         let body = http_body_util::BodyExt::collect(response.into_body())
-            .await
-            .unwrap()
+            .await?
             .to_bytes();
-        (cache_status, String::from_utf8(body.to_vec()).unwrap())
+        Ok((
+            status,
+            cache_status,
+            String::from_utf8(body.to_vec()).unwrap(),
+        ))
+    }
+
+    async fn get<S>(service: &Cache<S>) -> (String, String)
+    where
+        S: Service<Request, Response = Response, Error = BoxError> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let (_, cache_status, body) = send(service, summary()).await.unwrap();
+        (cache_status, body)
+    }
+
+    fn lookups<S>(harness: &Harness<S>, result: &'static str) -> u64 {
+        harness
+            .metrics
+            .cache_lookups
+            .get_or_create(&CacheLabels {
+                route: "summary".into(),
+                result,
+            })
+            .get()
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn entries_are_fresh_for_the_ttl_then_refetched() {
-        let (mut service, calls) = harness(Arc::new(Mutex::new(200)));
+        let (inner, calls) = upstream(numbered(Arc::new(Mutex::new(200))));
+        let h = harness(inner, TestStore::new(), 1 << 16);
         assert_eq!(
-            get(&mut service).await,
+            get(&h.service).await,
             ("pcgate; fwd=miss; stored".into(), "answer 1".into())
         );
         tokio::time::advance(Duration::from_secs(299)).await;
         assert_eq!(
-            get(&mut service).await,
+            get(&h.service).await,
             ("pcgate; hit; ttl=1".into(), "answer 1".into())
         );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // Past the TTL and the swr window: a plain miss.
         tokio::time::advance(Duration::from_secs(62)).await;
-        assert_eq!(get(&mut service).await.0, "pcgate; fwd=miss; stored");
+        assert_eq!(get(&h.service).await.0, "pcgate; fwd=miss; stored");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!((lookups(&h, "miss"), lookups(&h, "hit")), (2, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hit_says_its_age() {
+        let (inner, _calls) = upstream(numbered(Arc::new(Mutex::new(200))));
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        let first = h.service.clone().oneshot(summary()).await.unwrap();
+        assert_eq!(first.headers()[header::AGE], "0");
+        tokio::time::advance(Duration::from_secs(42)).await;
+        let second = h.service.clone().oneshot(summary()).await.unwrap();
+        assert_eq!(second.headers()[header::AGE], "42");
+        assert_eq!(second.headers()[CACHE_STATUS], "pcgate; hit; ttl=258");
     }
 
     #[tokio::test(start_paused = true)]
     async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
-        let (mut service, calls) = harness(Arc::new(Mutex::new(200)));
-        get(&mut service).await;
+        let (inner, calls) = upstream(numbered(Arc::new(Mutex::new(200))));
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        get(&h.service).await;
         tokio::time::advance(Duration::from_secs(310)).await;
         for _ in 0..5 {
-            let (cache_status, body) = get(&mut service).await;
+            let (cache_status, body) = get(&h.service).await;
             assert_eq!(
                 cache_status,
                 "pcgate; hit; ttl=-10; detail=stale-while-revalidate"
@@ -657,31 +910,31 @@ mod tests {
             assert_eq!(body, "answer 1");
         }
         // Let the one background refresh run.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
         assert_eq!(
             calls.load(Ordering::SeqCst),
             2,
             "exactly one background refresh"
         );
-        let (cache_status, body) = get(&mut service).await;
+        let (cache_status, body) = get(&h.service).await;
         assert!(
             cache_status.starts_with("pcgate; hit; ttl="),
             "{cache_status}"
         );
         assert_eq!(body, "answer 2");
+        assert_eq!(lookups(&h, "stale"), 5);
     }
 
     #[tokio::test(start_paused = true)]
     async fn stale_if_error_covers_5xx_for_its_window_only() {
         let status = Arc::new(Mutex::new(200));
-        let (mut service, _calls) = harness(status.clone());
-        get(&mut service).await;
+        let (inner, _calls) = upstream(numbered(status.clone()));
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        get(&h.service).await;
         *status.lock().unwrap() = 503;
         tokio::time::advance(Duration::from_secs(400)).await;
         assert_eq!(
-            get(&mut service).await,
+            get(&h.service).await,
             (
                 "pcgate; fwd=stale; fwd-status=503".into(),
                 "answer 1".into()
@@ -689,8 +942,376 @@ mod tests {
         );
         // Past ttl + stale_if_error: the failure goes to the caller.
         tokio::time::advance(Duration::from_secs(3600)).await;
-        let (cache_status, body) = get(&mut service).await;
+        let (cache_status, body) = get(&h.service).await;
         assert_eq!(cache_status, "pcgate; fwd=miss");
         assert_eq!(body, "answer 3");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_if_error_covers_an_upstream_that_does_not_answer() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connection refused")]
+        struct Refused;
+        let status = Arc::new(Mutex::new(200));
+        let flag = status.clone();
+        let (inner, _calls) = upstream(move |n| {
+            let fail = *flag.lock().unwrap() != 200;
+            async move {
+                if fail {
+                    Err(Refused.into())
+                } else {
+                    Ok(text(200, format!("answer {n}")))
+                }
+            }
+        });
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        get(&h.service).await;
+        *status.lock().unwrap() = 0;
+        tokio::time::advance(Duration::from_secs(400)).await;
+        assert_eq!(
+            get(&h.service).await,
+            ("pcgate; fwd=stale".into(), "answer 1".into())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_cache_fetches_fresh_and_no_store_is_not_stored() {
+        let (inner, calls) = upstream(numbered(Arc::new(Mutex::new(200))));
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        get(&h.service).await;
+        let fresh = send(&h.service, with(summary(), "cache-control", "no-cache"))
+            .await
+            .unwrap();
+        assert_eq!(fresh.1, "pcgate; fwd=request; stored");
+        assert_eq!(fresh.2, "answer 2");
+        let unstored = send(&h.service, with(summary(), "cache-control", "no-store"))
+            .await
+            .unwrap();
+        assert_eq!(unstored.1, "pcgate; fwd=request");
+        assert_eq!(
+            get(&h.service).await,
+            ("pcgate; hit; ttl=300".into(), "answer 2".into())
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(lookups(&h, "bypass"), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hundred_cold_calls_make_one_upstream_call_stored_once() {
+        let (inner, calls) = upstream(|n| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(text(200, format!("answer {n}")))
+        });
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        let answers: Vec<_> = (0..100)
+            .map(|_| {
+                let service = h.service.clone();
+                tokio::spawn(async move { send(&service, summary()).await.unwrap() })
+            })
+            .collect();
+        for answer in futures_util::future::join_all(answers).await {
+            assert_eq!(
+                answer.unwrap(),
+                (200, "pcgate; fwd=miss; stored".into(), "answer 1".into())
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(h.store.puts.load(Ordering::SeqCst), 1, "stored once");
+        assert_eq!(lookups(&h, "miss"), 100);
+        let coalesced = h
+            .metrics
+            .coalesced
+            .get_or_create(&RouteLabel {
+                route: "summary".into(),
+            })
+            .get();
+        assert_eq!(coalesced, 99);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_coalesce_each_miss_fetches_for_itself() {
+        let (inner, calls) = upstream(|n| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(text(200, format!("answer {n}")))
+        });
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        let request = || {
+            let mut request = summary();
+            request.extensions_mut().insert(route(false));
+            request
+        };
+        let (a, b) = tokio::join!(send(&h.service, request()), send(&h.service, request()));
+        assert_eq!(a.unwrap().1, "pcgate; fwd=miss; stored");
+        assert_eq!(b.unwrap().1, "pcgate; fwd=miss; stored");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_arriving_after_the_fetch_lands_hits() {
+        let (inner, calls) = upstream(numbered(Arc::new(Mutex::new(200))));
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        assert_eq!(get(&h.service).await.0, "pcgate; fwd=miss; stored");
+        // This caller's lookup ran before the store held the answer; the lock is free by the time
+        // it asks, so it is the writer, and looks again before fetching.
+        h.store.hide_gets.store(1, Ordering::SeqCst);
+        let (cache_status, body) = get(&h.service).await;
+        assert_eq!(cache_status, "pcgate; hit; ttl=300");
+        assert_eq!(body, "answer 1");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_fetch_reaches_every_waiter_as_itself() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("upstream unreachable")]
+        struct Unreachable;
+        let (inner, calls) = upstream(|_| async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Err::<Response, BoxError>(Unreachable.into())
+        });
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        let answers = futures_util::future::join_all((0..5).map(|_| send(&h.service, summary())));
+        for answer in answers.await {
+            let error = answer.unwrap_err();
+            assert!(
+                find_cause::<Unreachable>(&*error).is_some(),
+                "classified by its cause: {error}"
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unstorable_answer_is_shared_with_the_waiters() {
+        let (inner, calls) = upstream(|n| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(text(500, format!("broken {n}")))
+        });
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        let answers = futures_util::future::join_all((0..5).map(|_| send(&h.service, summary())));
+        for answer in answers.await {
+            assert_eq!(
+                answer.unwrap(),
+                (500, "pcgate; fwd=miss".into(), "broken 1".into())
+            );
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "a failing upstream sees one call"
+        );
+        assert_eq!(h.store.puts.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_on_a_stalled_fetch_are_released_at_their_deadline() {
+        // Headers at once, then nothing.
+        let (inner, calls) = upstream(|_| future::ready(Ok(stalled())));
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        let call_at = |started: Instant, arrive: u64| {
+            let service = h.service.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(arrive)).await;
+                let request = with_deadline(summary(), Duration::from_secs(10));
+                let result = send(&service, request).await;
+                (result.unwrap_err(), started.elapsed())
+            }
+        };
+        // All at once: the writer's deadline is theirs too, so one upstream call.
+        let started = Instant::now();
+        let answers = futures_util::future::join_all((0..5).map(|_| call_at(started, 0))).await;
+        for (error, elapsed) in answers {
+            assert!(find_cause::<DeadlineExceeded>(&*error).is_some(), "{error}");
+            assert_eq!(elapsed, Duration::from_secs(10));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // A second apart: each is released at its own deadline, neither the writer's nor later.
+        let started = Instant::now();
+        let answers = futures_util::future::join_all((0..4).map(|i| call_at(started, i))).await;
+        for (i, (error, elapsed)) in answers.into_iter().enumerate() {
+            assert!(find_cause::<DeadlineExceeded>(&*error).is_some(), "{error}");
+            assert_eq!(elapsed, Duration::from_secs(10 + i as u64), "caller {i}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_late_is_cut_at_the_calls_deadline_not_after_it() {
+        // Headers at 0.8 x the deadline, then nothing: the body read must not start a count of
+        // its own (it did: the call ended at 1.8 x).
+        let (inner, _calls) = upstream(|_| async {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            Ok(stalled())
+        });
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        let started = Instant::now();
+        let error = send(
+            &h.service,
+            with_deadline(summary(), Duration::from_secs(10)),
+        )
+        .await
+        .unwrap_err();
+        assert!(find_cause::<DeadlineExceeded>(&*error).is_some(), "{error}");
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        // A request that came without a deadline gets the layer's limit, from its start.
+        let started = Instant::now();
+        assert!(send(&h.service, summary()).await.is_err());
+        assert_eq!(started.elapsed(), MINUTE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_writer_hanging_up_leaves_the_waiters_answered() {
+        let (inner, calls) = upstream(|n| async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(text(200, format!("answer {n}")))
+        });
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        let writer = tokio::spawn({
+            let service = h.service.clone();
+            async move { send(&service, summary()).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let service = h.service.clone();
+        let waiters = tokio::spawn(async move {
+            futures_util::future::join_all((0..5).map(|_| send(&service, summary()))).await
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        writer.abort();
+        for answer in waiters.await.unwrap() {
+            assert_eq!(answer.unwrap().2, "answer 1");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Stored when the fetch landed (t = 5 s), though its caller was gone.
+        assert_eq!(get(&h.service).await.0, "pcgate; hit; ttl=300");
+        assert_eq!(h.store.puts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_too_large_to_store_are_fetched_by_each_waiter() {
+        let (inner, calls) = upstream(|n| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(text(200, format!("a large answer {n}")))
+        });
+        let h = harness(inner, TestStore::new(), 8);
+        let answers = futures_util::future::join_all((0..3).map(|_| send(&h.service, summary())));
+        let mut bodies: Vec<String> = answers
+            .await
+            .into_iter()
+            .map(|answer| {
+                let (status, cache_status, body) = answer.unwrap();
+                assert_eq!((status, cache_status.as_str()), (200, "pcgate; fwd=miss"));
+                body
+            })
+            .collect();
+        bodies.sort();
+        assert_eq!(
+            bodies,
+            ["a large answer 1", "a large answer 2", "a large answer 3"]
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(h.store.puts.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_background_refresh_holds_the_lock_like_any_fetch() {
+        let (inner, calls) = upstream(|n| async move {
+            if n > 1 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Ok(text(200, format!("answer {n}")))
+        });
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        get(&h.service).await;
+        tokio::time::advance(Duration::from_secs(310)).await;
+        // Stale: served at once, and the refresh starts.
+        assert_eq!(get(&h.service).await.1, "answer 1");
+        settle().await;
+        // A caller that wants it fresh waits for that refresh rather than fetching again.
+        let fresh = send(&h.service, with(summary(), "cache-control", "no-cache"))
+            .await
+            .unwrap();
+        assert_eq!(fresh.1, "pcgate; fwd=request; stored");
+        assert_eq!(fresh.2, "answer 2");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(h.store.puts.load(Ordering::SeqCst), 2);
+        // And while a caller's fetch holds the key, a stale hit starts no refresh of its own.
+        tokio::time::advance(Duration::from_secs(310)).await;
+        let forced = tokio::spawn({
+            let service = h.service.clone();
+            async move { send(&service, with(summary(), "cache-control", "no-cache")).await }
+        });
+        settle().await;
+        assert_eq!(get(&h.service).await.1, "answer 2");
+        assert_eq!(forced.await.unwrap().unwrap().2, "answer 3");
+        settle().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_answers_later_still_gives_hits() {
+        let (inner, calls) = upstream(numbered(Arc::new(Mutex::new(200))));
+        let store = TestStore {
+            remote: true,
+            ..TestStore::new()
+        };
+        let h = harness(inner, store, 1 << 16);
+        assert_eq!(get(&h.service).await.0, "pcgate; fwd=miss; stored");
+        assert_eq!(
+            get(&h.service).await,
+            ("pcgate; hit; ttl=299".into(), "answer 1".into())
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_store_is_a_miss_never_an_error() {
+        let (inner, calls) = upstream(|n| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(text(200, format!("answer {n}")))
+        });
+        let store = TestStore {
+            remote: true,
+            broken: true,
+            ..TestStore::new()
+        };
+        let h = harness(inner, store, 1 << 16);
+        // The writer's put fails: it and its waiters still get the answer, marked not stored.
+        let answers = futures_util::future::join_all((0..3).map(|_| send(&h.service, summary())));
+        for answer in answers.await {
+            assert_eq!(
+                answer.unwrap(),
+                (200, "pcgate; fwd=miss".into(), "answer 1".into())
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(get(&h.service).await.1, "answer 2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_carry_their_own_times_and_windows() {
+        // An entry stored elsewhere (another process) 100 s ago by the wall clock, with its own
+        // windows: judged by those, not this route's.
+        let (inner, calls) = upstream(numbered(Arc::new(Mutex::new(200))));
+        let h = harness(inner, TestStore::new(), 1 << 16);
+        let key = Key::of(&summary(), &[]);
+        let entry = Entry {
+            response: Buffered {
+                status: http::StatusCode::OK,
+                headers: http::HeaderMap::new(),
+                body: bytes::Bytes::from_static(b"from elsewhere"),
+            },
+            stored_at: h.service.shared.clock.now() - Duration::from_secs(100),
+            windows: Windows {
+                ttl: Duration::from_secs(120),
+                stale_while_revalidate: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+            },
+        };
+        h.store.put(key, Arc::new(entry)).await.unwrap();
+        let response = h.service.clone().oneshot(summary()).await.unwrap();
+        assert_eq!(response.headers()[header::AGE], "100");
+        assert_eq!(response.headers()[CACHE_STATUS], "pcgate; hit; ttl=20");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(get(&h.service).await.1, "answer 1");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }
