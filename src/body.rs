@@ -3,6 +3,8 @@
 use std::convert::Infallible;
 
 use bytes::Bytes;
+
+pub use crate::error::{ClientBodyError, UpstreamBodyError};
 use http_body_util::{BodyExt, Empty, Full};
 
 /// Boxed error used by the stack and by bodies.
@@ -31,21 +33,6 @@ impl std::error::Error for BodyError {
     }
 }
 
-/// The caller's request body broke (bad chunk framing, a length that does not match): a 400.
-#[derive(Debug, thiserror::Error)]
-#[error("the request body could not be read: it is malformed or was cut short")]
-pub struct ClientBodyError;
-
-impl crate::error::Problem for ClientBodyError {
-    fn status(&self) -> http::StatusCode {
-        http::StatusCode::BAD_REQUEST
-    }
-
-    fn error_name(&self) -> &'static str {
-        "InvalidRequestBody"
-    }
-}
-
 /// Marks whether the caller's request body broke while it was sent on. hyper's client reports
 /// only "incomplete message" then, so the upstream client looks here to tell whose fault it was.
 #[derive(Debug, Clone, Default)]
@@ -55,21 +42,6 @@ impl ClientBody {
     /// Whether reading the caller's body failed.
     pub fn failed(&self) -> bool {
         self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-/// The upstream's response body broke after its head arrived (a reset, a short body): a 502.
-#[derive(Debug, thiserror::Error)]
-#[error("the upstream's answer broke off: {0}")]
-pub struct UpstreamBodyError(#[source] pub hyper::Error);
-
-impl crate::error::Problem for UpstreamBodyError {
-    fn status(&self) -> http::StatusCode {
-        http::StatusCode::BAD_GATEWAY
-    }
-
-    fn error_name(&self) -> &'static str {
-        "UpstreamFailed"
     }
 }
 

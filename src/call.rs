@@ -49,3 +49,8 @@ impl CallInfo {
         self.attempts.load(Ordering::Relaxed)
     }
 }
+
+/// The caller's `Cache-Control` values: `access` takes them out of the request (they are not
+/// forwarded upstream) and leaves them here for the cache to honour.
+#[derive(Debug, Clone)]
+pub struct RequestCacheControl(pub Vec<http::HeaderValue>);

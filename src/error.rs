@@ -1,10 +1,15 @@
-//! Responses pcgate makes itself, in the Partner Center error shape (reference §3.1), so that
-//! clients that already parse Partner Center errors parse ours too.
+//! The errors pcgate answers for itself, each saying its own status ([`Problem`]), and the
+//! responses made from them in the Partner Center error shape (reference §3.1), so clients that
+//! already parse Partner Center errors parse ours too. The types live here, not in the layers that
+//! raise them, so `rescue` classifies them without importing another layer.
 
 use http::{header, HeaderValue, StatusCode};
 use serde::Serialize;
 
 use crate::body::{self, Response};
+use crate::host::HostError;
+use crate::route::PathError;
+use crate::token::TokenError;
 
 /// The body of an error pcgate makes: Partner Center's ApiFault plus `errorName`.
 #[derive(Debug, Serialize)]
@@ -35,6 +40,119 @@ pub fn problem(status: StatusCode, error_name: &str, description: &str) -> Respo
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
     response
+}
+
+/// Why `access` refused a call.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// The path was malformed or tried to escape its segments (400).
+    #[error("bad request path: {0}")]
+    BadPath(#[from] PathError),
+    /// No route allows this method and path (403).
+    #[error("{method} {path} is not allowed by the route table")]
+    NoRoute {
+        /// The request method.
+        method: http::Method,
+        /// The normalised path.
+        path: String,
+    },
+    /// Inbound keys are configured and the caller sent none, or a wrong one (401).
+    #[error("missing or unknown API key: send `Authorization: Bearer <key>` with a key from [[access.clients]]")]
+    BadKey,
+    /// No inbound keys, and `Host` names a host this listener does not answer (421), or `Origin`
+    /// is another site's (403).
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+impl Problem for AccessError {
+    fn status(&self) -> http::StatusCode {
+        match self {
+            AccessError::BadPath(_) => http::StatusCode::BAD_REQUEST,
+            AccessError::NoRoute { .. } => http::StatusCode::FORBIDDEN,
+            AccessError::BadKey => http::StatusCode::UNAUTHORIZED,
+            AccessError::Host(HostError::Misdirected(_)) => http::StatusCode::MISDIRECTED_REQUEST,
+            AccessError::Host(HostError::ForeignOrigin(_)) => http::StatusCode::FORBIDDEN,
+        }
+    }
+
+    fn error_name(&self) -> &'static str {
+        match self {
+            AccessError::BadPath(_) => "InvalidPath",
+            AccessError::NoRoute { .. } => "RouteNotAllowed",
+            AccessError::BadKey => "InvalidApiKey",
+            AccessError::Host(HostError::Misdirected(_)) => "MisdirectedRequest",
+            AccessError::Host(HostError::ForeignOrigin(_)) => "ForeignOrigin",
+        }
+    }
+}
+
+/// Why the call could not be given a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// No valid token and none to be had now (503).
+    #[error(transparent)]
+    NoToken(#[from] TokenError),
+}
+
+impl Problem for CredentialError {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::SERVICE_UNAVAILABLE
+    }
+
+    fn error_name(&self) -> &'static str {
+        "NoValidCredential"
+    }
+}
+
+/// A caller's tracking header that is present but malformed (400).
+#[derive(Debug, thiserror::Error)]
+#[error("header {header} must be a GUID (e.g. a45e6643-1caf-4429-8f90-07c03d85bc2b); got {got}")]
+pub struct BadTrackingHeader {
+    /// The header's name.
+    pub header: &'static str,
+    /// What was sent, shortened and made printable.
+    pub got: String,
+}
+
+impl Problem for BadTrackingHeader {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::BAD_REQUEST
+    }
+
+    fn error_name(&self) -> &'static str {
+        "InvalidTrackingHeader"
+    }
+}
+
+/// The caller's request body broke (bad chunk framing, a length that does not match): a 400.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body could not be read: it is malformed or was cut short")]
+pub struct ClientBodyError;
+
+impl Problem for ClientBodyError {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::BAD_REQUEST
+    }
+
+    fn error_name(&self) -> &'static str {
+        "InvalidRequestBody"
+    }
+}
+
+/// The upstream's response body broke after its head arrived (a reset, a short body): a 502.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream's answer broke off: {0}")]
+pub struct UpstreamBodyError(#[source] pub hyper::Error);
+
+impl Problem for UpstreamBodyError {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::BAD_GATEWAY
+    }
+
+    fn error_name(&self) -> &'static str {
+        "UpstreamFailed"
+    }
 }
 
 /// An error that knows the answer pcgate gives for it: each error type says its own status and

@@ -17,20 +17,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::{self, Either, Ready};
+use http::header;
 use http::header::HeaderName;
 use http::uri::PathAndQuery;
-use http::{header, Method};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::body::{BoxError, Request, Response};
 use crate::call::CallInfo;
+use crate::call::RequestCacheControl;
 use crate::config::ClientKey;
+pub use crate::error::AccessError;
 use crate::headers::is_forwarded;
 pub use crate::headers::{configured_header, FORWARDED};
-use crate::host::{HostError, HostRule};
-use crate::layer::cache::RequestCacheControl;
-use crate::route::{normalize_path, PathError, Route, RouteTable};
+use crate::host::HostRule;
+use crate::route::{normalize_path, Route, RouteTable};
 
 /// Keeps only the forwarded headers; the caller's `Cache-Control` goes into the request's
 /// extensions for the cache layer.
@@ -54,51 +55,6 @@ fn keep_forwarded(request: &mut Request, extra: &[HeaderName]) {
         request
             .extensions_mut()
             .insert(RequestCacheControl(cache_control));
-    }
-}
-
-/// Why `access` refused a call.
-#[derive(Debug, thiserror::Error)]
-pub enum AccessError {
-    /// The path was malformed or tried to escape its segments (400).
-    #[error("bad request path: {0}")]
-    BadPath(#[from] PathError),
-    /// No route allows this method and path (403).
-    #[error("{method} {path} is not allowed by the route table")]
-    NoRoute {
-        /// The request method.
-        method: Method,
-        /// The normalised path.
-        path: String,
-    },
-    /// Inbound keys are configured and the caller sent none, or a wrong one (401).
-    #[error("missing or unknown API key: send `Authorization: Bearer <key>` with a key from [[access.clients]]")]
-    BadKey,
-    /// No inbound keys, and `Host` names a host this listener does not answer (421), or `Origin`
-    /// is another site's (403).
-    #[error(transparent)]
-    Host(#[from] HostError),
-}
-
-impl crate::error::Problem for AccessError {
-    fn status(&self) -> http::StatusCode {
-        match self {
-            AccessError::BadPath(_) => http::StatusCode::BAD_REQUEST,
-            AccessError::NoRoute { .. } => http::StatusCode::FORBIDDEN,
-            AccessError::BadKey => http::StatusCode::UNAUTHORIZED,
-            AccessError::Host(HostError::Misdirected(_)) => http::StatusCode::MISDIRECTED_REQUEST,
-            AccessError::Host(HostError::ForeignOrigin(_)) => http::StatusCode::FORBIDDEN,
-        }
-    }
-
-    fn error_name(&self) -> &'static str {
-        match self {
-            AccessError::BadPath(_) => "InvalidPath",
-            AccessError::NoRoute { .. } => "RouteNotAllowed",
-            AccessError::BadKey => "InvalidApiKey",
-            AccessError::Host(HostError::Misdirected(_)) => "MisdirectedRequest",
-            AccessError::Host(HostError::ForeignOrigin(_)) => "ForeignOrigin",
-        }
     }
 }
 

@@ -10,26 +10,8 @@ use std::task::{Context, Poll};
 use http::{header, StatusCode};
 
 use crate::body::{self, BoxError, BoxFuture, Request, Response};
+pub use crate::error::CredentialError;
 use crate::route::Route;
-use crate::token::TokenError;
-
-/// Why the call could not be given a credential.
-#[derive(Debug, thiserror::Error)]
-pub enum CredentialError {
-    /// No valid token and none to be had now (503).
-    #[error(transparent)]
-    NoToken(#[from] TokenError),
-}
-
-impl crate::error::Problem for CredentialError {
-    fn status(&self) -> StatusCode {
-        StatusCode::SERVICE_UNAVAILABLE
-    }
-
-    fn error_name(&self) -> &'static str {
-        "NoValidCredential"
-    }
-}
 
 /// Adds [`Credential`] in front of a service.
 #[derive(Clone, Debug, Default)]

@@ -14,12 +14,12 @@ use std::task::{Context, Poll};
 use http::StatusCode;
 use pin_project_lite::pin_project;
 
-use crate::body::{BoxError, ClientBodyError, Request, Response, UpstreamBodyError};
+use crate::body::{BoxError, Request, Response};
 use crate::deadline::DeadlineExceeded;
-use crate::error::{problem, Problem};
-use crate::layer::access::AccessError;
-use crate::layer::coalesce::SharedError;
-use crate::layer::credential::CredentialError;
+use crate::error::{
+    problem, AccessError, BadTrackingHeader, ClientBodyError, CredentialError, Problem,
+    UpstreamBodyError,
+};
 use crate::upstream::UpstreamError;
 
 /// Adds [`Rescue`] around a service.
@@ -134,10 +134,8 @@ pub fn error_response(error: &(dyn std::error::Error + Send + Sync + 'static)) -
 fn classify(error: &(dyn std::error::Error + 'static)) -> (StatusCode, &'static str) {
     let mut next = Some(error);
     while let Some(cause) = next {
-        // A coalesced caller gets the shared fetch's error: classify what it points at.
-        if let Some(SharedError(shared)) = cause.downcast_ref::<SharedError>() {
-            return classify(&***shared);
-        }
+        // A shared fetch's error (a lock waiter's, a coalesced caller's) names the original as
+        // its source, so it needs no case of its own.
         if let Some(known) = known_problem(cause) {
             return (known.status(), known.error_name());
         }
@@ -154,6 +152,7 @@ fn known_problem<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a
         error.downcast_ref::<T>().map(|e| e as &dyn Problem)
     }
     as_problem::<AccessError>(error)
+        .or_else(|| as_problem::<BadTrackingHeader>(error))
         .or_else(|| as_problem::<ClientBodyError>(error))
         .or_else(|| as_problem::<DeadlineExceeded>(error))
         .or_else(|| as_problem::<CredentialError>(error))
@@ -208,9 +207,11 @@ mod tests {
             classify(&wrapped),
             (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout")
         );
-        let shared = SharedError(std::sync::Arc::new(Box::new(crate::body::BodyError(
-            Box::new(ClientBodyError),
-        ))));
+        /// A wrapper that names its cause, as a shared fetch's error does.
+        #[derive(Debug, thiserror::Error)]
+        #[error("shared: {0}")]
+        struct Shared(#[source] crate::body::BodyError);
+        let shared = Shared(crate::body::BodyError(Box::new(ClientBodyError)));
         assert_eq!(
             classify(&shared),
             (StatusCode::BAD_REQUEST, "InvalidRequestBody")

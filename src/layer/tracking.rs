@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::body::{Request, Response};
 use crate::cv::CorrelationVector;
+pub use crate::error::BadTrackingHeader;
 
 pub use crate::headers::{MS_APPLICATION, MS_CORRELATION_ID, MS_CV, MS_REQUEST_ID, X_LOCALE};
 
@@ -52,26 +53,6 @@ impl TrackingSettings {
             locale: value("locale", &config.locale)?,
             correlation_vector: config.correlation_vector,
         })
-    }
-}
-
-/// A caller's tracking header that is present but malformed (400).
-#[derive(Debug, thiserror::Error)]
-#[error("header {header} must be a GUID (e.g. a45e6643-1caf-4429-8f90-07c03d85bc2b); got {got}")]
-pub struct BadTrackingHeader {
-    /// The header's name.
-    pub header: &'static str,
-    /// What was sent, shortened and made printable.
-    pub got: String,
-}
-
-impl crate::error::Problem for BadTrackingHeader {
-    fn status(&self) -> http::StatusCode {
-        http::StatusCode::BAD_REQUEST
-    }
-
-    fn error_name(&self) -> &'static str {
-        "InvalidTrackingHeader"
     }
 }
 

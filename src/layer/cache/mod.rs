@@ -54,10 +54,7 @@ use crate::route::Route;
 use lock::{LockStatus, Locked, Locks, WritePermit};
 use policy::{Asks, Freshness};
 
-/// The caller's `Cache-Control` values: `access` takes them out of the request (they are not
-/// forwarded upstream) and leaves them here for the cache to honour.
-#[derive(Debug, Clone)]
-pub struct RequestCacheControl(pub Vec<HeaderValue>);
+pub use crate::call::RequestCacheControl;
 
 /// Adds [`Cache`] in front of a service.
 #[derive(Clone)]
