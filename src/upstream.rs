@@ -18,7 +18,7 @@ use crate::call::CallInfo;
 use crate::config::{BaseUrl, CaFileError, UpstreamConfig};
 pub use crate::headers::strip_hop_by_hop;
 use crate::headers::{strip_fixed_hop_by_hop, MS_CV};
-use crate::layer::tracking::Tracking;
+use crate::layer::tracking::CallIds;
 use crate::metrics::{status_class, Metrics, RouteLabel, UpstreamLabels};
 use crate::route::Route;
 
@@ -153,8 +153,8 @@ impl tower::Service<Request> for Upstream {
         // Each attempt is a new outgoing call: the next correlation vector (cV spec: increment).
         if let Some(cv) = request
             .extensions()
-            .get::<Tracking>()
-            .and_then(Tracking::next_cv)
+            .get::<CallIds>()
+            .and_then(CallIds::next_cv)
         {
             request.headers_mut().insert(MS_CV, cv);
         }

@@ -108,10 +108,6 @@ impl RetryMetrics {
     }
 }
 
-/// How many attempts a call took; put in the response's extensions for the access log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Attempts(pub u32);
-
 /// The retry layer's own settings.
 #[derive(Debug, Clone)]
 pub struct RetrySettings {
@@ -281,7 +277,7 @@ impl Shared {
                 _ => Next::Done,
             };
             let (delay, reason) = match next {
-                Next::Done => return with_attempts(outcome, attempt),
+                Next::Done => return outcome,
                 Next::RetryAfter(delay, reason) => (delay, reason),
             };
             if !self.budget.withdraw() {
@@ -291,7 +287,7 @@ impl Shared {
                     reason = reason.as_str(),
                     "retry budget spent: answering with the last outcome"
                 );
-                return with_attempts(outcome, attempt);
+                return outcome;
             }
             self.metrics
                 .retries
@@ -350,13 +346,6 @@ impl Shared {
         }
         Next::RetryAfter(delay, reason)
     }
-}
-
-fn with_attempts(outcome: Result<Response, BoxError>, attempts: u32) -> Result<Response, BoxError> {
-    outcome.map(|mut response| {
-        response.extensions_mut().insert(Attempts(attempts));
-        response
-    })
 }
 
 /// `Retry-After` as delta-seconds or an HTTP-date (RFC 9110 §10.2.3); `None` if absent or unreadable.
@@ -472,7 +461,7 @@ mod tests {
             );
             let response = call(&mut service, get(true)).await.unwrap();
             assert_eq!(response.status(), 200);
-            assert_eq!(response.extensions().get::<Attempts>(), Some(&Attempts(3)));
+            assert_eq!(calls.lock().unwrap().len(), 3, "three attempts");
             let gaps = gaps(&calls);
             assert_eq!(gaps.len(), 2);
             assert!(gaps[0] <= base, "{gaps:?}");

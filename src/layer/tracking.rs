@@ -5,10 +5,10 @@
 //! - `MS-CorrelationId`: the caller's if it is a GUID, else a new v4 UUID.
 //! - A caller's value that is present but not a GUID is refused (400) rather than silently replaced.
 //! - `MS-CV` (when `tracking.correlation_vector`): the caller's vector extended once, or a new one
-//!   seeded; the upstream client increments it before each attempt ([`Tracking::next_cv`]).
+//!   seeded; the upstream client increments it before each attempt ([`CallIds::next_cv`]).
 //! - `X-Locale` gets the configured default when absent; `MS-PartnerCenter-Application` is set.
 //!
-//! The ids go into the request's extensions as [`Tracking`], onto every response (it stands
+//! The ids go into the request's extensions as [`CallIds`], onto every response (it stands
 //! outside `rescue`, so pcgate's own error answers carry them too), and into the call's span.
 
 use std::convert::Infallible;
@@ -58,7 +58,7 @@ impl TrackingSettings {
 
 /// The tracking ids of one call.
 #[derive(Debug, Clone)]
-pub struct Tracking {
+pub struct CallIds {
     /// `MS-RequestId`.
     pub request_id: HeaderValue,
     /// `MS-CorrelationId`.
@@ -66,10 +66,10 @@ pub struct Tracking {
     cv: Option<Arc<Mutex<CorrelationVector>>>,
 }
 
-impl Tracking {
+impl CallIds {
     /// New ids for a call (and a seeded vector when enabled).
-    pub fn fresh(correlation_vector: bool) -> Tracking {
-        Tracking {
+    pub fn fresh(correlation_vector: bool) -> CallIds {
+        CallIds {
             request_id: new_guid(),
             correlation_id: new_guid(),
             cv: correlation_vector.then(|| Arc::new(Mutex::new(CorrelationVector::seed()))),
@@ -80,7 +80,7 @@ impl Tracking {
     pub fn from_headers(
         headers: &HeaderMap,
         correlation_vector: bool,
-    ) -> Result<Tracking, BadTrackingHeader> {
+    ) -> Result<CallIds, BadTrackingHeader> {
         let request_id = guid_or_new(headers, &MS_REQUEST_ID, "MS-RequestId")?;
         let correlation_id = guid_or_new(headers, &MS_CORRELATION_ID, "MS-CorrelationId")?;
         let cv = correlation_vector.then(|| {
@@ -99,7 +99,7 @@ impl Tracking {
             };
             Arc::new(Mutex::new(cv))
         });
-        Ok(Tracking {
+        Ok(CallIds {
             request_id,
             correlation_id,
             cv,
@@ -182,7 +182,7 @@ fn printable(bytes: &[u8]) -> String {
     text
 }
 
-/// Adds [`TrackingService`] in front of a service.
+/// Adds [`Tracking`] in front of a service.
 #[derive(Clone, Debug)]
 pub struct TrackingLayer {
     settings: Arc<TrackingSettings>,
@@ -198,10 +198,10 @@ impl TrackingLayer {
 }
 
 impl<S> tower::Layer<S> for TrackingLayer {
-    type Service = TrackingService<S>;
+    type Service = Tracking<S>;
 
-    fn layer(&self, inner: S) -> TrackingService<S> {
-        TrackingService {
+    fn layer(&self, inner: S) -> Tracking<S> {
+        Tracking {
             inner,
             settings: self.settings.clone(),
         }
@@ -210,12 +210,12 @@ impl<S> tower::Layer<S> for TrackingLayer {
 
 /// Keeps or makes the tracking ids; see the module docs.
 #[derive(Clone, Debug)]
-pub struct TrackingService<S> {
+pub struct Tracking<S> {
     inner: S,
     settings: Arc<TrackingSettings>,
 }
 
-impl<S> tower::Service<Request> for TrackingService<S>
+impl<S> tower::Service<Request> for Tracking<S>
 where
     S: tower::Service<Request, Response = Response, Error = Infallible>,
     S::Future: Send + 'static,
@@ -230,13 +230,12 @@ where
 
     fn call(&mut self, mut request: Request) -> Self::Future {
         let settings = &self.settings;
-        let tracking = match Tracking::from_headers(request.headers(), settings.correlation_vector)
-        {
+        let tracking = match CallIds::from_headers(request.headers(), settings.correlation_vector) {
             Ok(tracking) => tracking,
             Err(bad) => {
                 // Refused here, before anything else: the answer still carries (fresh) ids.
                 let mut response = crate::error::respond(&bad);
-                Tracking::fresh(settings.correlation_vector).stamp(response.headers_mut());
+                CallIds::fresh(settings.correlation_vector).stamp(response.headers_mut());
                 return Box::pin(std::future::ready(Ok(response)));
             }
         };
@@ -244,7 +243,7 @@ where
         headers.insert(MS_REQUEST_ID, tracking.request_id.clone());
         headers.insert(MS_CORRELATION_ID, tracking.correlation_id.clone());
         if settings.correlation_vector {
-            // Set per attempt by the upstream client, from `Tracking::next_cv`.
+            // Set per attempt by the upstream client, from `CallIds::next_cv`.
             headers.remove(MS_CV);
         }
         if let Some(locale) = &settings.locale {
@@ -286,7 +285,7 @@ mod tests {
 
     #[test]
     fn guids_are_kept_and_missing_ones_made() {
-        let t = Tracking::from_headers(
+        let t = CallIds::from_headers(
             &headers(&[("ms-requestid", "a45e6643-1caf-4429-8f90-07c03d85bc2b")]),
             false,
         )
@@ -304,7 +303,7 @@ mod tests {
             "a45e66431caf44298f9007c03d85bc2b",
             "A45E6643-1CAF-4429-8F90-07C03D85BC2B",
         ] {
-            let t = Tracking::from_headers(&headers(&[("ms-requestid", value)]), false).unwrap();
+            let t = CallIds::from_headers(&headers(&[("ms-requestid", value)]), false).unwrap();
             assert_eq!(
                 t.request_id, "a45e6643-1caf-4429-8f90-07c03d85bc2b",
                 "{value}"
@@ -323,7 +322,7 @@ mod tests {
             &"a".repeat(500),
         ] {
             let err =
-                Tracking::from_headers(&headers(&[("ms-correlationid", value)]), true).unwrap_err();
+                CallIds::from_headers(&headers(&[("ms-correlationid", value)]), true).unwrap_err();
             assert_eq!(err.header, "MS-CorrelationId");
             assert!(err.got.len() <= 67);
         }
@@ -331,12 +330,12 @@ mod tests {
 
     #[test]
     fn the_inbound_vector_is_extended_once_and_incremented_per_attempt() {
-        let t = Tracking::from_headers(&headers(&[("ms-cv", "5npA0K22CUmWPOzB.4")]), true).unwrap();
+        let t = CallIds::from_headers(&headers(&[("ms-cv", "5npA0K22CUmWPOzB.4")]), true).unwrap();
         assert_eq!(t.cv().unwrap(), "5npA0K22CUmWPOzB.4.0");
         assert_eq!(t.next_cv().unwrap(), "5npA0K22CUmWPOzB.4.1");
         let retry = t.clone();
         assert_eq!(retry.next_cv().unwrap(), "5npA0K22CUmWPOzB.4.2");
-        let bad = Tracking::from_headers(&headers(&[("ms-cv", "not a vector")]), true).unwrap();
+        let bad = CallIds::from_headers(&headers(&[("ms-cv", "not a vector")]), true).unwrap();
         assert_eq!(bad.cv().unwrap().len(), 18);
     }
 }
