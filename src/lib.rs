@@ -3,27 +3,36 @@
 //! Billing apps call pcgate on loopback instead of `https://api.partnercenter.microsoft.com`;
 //! pcgate decides whether the call is allowed, and forwards it.
 //!
-//! Modules, in the order a call meets them:
-//! - [`server`]: the accept loop (HTTP/1.1 and HTTP/2 cleartext, head and idle timeouts, graceful
-//!   shutdown bounded by the grace period).
-//! - [`stack`]: builds the tower stack, outside to inside, from the layers in [`layer`]:
-//!   - [`layer::observe`]: request metrics ([`metrics`]) and the access log, errors included.
-//!   - [`layer::rescue`]: every error becomes a Partner Center-shaped response ([`error`]).
-//!   - [`layer::tracking`]: MS-RequestId, MS-CorrelationId, MS-CV ([`cv`]); echoed on the response.
-//!   - [`layer::access`]: path normalisation and the route table ([`route`]), inbound keys;
-//!     forwards only the documented request headers (never the caller's `Authorization`); 400 / 401 / 403.
-//!   - [`layer::cache`]: fresh and stale answers from a store behind one small interface (moka
-//!     first), `Cache-Status`, `Age`; on a miss one lock per key, so identical misses make one
+//! A call's path, in the order it meets the modules; data flows one way, inward as request
+//! extensions and outward as the response:
+//! - [`server`]: the accept loop (HTTP/1.1 and HTTP/2 cleartext; head, idle and stall timers per
+//!   connection; `Content-Length` + `Transfer-Encoding` refused; graceful shutdown).
+//! - [`stack::build`]: the one function that builds the whole request path. As the call enters it
+//!   strips hop-by-hop headers, starts the call's [`deadline`] and marks the body as the caller's;
+//!   then, outside to inside, the layers of [`layer`]:
+//!   - [`layer::observe`]: request metrics ([`metrics`]) and the access log, from the [`call`]
+//!     info the layers below fill in.
+//!   - [`layer::tracking`]: MS-RequestId, MS-CorrelationId, MS-CV ([`cv`]); stamped on every
+//!     answer, rescued ones included; malformed ids refused (400).
+//!   - [`layer::rescue`]: every error becomes a Partner Center-shaped response; the status comes
+//!     from the first error in the cause chain that knows its own ([`error`]).
+//!   - [`layer::access`]: the `Host` rule ([`host`]), inbound keys, path normalisation and the
+//!     route table ([`route`]); forwards only the request headers in [`headers`]; puts the
+//!     matched route (with its token source) in the request's extensions.
+//!   - [`layer::cache`]: fresh and stale answers from a [`layer::cache::Storage`] (moka first),
+//!     decided by pure policy functions; on a miss one lock per key, so identical misses make one
 //!     fetch, stored once, and the waiters re-read the store.
-//!   - [`layer::coalesce`]: on uncached routes, identical in-flight calls share one upstream fetch.
-//!   - [`layer::retry`]: the call's deadline; backoff with full jitter, Retry-After, a budget.
-//!   - [`layer::credential`]: the token from the route's own [`token`] source (resolved when the
-//!     route table is built); 401 → refresh, replay once.
+//!   - [`layer::coalesce`]: on uncached routes, identical in-flight calls share one fetch.
+//!   - [`layer::retry`]: backoff with full jitter, Retry-After and a budget, within the deadline,
+//!     which also bounds the body streamed back.
+//!   - [`layer::credential`]: the token from the route's own [`token`] source; 401 → refresh,
+//!     replay once.
 //! - [`upstream`]: the pooled rustls client that sends the call on and streams the answer back.
 //!
 //! Around them: [`config`] (figment: defaults, TOML, `PCGATE_` env, parsed once into types that
-//! [`route`], [`upstream`] and [`token`] consume; it imports none of them), [`admin`] (the admin port),
-//! [`body`] (the body type), and [`sandbox`] (a local stand-in for Partner Center).
+//! [`route`], [`upstream`] and [`token`] consume), [`admin`] (the admin port), [`body`] (the body
+//! type), [`shutdown`] (one stop signal for every listener), and [`sandbox`] (a local stand-in for
+//! Partner Center; [`demo`] runs it with the gateway).
 //!
 //! [`run`] is what `main` and the tests call; [`Gateway`] splits it into bind and serve so tests
 //! can bind port 0 and learn the address.
