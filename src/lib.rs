@@ -135,7 +135,9 @@ impl Gateway {
             .collect();
         metrics.prime(&known, &fetched);
         drop(known);
-        let upstream = upstream::Upstream::new(&config.upstream, tls, metrics.clone());
+        let route_names: Vec<&str> = config.routes.iter().map(|r| r.name()).collect();
+        let upstream = upstream::Upstream::new(&config.upstream, tls, &metrics, &route_names);
+        let observe = layer::observe::ObserveLayer::new(&metrics, &route_names);
         let bind = |addr: SocketAddr, key: &'static str| async move {
             TcpListener::bind(addr)
                 .await
@@ -153,6 +155,7 @@ impl Gateway {
         ));
         let (forward_headers, key_headers) = config.header_lists()?;
         let parts = stack::Parts {
+            observe,
             forward_headers,
             key_headers: key_headers.into(),
             store,

@@ -16,7 +16,7 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Latency buckets: 1 ms doubling to about 32 s.
-fn latency_histogram() -> Histogram {
+pub fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
@@ -79,14 +79,6 @@ struct BuildLabels {
 /// Every metric pcgate exports; shared as `Arc<Metrics>`.
 pub struct Metrics {
     registry: std::sync::Mutex<Registry>,
-    /// `pcgate_requests_total{route,status}`.
-    pub requests: Family<RouteStatus, Counter>,
-    /// `pcgate_request_duration_seconds{route}`.
-    pub request_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
-    /// `pcgate_upstream_requests_total{route,outcome}`.
-    pub upstream_requests: Family<UpstreamLabels, Counter>,
-    /// `pcgate_upstream_duration_seconds{route}`.
-    pub upstream_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     /// `pcgate_cache_lookups_total{route,result}`.
     pub cache_lookups: Family<CacheLabels, Counter>,
     /// `pcgate_cache_bytes`.
@@ -102,8 +94,6 @@ pub struct Metrics {
     /// `pcgate_token_store_failures_total{credential}`: rotated refresh tokens not written to
     /// `refresh_token_file` (each failed attempt, retries included).
     pub token_store_failures: Family<CredentialLabel, Counter>,
-    /// `pcgate_inflight_requests`.
-    pub inflight: Gauge,
 }
 
 impl Default for Metrics {
@@ -120,10 +110,6 @@ impl Metrics {
         root.register_collector(Box::new(ProcessCollector));
         let registry = root.sub_registry_with_prefix("pcgate");
         let m = Metrics {
-            requests: Family::default(),
-            request_duration: Family::new_with_constructor(latency_histogram),
-            upstream_requests: Family::default(),
-            upstream_duration: Family::new_with_constructor(latency_histogram),
             cache_lookups: Family::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
@@ -131,30 +117,9 @@ impl Metrics {
             token_refreshes: Family::default(),
             token_expiry: Family::default(),
             token_store_failures: Family::default(),
-            inflight: Gauge::default(),
             registry: Default::default(),
         };
         let r = registry;
-        r.register(
-            "requests",
-            "Calls answered, by route and status class",
-            m.requests.clone(),
-        );
-        r.register(
-            "request_duration_seconds",
-            "Time from request to response headers, by route",
-            m.request_duration.clone(),
-        );
-        r.register(
-            "upstream_requests",
-            "Upstream attempts, by route and outcome",
-            m.upstream_requests.clone(),
-        );
-        r.register(
-            "upstream_duration_seconds",
-            "Upstream attempt time to response headers, by route",
-            m.upstream_duration.clone(),
-        );
         r.register(
             "cache_lookups",
             "Cache lookups, by route and result",
@@ -189,11 +154,6 @@ impl Metrics {
             "token_store_failures",
             "Failed writes of a rotated refresh token to refresh_token_file, by credential",
             m.token_store_failures.clone(),
-        );
-        r.register(
-            "inflight_requests",
-            "Calls being served now",
-            m.inflight.clone(),
         );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
@@ -343,9 +303,9 @@ impl prometheus_client::collector::Collector for ProcessCollector {
 }
 
 /// Status classes a call or an attempt can end in.
-const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Upstream attempt outcomes besides a status class.
-const TRANSPORT_OUTCOMES: [&str; 3] = ["connect_error", "timeout", "error"];
+pub const TRANSPORT_OUTCOMES: [&str; 3] = ["connect_error", "timeout", "error"];
 /// Cache lookup results.
 const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "stale", "bypass"];
 /// Token refresh results.
@@ -362,38 +322,17 @@ pub struct KnownRoute<'a> {
 }
 
 impl Metrics {
-    /// Exports every known label combination at zero, so dashboards and absence-based alerts see
-    /// each series from start rather than after its first event (Prometheus' instrumentation
-    /// guidance). `credentials` are those whose tokens are fetched (not `static`). The token
-    /// expiry gauge is left out: a zero there would claim an expired token.
+    /// Exports every known label combination of the families kept here at zero, so dashboards
+    /// and absence-based alerts see each series from start rather than after its first event
+    /// (Prometheus' instrumentation guidance); the layers that register their own families do
+    /// the same for theirs. `credentials` are those whose tokens are fetched (not `static`). The
+    /// token expiry gauge is left out: a zero there would claim an expired token.
     pub fn prime(&self, routes: &[KnownRoute<'_>], credentials: &[&str]) {
-        let none = KnownRoute {
-            name: crate::route::NO_ROUTE,
-            cached: false,
-            coalesced: false,
-        };
-        for route in routes.iter().chain(std::iter::once(&none)) {
+        for route in routes {
             let name: Arc<str> = Arc::from(route.name);
             let label = RouteLabel {
                 route: name.clone(),
             };
-            let _ = self.request_duration.get_or_create(&label);
-            for status in STATUS_CLASSES {
-                let _ = self.requests.get_or_create(&RouteStatus {
-                    route: name.clone(),
-                    status,
-                });
-            }
-            if route.name == "none" {
-                continue;
-            }
-            let _ = self.upstream_duration.get_or_create(&label);
-            for outcome in STATUS_CLASSES.into_iter().chain(TRANSPORT_OUTCOMES) {
-                let _ = self.upstream_requests.get_or_create(&UpstreamLabels {
-                    route: name.clone(),
-                    outcome,
-                });
-            }
             if route.cached {
                 for result in CACHE_RESULTS {
                     let _ = self.cache_lookups.get_or_create(&CacheLabels {

@@ -18,6 +18,8 @@ use crate::upstream::Upstream;
 
 /// Everything the stack is built from, prepared once at start-up.
 pub struct Parts {
+    /// Call metrics and the access log (its metric families already registered).
+    pub observe: ObserveLayer,
     /// The route table, matched by `access`.
     pub routes: RouteTable,
     /// Inbound keys checked by `access` (none: trust the loopback listener).
@@ -65,7 +67,7 @@ pub fn build(
             crate::body::from_client(request)
         })
         // Outermost: it measures and logs each call as the caller saw it, errors included.
-        .layer(ObserveLayer::new(parts.metrics.clone()))
+        .layer(parts.observe)
         // Ids are fixed before anything can fail, and stamped on every answer: rescue's too.
         .layer(TrackingLayer::new(parts.tracking))
         // Every error from any layer below becomes a Partner Center-shaped response; hyper

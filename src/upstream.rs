@@ -19,8 +19,14 @@ use crate::config::{BaseUrl, CaFileError, UpstreamConfig};
 pub use crate::headers::strip_hop_by_hop;
 use crate::headers::{strip_fixed_hop_by_hop, MS_CV};
 use crate::layer::tracking::CallIds;
-use crate::metrics::{status_class, Metrics, RouteLabel, UpstreamLabels};
+use crate::metrics::{
+    latency_histogram, status_class, Metrics, RouteLabel, UpstreamLabels, STATUS_CLASSES,
+    TRANSPORT_OUTCOMES,
+};
 use crate::route::Route;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// How long an idle pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -92,15 +98,57 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     base: Arc<BaseUrl>,
     attempt_timeout: Duration,
-    metrics: Arc<Metrics>,
+    metrics: Arc<AttemptMetrics>,
+}
+
+/// The upstream attempt metrics, registered by the client that makes the attempts: every route's
+/// series exist from start.
+struct AttemptMetrics {
+    /// `pcgate_upstream_requests_total{route,outcome}`.
+    requests: Family<UpstreamLabels, Counter>,
+    /// `pcgate_upstream_duration_seconds{route}`.
+    duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+}
+
+impl AttemptMetrics {
+    fn register(metrics: &Metrics, routes: &[&str]) -> AttemptMetrics {
+        let requests = Family::<UpstreamLabels, Counter>::default();
+        let duration: Family<RouteLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        for route in routes {
+            let route: Arc<str> = Arc::from(*route);
+            let _ = duration.get_or_create(&RouteLabel {
+                route: route.clone(),
+            });
+            for outcome in STATUS_CLASSES.into_iter().chain(TRANSPORT_OUTCOMES) {
+                let _ = requests.get_or_create(&UpstreamLabels {
+                    route: route.clone(),
+                    outcome,
+                });
+            }
+        }
+        metrics.register(
+            "upstream_requests",
+            "Upstream attempts, by route and outcome",
+            requests.clone(),
+        );
+        metrics.register(
+            "upstream_duration_seconds",
+            "Upstream attempt time to response headers, by route",
+            duration.clone(),
+        );
+        AttemptMetrics { requests, duration }
+    }
 }
 
 impl Upstream {
-    /// Builds the pooled client from `[upstream]`.
+    /// Builds the pooled client from `[upstream]`, and registers the attempt metrics in
+    /// `metrics`, each of `routes` exported at zero from start.
     pub fn new(
         config: &UpstreamConfig,
         tls: rustls::ClientConfig,
-        metrics: Arc<Metrics>,
+        metrics: &Metrics,
+        routes: &[&str],
     ) -> Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -121,7 +169,7 @@ impl Upstream {
             client,
             base: Arc::new(config.base_url.clone()),
             attempt_timeout: config.attempt_timeout,
-            metrics,
+            metrics: Arc::new(AttemptMetrics::register(metrics, routes)),
         }
     }
 }
@@ -182,14 +230,14 @@ impl tower::Service<Request> for Upstream {
                 Err(_) => "timeout",
             };
             metrics
-                .upstream_requests
+                .requests
                 .get_or_create(&UpstreamLabels {
                     route: route.clone(),
                     outcome,
                 })
                 .inc();
             metrics
-                .upstream_duration
+                .duration
                 .get_or_create(&RouteLabel { route })
                 .observe(started.elapsed().as_secs_f64());
             let response = match result {

@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 use pcgate::config::Config;
 use pcgate::layer::cache::CacheStatus;
 use pcgate::metrics::{
-    status_class, CacheLabels, CredentialLabel, Metrics, RouteLabel, RouteStatus, TokenLabels,
-    UpstreamLabels,
+    status_class, CacheLabels, CredentialLabel, Metrics, RouteLabel, TokenLabels,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -422,35 +421,22 @@ fn catalog() -> Catalog {
     let classes: BTreeSet<&str> = (100..600)
         .map(|s| status_class(http::StatusCode::from_u16(s).unwrap()))
         .collect();
-    for status in &classes {
-        m.requests
-            .get_or_create(&RouteStatus {
-                route: route(),
-                status,
-            })
-            .inc();
-        m.upstream_requests
-            .get_or_create(&UpstreamLabels {
-                route: route(),
-                outcome: status,
-            })
-            .inc();
-    }
-    // The transport outcomes of src/upstream.rs.
-    for outcome in ["connect_error", "timeout", "error"] {
-        m.upstream_requests
-            .get_or_create(&UpstreamLabels {
-                route: route(),
-                outcome,
-            })
-            .inc();
-    }
-    m.request_duration
-        .get_or_create(&RouteLabel { route: route() })
-        .observe(0.1);
-    m.upstream_duration
-        .get_or_create(&RouteLabel { route: route() })
-        .observe(0.1);
+    // The layers register their own families, every label value they can produce at zero.
+    assert_eq!(
+        classes,
+        pcgate::metrics::STATUS_CLASSES
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        "the status classes exported at start are all the ones a status can have"
+    );
+    let _observe = pcgate::layer::observe::ObserveLayer::new(&m, &["r"]);
+    let tls = pcgate::upstream::tls_config(None).unwrap();
+    let _upstream = pcgate::upstream::Upstream::new(
+        &pcgate::config::UpstreamConfig::default(),
+        tls,
+        &m,
+        &["r"],
+    );
     for status in [
         CacheStatus::Hit,
         CacheStatus::Miss,

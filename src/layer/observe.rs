@@ -13,19 +13,80 @@ use tokio::time::Instant;
 
 use crate::body::{Request, Response};
 pub use crate::call::CallInfo;
+use crate::call::NO_ROUTE;
 use crate::headers::{MS_CORRELATION_ID, MS_REQUEST_ID};
-use crate::metrics::{status_class, Metrics, RouteLabel, RouteStatus};
+use crate::metrics::{
+    latency_histogram, status_class, Metrics, RouteLabel, RouteStatus, STATUS_CLASSES,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+
+/// The call metrics, registered by this layer: every route's series exist from start.
+struct CallMetrics {
+    /// `pcgate_requests_total{route,status}`.
+    requests: Family<RouteStatus, Counter>,
+    /// `pcgate_request_duration_seconds{route}`.
+    duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// `pcgate_inflight_requests`.
+    inflight: Gauge,
+}
+
+impl CallMetrics {
+    fn register(metrics: &Metrics, routes: &[&str]) -> CallMetrics {
+        let requests = Family::<RouteStatus, Counter>::default();
+        let duration: Family<RouteLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        for route in routes.iter().copied().chain([NO_ROUTE]) {
+            let route: Arc<str> = Arc::from(route);
+            let _ = duration.get_or_create(&RouteLabel {
+                route: route.clone(),
+            });
+            for status in STATUS_CLASSES {
+                let _ = requests.get_or_create(&RouteStatus {
+                    route: route.clone(),
+                    status,
+                });
+            }
+        }
+        let inflight = Gauge::default();
+        metrics.register(
+            "requests",
+            "Calls answered, by route and status class",
+            requests.clone(),
+        );
+        metrics.register(
+            "request_duration_seconds",
+            "Time from request to response headers, by route",
+            duration.clone(),
+        );
+        metrics.register(
+            "inflight_requests",
+            "Calls being served now",
+            inflight.clone(),
+        );
+        CallMetrics {
+            requests,
+            duration,
+            inflight,
+        }
+    }
+}
 
 /// Adds [`Observe`] around a service.
 #[derive(Clone)]
 pub struct ObserveLayer {
-    metrics: Arc<Metrics>,
+    metrics: Arc<CallMetrics>,
 }
 
 impl ObserveLayer {
-    /// Counts into `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        ObserveLayer { metrics }
+    /// Registers the call metrics in `metrics`, each of `routes` (and calls no route matched)
+    /// exported at zero from start.
+    pub fn new(metrics: &Metrics, routes: &[&str]) -> Self {
+        ObserveLayer {
+            metrics: Arc::new(CallMetrics::register(metrics, routes)),
+        }
     }
 }
 
@@ -44,11 +105,11 @@ impl<S> tower::Layer<S> for ObserveLayer {
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CallMetrics>,
 }
 
 /// Keeps the in-flight gauge right even when the caller hangs up mid-call.
-struct InFlight(Arc<Metrics>);
+struct InFlight(Arc<CallMetrics>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -96,7 +157,7 @@ where
             };
             metrics.requests.get_or_create(&labels).inc();
             metrics
-                .request_duration
+                .duration
                 .get_or_create(&RouteLabel {
                     route: route.clone(),
                 })
