@@ -147,7 +147,7 @@ async fn a_hundred_concurrent_first_calls_make_one_token_request() {
 #[tokio::test]
 async fn the_callers_authorization_never_reaches_the_upstream() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let response = client()
         .get(gateway.url("/v1/invoices/summary"))
         .header("Authorization", "Bearer callers-own-token")
@@ -164,7 +164,7 @@ async fn the_callers_authorization_never_reaches_the_upstream() {
 #[tokio::test]
 async fn app_user_routes_get_the_user_credential() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let response = get(&gateway, "/v1/invoices/summaries").await;
     assert_eq!(response.status(), 200);
     let seen = sandbox.recent("summaries").await;
@@ -177,7 +177,7 @@ async fn app_user_routes_get_the_user_credential() {
 #[tokio::test]
 async fn an_upstream_401_refreshes_once_and_replays_once_with_the_same_request_id() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     assert_eq!(get(&gateway, "/v1/invoices/summary").await.status(), 200);
     let tokens_before = sandbox.count("token").await;
     sandbox.faults(json!({"revoke_tokens": true})).await;
@@ -272,7 +272,7 @@ async fn a_revoked_refresh_token_is_reported_as_needing_consent() {
 async fn readyz_waits_for_every_credential_a_route_uses() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
     sandbox.faults(json!({"token_fail_status": 500})).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let readyz = format!("http://{}/readyz", gateway.admin);
     let response = client().get(&readyz).send().await.unwrap();
     assert_eq!(response.status(), 503);
@@ -349,7 +349,7 @@ async fn a_missing_secret_file_is_a_start_up_error_naming_the_credential_and_fil
 #[tokio::test]
 async fn a_connection_header_cannot_strip_the_service_token() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let response = client()
         .get(gateway.url("/v1/invoices?size=1"))
         .header("Connection", "authorization, x-locale")
@@ -369,7 +369,7 @@ async fn a_connection_header_cannot_strip_the_service_token() {
 #[tokio::test]
 async fn an_upstream_that_keeps_refusing_fresh_tokens_does_not_get_a_token_request_per_call() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     assert_eq!(get(&gateway, "/v1/invoices?size=1").await.status(), 200);
     let tokens_before = sandbox.count("token").await;
     // Every answer a 401, as when consent or a role is missing.

@@ -353,7 +353,7 @@ async fn admin_answers_only_ip_literals_localhost_and_listed_names() {
 #[tokio::test]
 async fn admin_refuses_a_purge_from_another_origin() {
     let sandbox = start_sandbox(pcgate::sandbox::SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let summary = gateway.url("/v1/invoices/summary");
     assert_eq!(client().get(&summary).send().await.unwrap().status(), 200);
     let host = format!("Host: {}\r\n", gateway.admin);

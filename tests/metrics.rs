@@ -162,7 +162,7 @@ async fn counters_move_by_exactly_what_the_calls_did() {
 #[tokio::test]
 async fn every_known_series_is_exported_at_zero_before_the_first_call() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let (text, values) = scrape(&gateway).await;
     for series in [
         r#"pcgate_retries_total{reason="status"}"#,

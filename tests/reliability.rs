@@ -250,7 +250,7 @@ async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> u16 {
 async fn hostile_input_gets_4xx_never_escapes_the_route_table_and_good_calls_keep_working() {
     count_panics();
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let good = || async {
         client()
             .get(gateway.url("/v1/invoices?size=1"))
