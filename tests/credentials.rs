@@ -305,7 +305,7 @@ async fn inbound_keys_are_required_when_configured() {
 async fn a_missing_secret_file_is_a_start_up_error_naming_the_credential_and_file() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
     let mut config = sandbox.config();
-    config.app_mut().secret = secret_file("/nonexistent/pc-secret".as_ref());
+    config.app_mut().secret = secret_from_file("/nonexistent/pc-secret".as_ref());
     let error = pcgate::Gateway::bind(on_loopback(config))
         .await
         .err()

@@ -132,6 +132,6 @@ impl ConfigExt for Config {
 }
 
 /// A client secret read from `path`.
-pub fn secret_file(path: &std::path::Path) -> ClientSecret {
+pub fn secret_from_file(path: &std::path::Path) -> ClientSecret {
     ClientSecret::File(path.to_owned())
 }
