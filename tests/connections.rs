@@ -235,12 +235,7 @@ async fn a_call_in_flight_longer_than_idle_timeout_is_not_cut() {
     config.server.idle_timeout = SHORT;
     let gateway = start_config(config).await;
     let h1 = client();
-    let h2 = reqwest::Client::builder()
-        .use_preconfigured_tls(pcgate::upstream::tls_config(None).unwrap())
-        .http2_prior_knowledge()
-        .timeout(WAIT)
-        .build()
-        .unwrap();
+    let h2 = h2_client();
     let (a, b) = tokio::join!(
         h1.get(gateway.url("/v1/invoices/slow")).send(),
         h2.get(gateway.url("/v1/invoices/slow")).send(),
@@ -258,12 +253,7 @@ async fn callers_that_pause_longer_than_idle_timeout_see_no_error() {
     config.server.header_read_timeout = SHORT;
     config.server.idle_timeout = ms(200);
     let gateway = start_config(config).await;
-    let h2 = reqwest::Client::builder()
-        .use_preconfigured_tls(pcgate::upstream::tls_config(None).unwrap())
-        .http2_prior_knowledge()
-        .timeout(WAIT)
-        .build()
-        .unwrap();
+    let h2 = h2_client();
     for client in [client(), h2] {
         for _ in 0..3 {
             let response = client

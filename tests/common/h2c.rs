@@ -71,3 +71,15 @@ pub async fn frames_until_closed(stream: &mut TcpStream, within: Duration) -> Ve
     }
     kinds
 }
+
+/// An HTTP client that speaks HTTP/2 cleartext from the first byte (prior knowledge), as
+/// [`super::client`] speaks HTTP/1.
+pub fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(pcgate::upstream::tls_config(None).unwrap())
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(super::WAIT)
+        .build()
+        .unwrap()
+}
