@@ -20,44 +20,6 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// The short timeouts the tests configure.
-const SHORT: &str = "300ms";
-/// How long a connection that should be closed may take to be seen closed. Far above the
-/// timeouts configured (300 ms), far below what the old code held connections for.
-const CLOSED_WITHIN: Duration = Duration::from_secs(5);
-
-/// A gateway config: no credentials, `GET /v1/invoices/**` to `base_url`, `server` lines added.
-fn config(base_url: &str, server: &str) -> String {
-    format!(
-        r#"
-        [server]
-        {server}
-        [upstream]
-        base_url = "{base_url}"
-        [[routes]]
-        name = "invoices"
-        match = ["GET /v1/invoices", "GET /v1/invoices/**"]
-        "#
-    )
-}
-
-/// Reads until the peer closes (EOF or reset); the bytes read. Panics if it stays open `within`.
-async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
-    let deadline = Instant::now() + within;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return seen,
-            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
-            Err(_) => panic!(
-                "the connection is still open after {within:?} ({} bytes read)",
-                seen.len()
-            ),
-        }
-    }
-}
-
 /// Reads one whole HTTP/1 response with a `Content-Length` body; the head and the body.
 async fn read_response(stream: &mut TcpStream) -> (String, Vec<u8>) {
     let deadline = Instant::now() + WAIT;
@@ -104,60 +66,13 @@ fn responses(mut bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
 
 // ---- HTTP/2 by hand (RFC 9113) ----
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// A GET for `path` on stream 1, HPACK without Huffman or indexing (RFC 7541).
-fn get_headers(path: &str) -> Vec<u8> {
-    let mut block = vec![0x82, 0x86]; // :method GET, :scheme http (static table 2 and 6)
-    block.push(0x04); // :path, literal value, not indexed (static name 4)
-    block.push(path.len() as u8);
-    block.extend_from_slice(path.as_bytes());
-    block.push(0x01); // :authority (static name 1): an IP literal, which the Host rule answers
-    block.push(9);
-    block.extend_from_slice(b"127.0.0.1");
-    frame(HEADERS, END_STREAM | 0x4, 1, &block) // END_HEADERS
-}
-
-/// Reads one frame: (type, flags, stream, payload), or `None` once the peer closes.
-async fn read_frame(stream: &mut TcpStream, deadline: Instant) -> Option<(u8, u8, u32, Vec<u8>)> {
-    let mut head = [0u8; 9];
-    match tokio::time::timeout_at(deadline, stream.read_exact(&mut head)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(_)) => return None,
-        Err(_) => panic!("no frame and no close by the deadline"),
-    }
-    let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-    let mut payload = vec![0u8; len];
-    match tokio::time::timeout_at(deadline, stream.read_exact(&mut payload)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(_)) => return None,
-        Err(_) => panic!("a frame cut short"),
-    }
-    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-    Some((head[3], head[4], id, payload))
-}
-
 /// Opens an h2c connection (preface and SETTINGS) and makes one GET; returns once its answer has
 /// ended. The client acknowledges SETTINGS and nothing else: it never answers a PING.
 async fn h2_call(addr: SocketAddr, path: &str) -> (TcpStream, Vec<u8>) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut hello = PREFACE.to_vec();
     hello.extend(frame(SETTINGS, 0, 0, &[]));
-    hello.extend(get_headers(path));
+    hello.extend(get_headers(1, path));
     stream.write_all(&hello).await.unwrap();
     let deadline = Instant::now() + WAIT;
     let mut body = Vec::new();
@@ -180,26 +95,17 @@ async fn h2_call(addr: SocketAddr, path: &str) -> (TcpStream, Vec<u8>) {
     }
 }
 
-/// The frame types read until the connection closes, within `within`.
-async fn frames_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
-    let deadline = Instant::now() + within;
-    let mut kinds = Vec::new();
-    while let Some((kind, ..)) = read_frame(stream, deadline).await {
-        kinds.push(kind);
-    }
-    kinds
-}
-
 // ---- heads that never come ----
+
+/// The short timeouts the tests configure.
+const SHORT: Duration = Duration::from_millis(300);
 
 #[tokio::test]
 async fn a_socket_that_sends_nothing_is_closed_after_header_read_timeout() {
     let origin = origin(|_| async { text(200, "ok") }).await;
-    let gateway = start_gateway(&config(
-        &origin.base_url(),
-        &format!("header_read_timeout = \"{SHORT}\""),
-    ))
-    .await;
+    let mut config = invoices_config(&origin.base_url());
+    config.server.header_read_timeout = SHORT;
+    let gateway = start_config(config).await;
     for addr in [gateway.addr, gateway.admin] {
         let mut silent = TcpStream::connect(addr).await.unwrap();
         let seen = read_until_closed(&mut silent, CLOSED_WITHIN).await;
@@ -218,11 +124,9 @@ async fn a_socket_that_sends_nothing_is_closed_after_header_read_timeout() {
 #[tokio::test]
 async fn a_partial_http2_preface_is_closed_after_header_read_timeout() {
     let origin = origin(|_| async { text(200, "ok") }).await;
-    let gateway = start_gateway(&config(
-        &origin.base_url(),
-        &format!("header_read_timeout = \"{SHORT}\""),
-    ))
-    .await;
+    let mut config = invoices_config(&origin.base_url());
+    config.server.header_read_timeout = SHORT;
+    let gateway = start_config(config).await;
     let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
     stream.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     read_until_closed(&mut stream, CLOSED_WITHIN).await;
@@ -231,11 +135,10 @@ async fn a_partial_http2_preface_is_closed_after_header_read_timeout() {
 #[tokio::test]
 async fn an_http2_client_that_sends_settings_but_no_headers_is_closed() {
     let origin = origin(|_| async { text(200, "ok") }).await;
-    let gateway = start_gateway(&config(
-        &origin.base_url(),
-        &format!("header_read_timeout = \"{SHORT}\"\nidle_timeout = \"30s\""),
-    ))
-    .await;
+    let mut config = invoices_config(&origin.base_url());
+    config.server.header_read_timeout = SHORT;
+    config.server.idle_timeout = secs(30);
+    let gateway = start_config(config).await;
     let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
     let mut hello = PREFACE.to_vec();
     hello.extend(frame(SETTINGS, 0, 0, &[]));
@@ -247,11 +150,10 @@ async fn an_http2_client_that_sends_settings_but_no_headers_is_closed() {
 #[tokio::test]
 async fn a_later_http1_head_that_stalls_is_closed_after_header_read_timeout() {
     let origin = origin(|_| async { text(200, "ok") }).await;
-    let gateway = start_gateway(&config(
-        &origin.base_url(),
-        &format!("header_read_timeout = \"{SHORT}\"\nidle_timeout = \"30s\""),
-    ))
-    .await;
+    let mut config = invoices_config(&origin.base_url());
+    config.server.header_read_timeout = SHORT;
+    config.server.idle_timeout = secs(30);
+    let gateway = start_config(config).await;
     let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
     stream
         .write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -273,11 +175,10 @@ async fn a_later_http1_head_that_stalls_is_closed_after_header_read_timeout() {
 #[tokio::test]
 async fn an_idle_http1_keep_alive_connection_is_closed_after_idle_timeout() {
     let origin = origin(|_| async { text(200, "ok") }).await;
-    let gateway = start_gateway(&config(
-        &origin.base_url(),
-        &format!("header_read_timeout = \"30s\"\nidle_timeout = \"{SHORT}\""),
-    ))
-    .await;
+    let mut config = invoices_config(&origin.base_url());
+    config.server.header_read_timeout = secs(30);
+    config.server.idle_timeout = SHORT;
+    let gateway = start_config(config).await;
     let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
     for _ in 0..2 {
         stream
@@ -294,11 +195,10 @@ async fn an_idle_http1_keep_alive_connection_is_closed_after_idle_timeout() {
 #[tokio::test]
 async fn an_idle_http2_connection_gets_a_goaway_then_is_closed() {
     let origin = origin(|_| async { text(200, "h2") }).await;
-    let gateway = start_gateway(&config(
-        &origin.base_url(),
-        &format!("header_read_timeout = \"30s\"\nidle_timeout = \"{SHORT}\""),
-    ))
-    .await;
+    let mut config = invoices_config(&origin.base_url());
+    config.server.header_read_timeout = secs(30);
+    config.server.idle_timeout = SHORT;
+    let gateway = start_config(config).await;
     let (mut stream, body) = h2_call(gateway.addr, "/v1/invoices").await;
     assert_eq!(body, b"h2");
     let kinds = frames_until_closed(&mut stream, CLOSED_WITHIN).await;
@@ -330,18 +230,12 @@ async fn a_call_in_flight_longer_than_idle_timeout_is_not_cut() {
         response
     })
     .await;
-    let gateway = start_gateway(&config(
-        &origin.base_url(),
-        &format!("header_read_timeout = \"{SHORT}\"\nidle_timeout = \"{SHORT}\""),
-    ))
-    .await;
+    let mut config = invoices_config(&origin.base_url());
+    config.server.header_read_timeout = SHORT;
+    config.server.idle_timeout = SHORT;
+    let gateway = start_config(config).await;
     let h1 = client();
-    let h2 = reqwest::Client::builder()
-        .use_preconfigured_tls(pcgate::upstream::tls_config(None).unwrap())
-        .http2_prior_knowledge()
-        .timeout(WAIT)
-        .build()
-        .unwrap();
+    let h2 = h2_client();
     let (a, b) = tokio::join!(
         h1.get(gateway.url("/v1/invoices/slow")).send(),
         h2.get(gateway.url("/v1/invoices/slow")).send(),
@@ -355,17 +249,11 @@ async fn a_call_in_flight_longer_than_idle_timeout_is_not_cut() {
 #[tokio::test]
 async fn callers_that_pause_longer_than_idle_timeout_see_no_error() {
     let origin = origin(|_| async { text(200, "ok") }).await;
-    let gateway = start_gateway(&config(
-        &origin.base_url(),
-        &format!("header_read_timeout = \"{SHORT}\"\nidle_timeout = \"200ms\""),
-    ))
-    .await;
-    let h2 = reqwest::Client::builder()
-        .use_preconfigured_tls(pcgate::upstream::tls_config(None).unwrap())
-        .http2_prior_knowledge()
-        .timeout(WAIT)
-        .build()
-        .unwrap();
+    let mut config = invoices_config(&origin.base_url());
+    config.server.header_read_timeout = SHORT;
+    config.server.idle_timeout = ms(200);
+    let gateway = start_config(config).await;
+    let h2 = h2_client();
     for client in [client(), h2] {
         for _ in 0..3 {
             let response = client
@@ -386,11 +274,11 @@ async fn callers_that_pause_longer_than_idle_timeout_see_no_error() {
 #[tokio::test]
 async fn shutdown_does_not_wait_the_whole_grace_for_an_http2_client_that_never_answers_ping() {
     let origin = origin(|_| async { text(200, "h2") }).await;
-    let mut gateway = start_gateway(&config(
-        &origin.base_url(),
-        "shutdown_grace = \"30s\"\nidle_timeout = \"60s\"\nheader_read_timeout = \"30s\"",
-    ))
-    .await;
+    let mut config = invoices_config(&origin.base_url());
+    config.server.shutdown_grace = secs(30);
+    config.server.idle_timeout = secs(60);
+    config.server.header_read_timeout = secs(30);
+    let mut gateway = start_config(config).await;
     let (mut stream, _) = h2_call(gateway.addr, "/v1/invoices").await;
     gateway.shutdown();
     let kinds = frames_until_closed(&mut stream, CLOSED_WITHIN).await;
@@ -415,11 +303,9 @@ async fn when_the_grace_ends_the_calls_left_are_closed_and_serve_returns() {
         }
     })
     .await;
-    let mut gateway = start_gateway(&config(
-        &origin.base_url(),
-        &format!("shutdown_grace = \"{SHORT}\""),
-    ))
-    .await;
+    let mut config = invoices_config(&origin.base_url());
+    config.server.shutdown_grace = SHORT;
+    let mut gateway = start_config(config).await;
     let mut h1 = TcpStream::connect(gateway.addr).await.unwrap();
     h1.write_all(b"GET /v1/invoices HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .await
@@ -427,7 +313,7 @@ async fn when_the_grace_ends_the_calls_left_are_closed_and_serve_returns() {
     let mut h2 = TcpStream::connect(gateway.addr).await.unwrap();
     let mut hello = PREFACE.to_vec();
     hello.extend(frame(SETTINGS, 0, 0, &[]));
-    hello.extend(get_headers("/v1/invoices"));
+    hello.extend(get_headers(1, "/v1/invoices"));
     h2.write_all(&hello).await.unwrap();
     for _ in 0..2 {
         tokio::time::timeout(WAIT, reached_rx.recv())
@@ -451,7 +337,7 @@ async fn when_the_grace_ends_the_calls_left_are_closed_and_serve_returns() {
 #[tokio::test]
 async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let conflicting = "GET /v1/invoices?size=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\
         Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
     let reversed = "GET /v1/invoices?size=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\
@@ -487,35 +373,20 @@ async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection(
 
 // ---- out of file descriptors ----
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn running_out_of_file_descriptors_neither_spins_nor_floods_the_log() {
     let origin = origin(|_| async { text(200, "ok") }).await;
-    let dir = std::env::temp_dir().join(format!("pcgate-fds-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("fds");
     let (config_file, log_file) = (dir.join("pcgate.toml"), dir.join("log"));
     let (listen, admin) = (free_port(), free_port());
-    std::fs::write(
-        &config_file,
-        config(
-            &origin.base_url(),
-            &format!(
-                "listen = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
-                 header_read_timeout = \"30s\""
-            ),
-        ),
-    )
-    .unwrap();
+    let mut config = invoices_config(&origin.base_url());
+    config.server.listen = ([127, 0, 0, 1], listen).into();
+    config.server.admin_listen = ([127, 0, 0, 1], admin).into();
+    config.server.header_read_timeout = secs(30);
+    config.validate().expect("test config is valid");
+    std::fs::write(&config_file, config.to_toml()).unwrap();
     // The limit applies to the child only: `ulimit` in the shell that execs it.
-    let mut child = Command::new("sh")
+    let child = Command::new("sh")
         .arg("-c")
         .arg("ulimit -n 64 && exec \"$@\"")
         .arg("sh")
@@ -529,16 +400,7 @@ async fn running_out_of_file_descriptors_neither_spins_nor_floods_the_log() {
         .spawn()
         .unwrap();
     let gateway = format!("http://127.0.0.1:{listen}/v1/invoices");
-    let started = Instant::now() + WAIT;
-    while client()
-        .get(format!("http://127.0.0.1:{admin}/healthz"))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < started, "the gateway did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_healthz(admin).await;
 
     // More silent connections than the child has descriptors; the kernel queues the rest.
     let mut silent = Vec::new();
@@ -561,15 +423,7 @@ async fn running_out_of_file_descriptors_neither_spins_nor_floods_the_log() {
     };
     assert_eq!(status, 200);
 
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    terminate(child).await;
     let log = std::fs::read_to_string(&log_file).unwrap();
     let lines = log.lines().filter(|l| l.contains("accept failed")).count();
     assert!(lines >= 1, "the descriptors did run out:\n{log}");

@@ -20,21 +20,12 @@ async fn get(gateway: &TestGateway, path: &str) -> reqwest::Response {
     client().get(gateway.url(path)).send().await.unwrap()
 }
 
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("pcgate-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[tokio::test]
 async fn short_lived_tokens_are_refreshed_ahead_of_expiry_with_no_caller_error() {
     let sandbox = start_sandbox(sandbox_with_ttl(Duration::from_secs(2))).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs {
-        app: "refresh_before = \"1s\"",
-        ..Knobs::default()
-    }))
-    .await;
+    let mut config = sandbox.config();
+    config.app_mut().refresh_before = secs(1);
+    let gateway = start_config(config).await;
 
     // The refresh state machine is tested in paused time (`token::tests`); this checks the same
     // end to end, against the sandbox's real expiry, for a few token lifetimes.
@@ -61,11 +52,9 @@ async fn short_lived_tokens_are_refreshed_ahead_of_expiry_with_no_caller_error()
 #[tokio::test]
 async fn a_failing_token_endpoint_is_ridden_out_until_the_token_expires_then_503() {
     let sandbox = start_sandbox(sandbox_with_ttl(Duration::from_secs(3))).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs {
-        app: "refresh_before = \"2s\"",
-        ..Knobs::default()
-    }))
-    .await;
+    let mut config = sandbox.config();
+    config.app_mut().refresh_before = secs(2);
+    let gateway = start_config(config).await;
     assert_eq!(get(&gateway, "/v1/invoices?size=1").await.status(), 200);
     let token_fetched_at = Instant::now();
     sandbox.faults(json!({"token_fail_status": 503})).await;
@@ -124,13 +113,8 @@ async fn a_failing_token_endpoint_is_ridden_out_until_the_token_expires_then_503
 #[tokio::test]
 async fn a_hundred_concurrent_first_calls_make_one_token_request() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let toml = sandbox.gateway_toml(Knobs::default());
-    let config = pcgate::config::Config::from_toml(&toml).unwrap();
-    let mut config = config;
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
     // Bind, then serve: the background refresher starts with serve, the calls race it.
-    let gateway = start_with(config).await;
+    let gateway = start_config(sandbox.config()).await;
     let calls = (0..100).map(|_| {
         let url = gateway.url("/v1/invoices?size=1");
         tokio::spawn(async move { client().get(url).send().await.unwrap().status() })
@@ -147,7 +131,7 @@ async fn a_hundred_concurrent_first_calls_make_one_token_request() {
 #[tokio::test]
 async fn the_callers_authorization_never_reaches_the_upstream() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let response = client()
         .get(gateway.url("/v1/invoices/summary"))
         .header("Authorization", "Bearer callers-own-token")
@@ -164,7 +148,7 @@ async fn the_callers_authorization_never_reaches_the_upstream() {
 #[tokio::test]
 async fn app_user_routes_get_the_user_credential() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let response = get(&gateway, "/v1/invoices/summaries").await;
     assert_eq!(response.status(), 200);
     let seen = sandbox.recent("summaries").await;
@@ -177,7 +161,7 @@ async fn app_user_routes_get_the_user_credential() {
 #[tokio::test]
 async fn an_upstream_401_refreshes_once_and_replays_once_with_the_same_request_id() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     assert_eq!(get(&gateway, "/v1/invoices/summary").await.status(), 200);
     let tokens_before = sandbox.count("token").await;
     sandbox.faults(json!({"revoke_tokens": true})).await;
@@ -212,13 +196,12 @@ async fn rotated_refresh_tokens_are_persisted_and_reused_after_a_restart() {
     let dir = temp_dir("rotation");
     let file = dir.join("refresh-token");
     std::fs::write(&file, format!("{SANDBOX_REFRESH_TOKEN}\n")).unwrap();
-    let user = format!("refresh_token_file = \"{}\"", file.display());
-    let toml = sandbox.gateway_toml(Knobs {
-        user: Some(&user),
-        ..Knobs::default()
-    });
+    let mut config = sandbox.config();
+    let user = config.user_mut();
+    user.refresh_token = None;
+    user.refresh_token_file = Some(file.clone());
 
-    let gateway = start_gateway(&toml).await;
+    let gateway = start_config(config.clone()).await;
     assert_eq!(get(&gateway, "/v1/invoices/summaries").await.status(), 200);
     drop(gateway);
     let rotated = std::fs::read_to_string(&file).unwrap().trim().to_owned();
@@ -237,7 +220,7 @@ async fn rotated_refresh_tokens_are_persisted_and_reused_after_a_restart() {
     }
 
     // The sandbox rotates strictly: only the rotated token works now. A restart must use it.
-    let restarted = start_gateway(&toml).await;
+    let restarted = start_config(config).await;
     assert_eq!(
         get(&restarted, "/v1/invoices/summaries").await.status(),
         200
@@ -253,11 +236,9 @@ async fn rotated_refresh_tokens_are_persisted_and_reused_after_a_restart() {
 #[tokio::test]
 async fn a_revoked_refresh_token_is_reported_as_needing_consent() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let toml = sandbox.gateway_toml(Knobs {
-        user: Some("refresh_token = \"revoked-long-ago\""),
-        ..Knobs::default()
-    });
-    let gateway = start_gateway(&toml).await;
+    let mut config = sandbox.config();
+    config.user_mut().refresh_token = Some("revoked-long-ago".into());
+    let gateway = start_config(config).await;
     let response = get(&gateway, "/v1/invoices/summaries").await;
     assert_eq!(response.status(), 503);
     let fault: serde_json::Value = response.json().await.unwrap();
@@ -272,7 +253,7 @@ async fn a_revoked_refresh_token_is_reported_as_needing_consent() {
 async fn readyz_waits_for_every_credential_a_route_uses() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
     sandbox.faults(json!({"token_fail_status": 500})).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let readyz = format!("http://{}/readyz", gateway.admin);
     let response = client().get(&readyz).send().await.unwrap();
     assert_eq!(response.status(), 503);
@@ -295,15 +276,13 @@ async fn readyz_waits_for_every_credential_a_route_uses() {
 
 #[tokio::test]
 async fn inbound_keys_are_required_when_configured() {
-    use sha2::Digest;
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let hash = hex(&sha2::Sha256::digest(b"billing-app-key"));
-    let rest = format!("[[access.clients]]\nname = \"billing\"\nkey_sha256 = \"{hash}\"\n");
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs {
-        rest: &rest,
-        ..Knobs::default()
-    }))
-    .await;
+    let mut config = sandbox.config();
+    config
+        .access
+        .clients
+        .push(client_key("billing", b"billing-app-key"));
+    let gateway = start_config(config).await;
     let call = |key: Option<&'static str>| {
         let mut request = client().get(gateway.url("/v1/invoices/summary"));
         if let Some(key) = key {
@@ -322,20 +301,12 @@ async fn inbound_keys_are_required_when_configured() {
         .contains("billing-app-key"));
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[tokio::test]
 async fn a_missing_secret_file_is_a_start_up_error_naming_the_credential_and_file() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let toml = sandbox.gateway_toml(Knobs::default()).replacen(
-        &format!("client_secret = \"{SANDBOX_CLIENT_SECRET}\""),
-        "client_secret_file = \"/nonexistent/pc-secret\"",
-        1,
-    );
-    let config = pcgate::config::Config::from_toml(&toml).unwrap();
-    let error = pcgate::Gateway::bind(config)
+    let mut config = sandbox.config();
+    config.app_mut().secret = secret_from_file("/nonexistent/pc-secret".as_ref());
+    let error = pcgate::Gateway::bind(on_loopback(config))
         .await
         .err()
         .expect("start-up fails")
@@ -349,7 +320,7 @@ async fn a_missing_secret_file_is_a_start_up_error_naming_the_credential_and_fil
 #[tokio::test]
 async fn a_connection_header_cannot_strip_the_service_token() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let response = client()
         .get(gateway.url("/v1/invoices?size=1"))
         .header("Connection", "authorization, x-locale")
@@ -369,7 +340,7 @@ async fn a_connection_header_cannot_strip_the_service_token() {
 #[tokio::test]
 async fn an_upstream_that_keeps_refusing_fresh_tokens_does_not_get_a_token_request_per_call() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     assert_eq!(get(&gateway, "/v1/invoices?size=1").await.status(), 200);
     let tokens_before = sandbox.count("token").await;
     // Every answer a 401, as when consent or a role is missing.
@@ -558,29 +529,10 @@ impl RawTokenServer {
 }
 
 /// The sandbox config with the `app` credential's token endpoint replaced by `token_url`.
-fn with_app_token_url(sandbox: &TestSandbox, knobs: Knobs, token_url: &str) -> String {
-    sandbox.gateway_toml(knobs).replacen(
-        &format!("token_url = \"{}\"", sandbox.token_url),
-        &format!("token_url = \"{token_url}\""),
-        1,
-    )
-}
-
-/// One sample of the admin port's /metrics, by its full series name (`name{labels}`).
-async fn metric(gateway: &TestGateway, series: &str) -> Option<f64> {
-    let text = client()
-        .get(format!("http://{}/metrics", gateway.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines().find_map(|line| {
-        line.strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
-    })
+fn with_app_token_url(sandbox: &TestSandbox, token_url: &str) -> pcgate::config::Config {
+    let mut config = sandbox.config();
+    config.app_mut().token_url = token_url_of(token_url);
+    config
 }
 
 #[tokio::test]
@@ -593,12 +545,7 @@ async fn a_redirecting_token_endpoint_never_gets_the_secret_sent_elsewhere_and_i
         elsewhere.addr
     )))
     .await;
-    let gateway = start_gateway(&with_app_token_url(
-        &sandbox,
-        Knobs::default(),
-        &redirecting.token_url(),
-    ))
-    .await;
+    let gateway = start_config(with_app_token_url(&sandbox, &redirecting.token_url())).await;
 
     // The background refresher asks at start; callers during the backoff do not drive requests.
     let first = redirecting.wait_for_requests(1).await;
@@ -655,12 +602,7 @@ async fn a_token_answer_larger_than_the_cap_is_not_read_and_fails_the_refresh() 
         (Answer::HugeContentLength, "64 KiB"),
     ] {
         let server = RawTokenServer::start(answer).await;
-        let gateway = start_gateway(&with_app_token_url(
-            &sandbox,
-            Knobs::default(),
-            &server.token_url(),
-        ))
-        .await;
+        let gateway = start_config(with_app_token_url(&sandbox, &server.token_url())).await;
         server.wait_for_requests(1).await;
         let deadline = Instant::now() + WAIT;
         while server.done.load(Ordering::SeqCst) == 0 {
@@ -685,15 +627,12 @@ async fn an_unwritable_refresh_token_directory_fails_the_start_naming_the_file()
     // The tests run as root, for whom permission bits do not stop a write. /proc/self is a
     // directory nobody can create files in, root included (procfs has no create operation), and
     // the file is absent, so the token comes from the inline seed and only a write would fail.
-    let user = "refresh_token_file = \"/proc/self/pcgate-refresh-token\"\nrefresh_token = \"seed\"";
-    let rest = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n";
-    let toml = sandbox.gateway_toml(Knobs {
-        user: Some(user),
-        rest,
-        ..Knobs::default()
-    });
-    let config = pcgate::config::Config::from_toml(&toml).unwrap();
-    let error = pcgate::Gateway::bind(config)
+    let mut config = sandbox.config();
+    let user = config.user_mut();
+    user.refresh_token_file = Some("/proc/self/pcgate-refresh-token".into());
+    user.refresh_token = Some("seed".into());
+    let config = on_loopback(config);
+    let error = pcgate::Gateway::bind(config.clone())
         .await
         .err()
         .expect("start-up fails")
@@ -708,7 +647,8 @@ async fn an_unwritable_refresh_token_directory_fails_the_start_naming_the_file()
     // `pcgate run` exits 1 with that message.
     let dir = temp_dir("unwritable-run");
     let path = dir.join("pcgate.toml");
-    std::fs::write(&path, &toml).unwrap();
+    // The printed config, secrets redacted: start-up fails on the file before any is used.
+    std::fs::write(&path, config.to_toml()).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pcgate"))
         .args(["--log-format", "text", "run", "--config"])
         .arg(&path)
@@ -741,14 +681,13 @@ async fn a_rotated_refresh_token_that_cannot_be_saved_is_counted_kept_and_saved_
     let dir = temp_dir("store-failure");
     let file = dir.join("refresh-token");
     std::fs::write(&file, format!("{SANDBOX_REFRESH_TOKEN}\n")).unwrap();
-    let user = format!("refresh_token_file = \"{}\"", file.display());
-    let toml = sandbox.gateway_toml(Knobs {
-        user: Some(&user),
-        ..Knobs::default()
-    });
+    let mut config = sandbox.config();
+    let user = config.user_mut();
+    user.refresh_token = None;
+    user.refresh_token_file = Some(file.clone());
     let failures = r#"pcgate_token_store_failures_total{credential="user"}"#;
 
-    let gateway = start_gateway(&toml).await;
+    let gateway = start_config(config.clone()).await;
     // Exported at zero from start, for the credential with a file only.
     assert_eq!(metric(&gateway, failures).await, Some(0.0));
     assert_eq!(
@@ -787,7 +726,7 @@ async fn a_rotated_refresh_token_that_cannot_be_saved_is_counted_kept_and_saved_
     // The sandbox rotates strictly: a restart works only if the file holds the latest token.
     tokio::time::sleep(Duration::from_millis(100)).await;
     sandbox.reset_log().await;
-    let restarted = start_gateway(&toml).await;
+    let restarted = start_config(config).await;
     assert_eq!(
         get(&restarted, "/v1/invoices/summaries?after=restart")
             .await

@@ -437,11 +437,7 @@ async fn the_admin_port_answers_healthz() {
 async fn http2_cleartext_callers_are_served() {
     let origin = origin(|_| async { text(200, "h2c") }).await;
     let gateway = start_gateway(&config(&origin.base_url(), "")).await;
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(pcgate::upstream::tls_config(None).unwrap())
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let client = h2_client();
     let response = client
         .get(gateway.url("/v1/invoices"))
         .send()

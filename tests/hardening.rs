@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
+use pcgate::config::{RouteConfig, UpstreamConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -50,29 +51,44 @@ where
     RawOrigin { addr, task }
 }
 
-/// A gateway in front of `base_url` with one static credential and these routes.
-async fn gateway_for(base_url: &str, upstream: &str, routes: &str) -> TestGateway {
-    start_gateway(&format!(
-        r#"
-        [upstream]
-        base_url = "{base_url}"
-        {upstream}
-        [credentials.fixed]
-        grant = "static"
-        token = "t"
-        {routes}
-        "#
-    ))
-    .await
+/// A gateway in front of `base_url` with one static credential, `fixed`, and these routes.
+async fn gateway_for(
+    base_url: &str,
+    upstream: impl FnOnce(&mut UpstreamConfig),
+    routes: Vec<RouteConfig>,
+) -> TestGateway {
+    let mut config = invoices_config(base_url);
+    config
+        .credentials
+        .insert("fixed".to_owned(), static_credential("t"));
+    upstream(&mut config.upstream);
+    config.routes = routes;
+    start_config(config).await
 }
 
-const DOCUMENTS: &str = r#"
-[[routes]]
-name = "documents"
-match = "GET /v1/invoices/*/documents/**"
-credential = "fixed"
-retry = true
-"#;
+/// A route sending the `fixed` credential.
+fn fixed(name: &str, patterns: &[&str]) -> RouteConfig {
+    RouteConfig {
+        credential: Some("fixed".to_owned()),
+        ..route(name, patterns)
+    }
+}
+
+/// Statement and receipt PDFs: streamed, retried.
+fn documents() -> Vec<RouteConfig> {
+    vec![RouteConfig {
+        retry: true,
+        ..fixed("documents", &["GET /v1/invoices/*/documents/**"])
+    }]
+}
+
+/// The upstream's attempt timeout and deadline both `limit`.
+fn one_limit(limit: Duration) -> impl FnOnce(&mut UpstreamConfig) {
+    move |upstream| {
+        upstream.attempt_timeout = limit;
+        upstream.deadline = limit;
+    }
+}
 
 /// Reads a streamed body to its end; `Err` when it broke off. Panics if it is still going after
 /// `limit`, which is what a body without a deadline does.
@@ -105,8 +121,8 @@ async fn a_body_that_stalls_is_cut_at_the_deadline() {
     .await;
     let gateway = gateway_for(
         &format!("http://{}", origin.addr),
-        "attempt_timeout = \"1s\"\ndeadline = \"1s\"",
-        DOCUMENTS,
+        one_limit(secs(1)),
+        documents(),
     )
     .await;
     let response = client()
@@ -142,8 +158,8 @@ async fn a_body_that_never_ends_is_cut_at_the_deadline() {
     .await;
     let gateway = gateway_for(
         &format!("http://{}", origin.addr),
-        "attempt_timeout = \"1s\"\ndeadline = \"1s\"",
-        DOCUMENTS,
+        one_limit(secs(1)),
+        documents(),
     )
     .await;
     let response = client()
@@ -159,7 +175,12 @@ async fn a_body_that_never_ends_is_cut_at_the_deadline() {
 #[tokio::test]
 async fn a_body_that_ends_before_the_deadline_is_whole() {
     let origin = origin(|_| async { text(200, "%PDF-1.4 whole statement") }).await;
-    let gateway = gateway_for(&origin.base_url(), "deadline = \"30s\"", DOCUMENTS).await;
+    let gateway = gateway_for(
+        &origin.base_url(),
+        |upstream| upstream.deadline = secs(30),
+        documents(),
+    )
+    .await;
     let response = client()
         .get(gateway.url("/v1/invoices/G1/documents/statement"))
         .send()
@@ -179,20 +200,18 @@ async fn an_upstream_that_breaks_mid_body_on_a_buffered_route_is_a_502() {
     .await;
     let gateway = gateway_for(
         &format!("http://{}", origin.addr),
-        "",
-        r#"
-        [[routes]]
-        name = "summary"
-        match = "GET /v1/invoices/summary"
-        credential = "fixed"
-        cache_ttl = "5m"
-        coalesce = true
-        [[routes]]
-        name = "invoices"
-        match = "GET /v1/invoices"
-        credential = "fixed"
-        coalesce = true
-        "#,
+        |_| {},
+        vec![
+            RouteConfig {
+                cache_ttl: Some(secs(300)),
+                coalesce: true,
+                ..fixed("summary", &["GET /v1/invoices/summary"])
+            },
+            RouteConfig {
+                coalesce: true,
+                ..fixed("invoices", &["GET /v1/invoices"])
+            },
+        ],
     )
     .await;
     for path in ["/v1/invoices/summary", "/v1/invoices"] {
@@ -213,13 +232,8 @@ async fn a_malformed_chunked_request_body_is_a_400() {
     .await;
     let gateway = gateway_for(
         &format!("http://{}", origin.addr),
-        "",
-        r#"
-        [[routes]]
-        name = "invoices"
-        match = "POST /v1/invoices"
-        credential = "fixed"
-        "#,
+        |_| {},
+        vec![fixed("invoices", &["POST /v1/invoices"])],
     )
     .await;
     // A chunk size that is not hex: the caller's body is broken, not the upstream. (A write route:
@@ -281,25 +295,19 @@ async fn raw_call(addr: SocketAddr, method: &str, path: &str, headers: &str) -> 
         .expect("an answer within the wait")
         .unwrap();
     let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, answer)
+    (first_status(answer.as_bytes()), answer)
 }
 
 #[tokio::test]
 async fn admin_answers_only_ip_literals_localhost_and_listed_names() {
     let origin = origin(|_| async { text(200, "{}") }).await;
-    let mut config = pcgate::config::Config::from_toml(&format!(
-        "[upstream]\nbase_url = \"{}\"\n[server]\nadmin_hosts = [\"pcgate-admin.billing.svc\"]\n[[routes]]\nmatch = \"GET /v1/invoices\"\n",
-        origin.base_url()
-    ))
-    .unwrap();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
-    let gateway = start_with(config).await;
+    let mut config = invoices_config(&origin.base_url());
+    config.routes = vec![RouteConfig {
+        name: None,
+        ..route("", &["GET /v1/invoices"])
+    }];
+    config.server.admin_hosts = vec!["pcgate-admin.billing.svc".to_owned()];
+    let gateway = start_config(config).await;
     let admin = gateway.admin;
     for host in [
         format!("{admin}"),
@@ -353,7 +361,7 @@ async fn admin_answers_only_ip_literals_localhost_and_listed_names() {
 #[tokio::test]
 async fn admin_refuses_a_purge_from_another_origin() {
     let sandbox = start_sandbox(pcgate::sandbox::SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let summary = gateway.url("/v1/invoices/summary");
     assert_eq!(client().get(&summary).send().await.unwrap().status(), 200);
     let host = format!("Host: {}\r\n", gateway.admin);
@@ -394,8 +402,11 @@ async fn request_ids_reach_the_upstream_in_one_canonical_form_and_nil_is_refused
     let origin = origin(|_| async { text(200, "{}") }).await;
     let gateway = gateway_for(
         &origin.base_url(),
-        "",
-        "[[routes]]\nmatch = \"GET /v1/invoices\"\ncredential = \"fixed\"\n",
+        |_| {},
+        vec![RouteConfig {
+            name: None,
+            ..fixed("", &["GET /v1/invoices"])
+        }],
     )
     .await;
     let url = gateway.url("/v1/invoices");

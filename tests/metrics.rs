@@ -3,48 +3,17 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::*;
 use pcgate::sandbox::SandboxOptions;
 use serde_json::json;
 
-/// `name{labels}` → value, from the Prometheus text format.
-fn parse(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-async fn scrape(gateway: &TestGateway) -> (String, HashMap<String, f64>) {
-    let response = client()
-        .get(format!("http://{}/metrics", gateway.admin))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain; version=0.0.4"));
-    let text = response.text().await.unwrap();
-    let values = parse(&text);
-    (text, values)
-}
-
 #[tokio::test]
 async fn counters_move_by_exactly_what_the_calls_did() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let rest = "[retry]\nbase_delay = \"10ms\"\nmax_delay = \"20ms\"\n";
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs {
-        rest,
-        ..Knobs::default()
-    }))
-    .await;
+    let mut config = sandbox.config();
+    config.retry.base_delay = ms(10);
+    config.retry.max_delay = ms(20);
+    let gateway = start_config(config).await;
     let client = client();
     let get = |path: &str| {
         let request = client.get(gateway.url(path));
@@ -162,7 +131,7 @@ async fn counters_move_by_exactly_what_the_calls_did() {
 #[tokio::test]
 async fn every_known_series_is_exported_at_zero_before_the_first_call() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let (text, values) = scrape(&gateway).await;
     for series in [
         r#"pcgate_retries_total{reason="status"}"#,

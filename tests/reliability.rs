@@ -25,44 +25,32 @@ fn count_panics() {
     });
 }
 
-const SHORT_CACHE_FAST_RETRY: &str = r#"
-[retry]
-max_attempts = 5
-base_delay = "5ms"
-max_delay = "40ms"
-budget_ratio = 2.0
-[[routes]]
-name = "summary"
-match = "GET /v1/invoices/summary"
-credential = "app"
-cache_ttl = "1s"
-stale_while_revalidate = "1s"
-stale_if_error = "1h"
-coalesce = true
-retry = true
-[[routes]]
-name = "invoices"
-match = "GET /v1/invoices"
-credential = "app"
-coalesce = true
-retry = true
-"#;
+/// The sandbox config cut down to `summary` (cached 1 s, stale for 1 s while revalidating and
+/// 1 h on error) and `invoices`, with fast, generous retries.
+fn short_cache_fast_retry(sandbox: &TestSandbox) -> pcgate::config::Config {
+    let mut config = sandbox.config();
+    config.retry.max_attempts = 5;
+    config.retry.base_delay = ms(5);
+    config.retry.max_delay = ms(40);
+    config.retry.budget_ratio = 2.0;
+    config
+        .routes
+        .retain(|r| ["summary", "invoices"].contains(&r.name()));
+    let summary = config.route_mut("summary");
+    summary.cache_ttl = Some(secs(1));
+    summary.stale_while_revalidate = Some(secs(1));
+    summary.stale_if_error = Some(secs(3600));
+    assert!(summary.coalesce && summary.retry);
+    let invoices = config.route_mut("invoices");
+    assert!(invoices.cache_ttl.is_none() && invoices.coalesce && invoices.retry);
+    config
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_the_upstream_calls_failing_is_hidden_from_summary_callers() {
     count_panics();
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let toml = sandbox.gateway_toml(Knobs::default());
-    let toml = format!(
-        "{}{SHORT_CACHE_FAST_RETRY}",
-        toml.split("[retry]")
-            .next()
-            .unwrap()
-            .split("[[routes]]")
-            .next()
-            .unwrap()
-    );
-    let gateway = start_gateway(&toml).await;
+    let gateway = start_config(short_cache_fast_retry(&sandbox)).await;
     // Warm the cache, then fail half of everything.
     assert_eq!(
         client()
@@ -157,11 +145,9 @@ async fn a_token_endpoint_down_longer_than_a_refresh_interval_is_not_seen_by_cal
         ..SandboxOptions::default()
     })
     .await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs {
-        app: "refresh_before = \"8s\"",
-        ..Knobs::default()
-    }))
-    .await;
+    let mut config = sandbox.config();
+    config.app_mut().refresh_before = secs(8);
+    let gateway = start_config(config).await;
     let client = client();
     let started = Instant::now();
     assert_eq!(
@@ -250,7 +236,7 @@ async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> u16 {
 async fn hostile_input_gets_4xx_never_escapes_the_route_table_and_good_calls_keep_working() {
     count_panics();
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_gateway(&sandbox.gateway_toml(Knobs::default())).await;
+    let gateway = start_config(sandbox.config()).await;
     let good = || async {
         client()
             .get(gateway.url("/v1/invoices?size=1"))

@@ -10,21 +10,18 @@ use pcgate::sandbox::SandboxOptions;
 use serde_json::json;
 use tokio::time::Instant;
 
-const FAST: &str = "[retry]\nbase_delay = \"20ms\"\nmax_delay = \"100ms\"\n";
-
-async fn gateway_for(sandbox: &TestSandbox, upstream: &str, rest: &str) -> TestGateway {
-    start_gateway(&sandbox.gateway_toml(Knobs {
-        upstream,
-        rest,
-        ..Knobs::default()
-    }))
-    .await
+/// The sandbox config with short backoff delays (20 ms base, 100 ms cap).
+fn fast(sandbox: &TestSandbox) -> pcgate::config::Config {
+    let mut config = sandbox.config();
+    config.retry.base_delay = ms(20);
+    config.retry.max_delay = ms(100);
+    config
 }
 
 #[tokio::test]
 async fn two_500s_then_200_reach_the_caller_as_200_with_one_request_id_and_rising_cv() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = gateway_for(&sandbox, "", FAST).await;
+    let gateway = start_config(fast(&sandbox)).await;
     sandbox.faults(json!({"script": [500, 500]})).await;
     let response = client()
         .get(gateway.url("/v1/invoices?size=1"))
@@ -63,7 +60,9 @@ async fn two_500s_then_200_reach_the_caller_as_200_with_one_request_id_and_risin
 #[tokio::test]
 async fn always_500_makes_max_attempts_and_returns_the_500() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = gateway_for(&sandbox, "", &format!("{FAST}max_attempts = 3\n")).await;
+    let mut config = fast(&sandbox);
+    config.retry.max_attempts = 3;
+    let gateway = start_config(config).await;
     sandbox
         .faults(json!({"fail_rate": 1.0, "fail_status": 500}))
         .await;
@@ -82,7 +81,7 @@ async fn always_500_makes_max_attempts_and_returns_the_500() {
 #[tokio::test]
 async fn a_429_with_retry_after_is_waited_for_and_a_long_one_is_returned_at_once() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = gateway_for(&sandbox, "", FAST).await;
+    let gateway = start_config(fast(&sandbox)).await;
     sandbox
         .faults(json!({"script": [429], "retry_after": "1"}))
         .await;
@@ -115,12 +114,10 @@ async fn a_429_with_retry_after_is_waited_for_and_a_long_one_is_returned_at_once
 #[tokio::test]
 async fn past_the_deadline_the_caller_gets_504() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = gateway_for(
-        &sandbox,
-        "attempt_timeout = \"300ms\"\ndeadline = \"500ms\"",
-        FAST,
-    )
-    .await;
+    let mut config = fast(&sandbox);
+    config.upstream.attempt_timeout = ms(300);
+    config.upstream.deadline = ms(500);
+    let gateway = start_config(config).await;
     sandbox.faults(json!({"latency": "2s"})).await;
     let response = client()
         .get(gateway.url("/v1/invoices?size=1"))
@@ -137,15 +134,16 @@ async fn past_the_deadline_the_caller_gets_504() {
 
 #[tokio::test]
 async fn connect_refused_then_up_gives_200() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let toml = format!(
-        "[upstream]\nbase_url = \"http://127.0.0.1:{port}\"\n[retry]\nbase_delay = \"200ms\"\nmax_delay = \"400ms\"\nmax_attempts = 6\n[[routes]]\nmatch = \"GET /v1/invoices\"\nretry = true\n"
-    );
-    let gateway = start_gateway(&toml).await;
+    let port = free_port();
+    let mut config = invoices_config(&format!("http://127.0.0.1:{port}"));
+    let mut invoices = route("", &["GET /v1/invoices"]);
+    invoices.name = None;
+    invoices.retry = true;
+    config.routes = vec![invoices];
+    config.retry.base_delay = ms(200);
+    config.retry.max_delay = ms(400);
+    config.retry.max_attempts = 6;
+    let gateway = start_config(config).await;
     let url = gateway.url("/v1/invoices");
     let call = tokio::spawn(async move { client().get(url).send().await.unwrap().status() });
     // The first attempt finds nothing listening; then the origin comes up on that port.
@@ -172,8 +170,12 @@ async fn connect_refused_then_up_gives_200() {
 #[tokio::test]
 async fn the_retry_budget_stops_retries_growing_under_sustained_failure() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let rest = "[retry]\nbase_delay = \"1ms\"\nmax_delay = \"2ms\"\nbudget_ratio = 0.1\nbudget_min_per_second = 1\n";
-    let gateway = gateway_for(&sandbox, "", rest).await;
+    let mut config = sandbox.config();
+    config.retry.base_delay = ms(1);
+    config.retry.max_delay = ms(2);
+    config.retry.budget_ratio = 0.1;
+    config.retry.budget_min_per_second = 1;
+    let gateway = start_config(config).await;
     sandbox
         .faults(json!({"fail_rate": 1.0, "fail_status": 500}))
         .await;

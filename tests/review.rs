@@ -7,53 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-
-/// How long a connection that should be closed may take to be seen closed.
-const CLOSED_WITHIN: Duration = Duration::from_secs(5);
-
-/// A gateway config: no credentials, `GET /v1/invoices/**` to `base_url`, `server` lines and
-/// extra tables added.
-fn config(base_url: &str, server: &str, rest: &str) -> String {
-    format!(
-        r#"
-        [server]
-        {server}
-        [upstream]
-        base_url = "{base_url}"
-        [[routes]]
-        name = "invoices"
-        match = ["GET /v1/invoices", "GET /v1/invoices/**"]
-        {rest}
-        "#
-    )
-}
-
-/// Reads until the peer closes (EOF or reset); the bytes read. `Err` with what was read if it
-/// stays open `within`.
-async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Result<Vec<u8>, Vec<u8>> {
-    let deadline = Instant::now() + within;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Ok(seen),
-            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
-            Err(_) => return Err(seen),
-        }
-    }
-}
-
-/// The status of the first HTTP/1 response in `bytes` (0 if none).
-fn first_status(bytes: &[u8]) -> u16 {
-    String::from_utf8_lossy(bytes)
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
 
 // ---- framing: Content-Length with Transfer-Encoding ----
 
@@ -64,7 +20,7 @@ fn first_status(bytes: &[u8]) -> u16 {
 #[tokio::test]
 async fn transfer_encoding_then_an_unparsable_content_length_is_still_refused() {
     let origin = origin(|_| async { text(200, "ok") }).await;
-    let gateway = start_gateway(&config(&origin.base_url(), "", "")).await;
+    let gateway = start_config(invoices_config(&origin.base_url())).await;
     for length in ["5, 5", "x", "-1", "5 5"] {
         let request = format!(
             "GET /v1/invoices HTTP/1.1\r\nHost: 127.0.0.1\r\n\
@@ -72,7 +28,7 @@ async fn transfer_encoding_then_an_unparsable_content_length_is_still_refused() 
         );
         let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
         stream.write_all(request.as_bytes()).await.unwrap();
-        let answered = read_until_closed(&mut stream, CLOSED_WITHIN)
+        let answered = try_read_until_closed(&mut stream, CLOSED_WITHIN)
             .await
             .unwrap_or_else(|seen| {
                 panic!(
@@ -101,16 +57,11 @@ async fn transfer_encoding_then_an_unparsable_content_length_is_still_refused() 
 #[tokio::test]
 async fn a_cross_site_post_to_the_gateway_port_is_refused() {
     let origin = origin(|_| async { text(200, "ok") }).await;
-    let gateway = start_gateway(&config(
-        &origin.base_url(),
-        "",
-        r#"
-        [[routes]]
-        name = "post"
-        match = "POST /v1/customers/*/carts"
-        "#,
-    ))
-    .await;
+    let mut config = invoices_config(&origin.base_url());
+    config
+        .routes
+        .push(route("post", &["POST /v1/customers/*/carts"]));
+    let gateway = start_config(config).await;
     let body = "x=1";
     let request = format!(
         "POST /v1/customers/c1/carts HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://evil.example\r\n\
@@ -136,30 +87,6 @@ async fn a_cross_site_post_to_the_gateway_port_is_refused() {
 
 // ---- HTTP/2 by hand ----
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const HEADERS: u8 = 0x1;
-const SETTINGS: u8 = 0x4;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const ACK: u8 = 0x1;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// A GET for `path` on `stream`, HPACK without Huffman or indexing.
-fn get_headers(stream: u32, path: &str) -> Vec<u8> {
-    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
-    block.extend_from_slice(path.as_bytes());
-    block.extend_from_slice(&[0x01, 9]);
-    block.extend_from_slice(b"127.0.0.1");
-    frame(HEADERS, END_STREAM | END_HEADERS, stream, &block)
-}
-
 /// Opens an h2c connection whose SETTINGS give the server a send window of zero
 /// (SETTINGS_INITIAL_WINDOW_SIZE = 0), and asks for `path` on a few streams: the answers' heads
 /// can come, their bodies never can. Acknowledges the server's SETTINGS and nothing else.
@@ -172,15 +99,10 @@ async fn h2_never_reading(addr: SocketAddr, path: &str) -> TcpStream {
     }
     stream.write_all(&hello).await.unwrap();
     // The server's SETTINGS come first: acknowledge them, so nothing is left to time out on.
-    let mut head = [0u8; 9];
-    tokio::time::timeout(WAIT, stream.read_exact(&mut head))
+    let (kind, ..) = read_frame(&mut stream, Instant::now() + WAIT)
         .await
-        .unwrap()
-        .unwrap();
-    let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).await.unwrap();
-    assert_eq!(head[3], SETTINGS);
+        .expect("the server's SETTINGS before any close");
+    assert_eq!(kind, SETTINGS);
     stream
         .write_all(&frame(SETTINGS, ACK, 0, &[]))
         .await
@@ -196,25 +118,18 @@ async fn h2_never_reading(addr: SocketAddr, path: &str) -> TcpStream {
 #[tokio::test]
 async fn an_http2_client_that_never_opens_its_window_is_closed() {
     let origin = origin(|_| async { text(200, "ok") }).await;
-    let gateway = start_gateway(&format!(
-        "{}\n",
-        config(
-            &origin.base_url(),
-            "header_read_timeout = \"300ms\"\nidle_timeout = \"300ms\"",
-            "",
-        )
-        .replace(
-            "[upstream]",
-            "[upstream]\nattempt_timeout = \"1s\"\ndeadline = \"1s\""
-        )
-    ))
-    .await;
+    let mut config = invoices_config(&origin.base_url());
+    config.server.header_read_timeout = ms(300);
+    config.server.idle_timeout = ms(300);
+    config.upstream.attempt_timeout = secs(1);
+    config.upstream.deadline = secs(1);
+    let gateway = start_config(config).await;
     let mut open = Vec::new();
     for (addr, path) in [(gateway.addr, "/v1/invoices"), (gateway.admin, "/healthz")] {
         let mut stream = h2_never_reading(addr, path).await;
         // Deadline and idle timers are 1 s and 300 ms: stalled for 1.3 s, then closed.
         let within = Duration::from_secs(2) + CLOSED_WITHIN;
-        if read_until_closed(&mut stream, within).await.is_err() {
+        if try_read_until_closed(&mut stream, within).await.is_err() {
             open.push(path);
         }
     }

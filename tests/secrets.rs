@@ -9,15 +9,6 @@ use std::time::Duration;
 use common::*;
 use pcgate::sandbox::{SandboxOptions, SANDBOX_CLIENT_SECRET, SANDBOX_REFRESH_TOKEN};
 use serde_json::json;
-use tokio::time::Instant;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test]
 async fn a_trace_level_run_logs_no_secret() {
@@ -26,9 +17,7 @@ async fn a_trace_level_run_logs_no_secret() {
         ..SandboxOptions::default()
     })
     .await;
-    let dir = std::env::temp_dir().join(format!("pcgate-secrets-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("secrets");
     let (secret_file, refresh_file, config_file, log_file) = (
         dir.join("secret"),
         dir.join("refresh-token"),
@@ -38,25 +27,24 @@ async fn a_trace_level_run_logs_no_secret() {
     std::fs::write(&secret_file, SANDBOX_CLIENT_SECRET).unwrap();
     std::fs::write(&refresh_file, SANDBOX_REFRESH_TOKEN).unwrap();
     let (listen, admin) = (free_port(), free_port());
-    let toml = sandbox
-        .gateway_toml(Knobs {
-            app: "refresh_before = \"1s\"",
-            user: Some(&format!(
-                "refresh_token_file = \"{}\"\nrefresh_before = \"1s\"",
-                refresh_file.display()
-            )),
-            rest: &format!(
-                "[server]\nlisten = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n"
-            ),
-            ..Knobs::default()
-        })
-        .replace(
-            &format!("client_secret = \"{SANDBOX_CLIENT_SECRET}\""),
-            &format!("client_secret_file = \"{}\"", secret_file.display()),
-        );
+    let mut config = sandbox.config();
+    config.server.listen = ([127, 0, 0, 1], listen).into();
+    config.server.admin_listen = ([127, 0, 0, 1], admin).into();
+    let app = config.app_mut();
+    app.refresh_before = secs(1);
+    app.secret = secret_from_file(&secret_file);
+    let user = config.user_mut();
+    user.refresh_token = None;
+    user.refresh_token_file = Some(refresh_file.clone());
+    user.app.refresh_before = secs(1);
+    user.app.secret = secret_from_file(&secret_file);
+    config.validate().expect("test config is valid");
+    // No secret inline: the printed config is the whole config.
+    let toml = config.to_toml();
+    assert!(!toml.contains("[redacted]"), "{toml}");
     std::fs::write(&config_file, toml).unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pcgate"))
+    let child = Command::new(env!("CARGO_BIN_EXE_pcgate"))
         .args(["--log-format", "text", "run", "--config"])
         .arg(&config_file)
         .env("RUST_LOG", "trace")
@@ -67,16 +55,7 @@ async fn a_trace_level_run_logs_no_secret() {
         .unwrap();
 
     let base = format!("http://127.0.0.1:{listen}");
-    let deadline = Instant::now() + WAIT;
-    while client()
-        .get(format!("http://127.0.0.1:{admin}/healthz"))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the gateway did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_healthz(admin).await;
     let get = |path: &str| {
         let request = client()
             .get(format!("{base}{path}"))
@@ -91,15 +70,7 @@ async fn a_trace_level_run_logs_no_secret() {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(get("/v1/invoices/summaries").await, 200);
 
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    terminate(child).await;
 
     let log = std::fs::read_to_string(&log_file).unwrap();
     assert!(

@@ -7,18 +7,15 @@ use common::*;
 const REQUEST_ID: &str = "a45e6643-1caf-4429-8f90-07c03d85bc2b";
 const CORRELATION_ID: &str = "57eb2ca7-755f-450f-9187-eae1e75a0114";
 
-fn config(base_url: &str) -> String {
-    format!(
-        r#"
-        [upstream]
-        base_url = "{base_url}"
-        [tracking]
-        application = "billing-sidecar"
-        locale = "de-DE"
-        [[routes]]
-        match = "GET /v1/invoices"
-        "#
-    )
+/// One unnamed route, `GET /v1/invoices`, to `base_url`, with the tracking values set.
+fn config(base_url: &str) -> pcgate::config::Config {
+    let mut config = invoices_config(base_url);
+    let mut invoices = route("", &["GET /v1/invoices"]);
+    invoices.name = None;
+    config.routes = vec![invoices];
+    config.tracking.application = "billing-sidecar".into();
+    config.tracking.locale = "de-DE".into();
+    config
 }
 
 fn is_guid(value: &str) -> bool {
@@ -28,7 +25,7 @@ fn is_guid(value: &str) -> bool {
 #[tokio::test]
 async fn ids_are_made_when_absent_sent_upstream_and_echoed() {
     let origin = origin(|_| async { text(200, "[]") }).await;
-    let gateway = start_gateway(&config(&origin.base_url())).await;
+    let gateway = start_config(config(&origin.base_url())).await;
 
     let response = client()
         .get(gateway.url("/v1/invoices"))
@@ -70,7 +67,7 @@ async fn ids_are_made_when_absent_sent_upstream_and_echoed() {
 #[tokio::test]
 async fn the_callers_ids_locale_and_vector_are_kept() {
     let origin = origin(|_| async { text(200, "[]") }).await;
-    let gateway = start_gateway(&config(&origin.base_url())).await;
+    let gateway = start_config(config(&origin.base_url())).await;
 
     let response = client()
         .get(gateway.url("/v1/invoices"))
@@ -96,7 +93,7 @@ async fn the_callers_ids_locale_and_vector_are_kept() {
 #[tokio::test]
 async fn a_malformed_vector_is_replaced_not_refused() {
     let origin = origin(|_| async { text(200, "[]") }).await;
-    let gateway = start_gateway(&config(&origin.base_url())).await;
+    let gateway = start_config(config(&origin.base_url())).await;
     let response = client()
         .get(gateway.url("/v1/invoices"))
         .header("MS-CV", "not-a-vector")
@@ -115,7 +112,7 @@ async fn a_malformed_vector_is_replaced_not_refused() {
 #[tokio::test]
 async fn malformed_ids_get_400_naming_the_header_with_tracking_headers() {
     let origin = origin(|_| async { text(200, "[]") }).await;
-    let gateway = start_gateway(&config(&origin.base_url())).await;
+    let gateway = start_config(config(&origin.base_url())).await;
     let long = "7".repeat(300);
     for (name, value) in [
         ("MS-RequestId", "12345"),
@@ -149,7 +146,7 @@ async fn malformed_ids_get_400_naming_the_header_with_tracking_headers() {
 #[tokio::test]
 async fn errors_pcgate_makes_carry_the_callers_ids() {
     let origin = origin(|_| async { text(200, "[]") }).await;
-    let gateway = start_gateway(&config(&origin.base_url())).await;
+    let gateway = start_config(config(&origin.base_url())).await;
     let response = client()
         .get(gateway.url("/v1/customers"))
         .header("MS-RequestId", REQUEST_ID)
@@ -165,11 +162,9 @@ async fn errors_pcgate_makes_carry_the_callers_ids() {
 #[tokio::test]
 async fn the_vector_can_be_turned_off() {
     let origin = origin(|_| async { text(200, "[]") }).await;
-    let toml = config(&origin.base_url()).replace(
-        "locale = \"de-DE\"",
-        "locale = \"de-DE\"\ncorrelation_vector = false",
-    );
-    let gateway = start_gateway(&toml).await;
+    let mut config = config(&origin.base_url());
+    config.tracking.correlation_vector = false;
+    let gateway = start_config(config).await;
     let response = client()
         .get(gateway.url("/v1/invoices"))
         .header("MS-CV", "5npA0K22CUmWPOzB.4")

@@ -1,6 +1,14 @@
 //! Helpers for the end-to-end tests: a gateway on 127.0.0.1:0, in-test origins, an HTTP client.
 #![allow(dead_code)]
 
+mod configs;
+mod h2c;
+mod metrics;
+mod process;
+mod raw;
+#[allow(unused_imports)]
+pub use {configs::*, h2c::*, metrics::*, process::*, raw::*};
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -224,6 +232,8 @@ pub fn raw_get(path: &str) -> Vec<u8> {
 pub struct TestSandbox {
     pub base_url: String,
     pub token_url: String,
+    /// The demo's config for this sandbox; see [`TestSandbox::config`].
+    config: Config,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -245,6 +255,7 @@ pub async fn start_sandbox(options: pcgate::sandbox::SandboxOptions) -> TestSand
         .await
         .expect("sandbox binds");
     let (base_url, token_url) = (sandbox.base_url(), sandbox.token_url());
+    let config = pcgate::demo::config_for(&sandbox).expect("the demo config is valid");
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(sandbox.serve(async move {
         let _ = stopped.await;
@@ -252,6 +263,7 @@ pub async fn start_sandbox(options: pcgate::sandbox::SandboxOptions) -> TestSand
     TestSandbox {
         base_url,
         token_url,
+        config,
         stop: Some(stop),
     }
 }
@@ -311,14 +323,20 @@ impl TestSandbox {
             .unwrap();
     }
 
-    /// The gateway config for this sandbox: the shipped route table, `app` and `user`
-    /// credentials against its token endpoint, with `knobs` added to their tables.
+    /// The gateway config for this sandbox as TOML text: the shipped route table, `app` and
+    /// `user` credentials against its token endpoint, with `knobs` added to their tables.
+    /// Prefer [`TestSandbox::config`], a value whose fields a test sets.
     pub fn gateway_toml(&self, knobs: Knobs) -> String {
         use pcgate::sandbox::{SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, SANDBOX_REFRESH_TOKEN};
-        let routes = pcgate::demo::SHIPPED_CONFIG
-            .split_once("[[routes]]")
-            .map(|(_, rest)| format!("[[routes]]{rest}"))
-            .unwrap();
+        // The shipped route table, as values rendered back to TOML.
+        #[derive(serde::Serialize)]
+        struct Routes<'a> {
+            routes: &'a [pcgate::config::RouteConfig],
+        }
+        let routes = toml::to_string(&Routes {
+            routes: &self.config.routes,
+        })
+        .expect("routes render as TOML");
         format!(
             r#"
             [upstream]
