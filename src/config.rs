@@ -317,12 +317,29 @@ pub struct RouteConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub stale_if_error: Option<Duration>,
+    /// Whether the upstream's `Cache-Control` and `Expires` decide freshness (`honor`, the
+    /// default) or the route's windows always win (`ignore`, for upstreams that send wrong ones).
+    #[serde(default)]
+    pub origin_cache_control: OriginCacheControl,
     /// Identical in-flight calls share one upstream call.
     #[serde(default)]
     pub coalesce: bool,
     /// Retry transient failures with backoff.
     #[serde(default)]
     pub retry: bool,
+}
+
+/// `routes.origin_cache_control`: who decides how long an answer is fresh (DESIGN.md §2.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OriginCacheControl {
+    /// The upstream's `Cache-Control` / `Expires` (RFC 9111), the route's windows when it sends
+    /// none, as nginx's `proxy_cache_valid`.
+    #[default]
+    Honor,
+    /// The route's windows, whatever the upstream says (nginx's `proxy_ignore_headers
+    /// Cache-Control Expires`). `Vary` and `Set-Cookie` are still honoured.
+    Ignore,
 }
 
 impl RouteConfig {
