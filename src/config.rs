@@ -767,6 +767,11 @@ mod tests {
                 ]
             );
             assert_eq!(config.routes[0].cache_ttl, Some(Duration::from_secs(300)));
+            assert_eq!(
+                config.routes[0].origin_cache_control,
+                OriginCacheControl::Honor,
+                "the default"
+            );
             assert_eq!(config.upstream.base_url.as_str(), DEFAULT_BASE_URL);
             assert_eq!(config.credentials["user"].grant(), Grant::RefreshToken);
             Ok(())
@@ -915,6 +920,10 @@ mod tests {
                     "routes[0].cache_ttl",
                 ),
                 (with("[server]\nidle_timeout = \"2years\""), "server.idle_timeout"),
+                (
+                    route("match = \"GET /v1/invoices\"\norigin_cache_control = \"obey\""),
+                    "origin_cache_control",
+                ),
             ];
             for (result, key) in cases {
                 let msg = message(result);
