@@ -20,8 +20,15 @@
 //! - A caller's `Cache-Control: no-cache` or `max-age=0` fetches fresh and stores the answer.
 //! - Every wait (a remote store, the lock, the body read to store) is against the call's
 //!   [`Deadline`], set once as the call entered, so no wait restarts the count.
-//! - Every answer on a cached route says what happened in `Cache-Status` and, when it came from
-//!   the cache, its `Age` (RFC 9111 §5.1).
+//! - The upstream's `Cache-Control` / `Expires` decide freshness over the route's windows, and
+//!   `no-store`, `no-cache`, `private` and `Vary: *` answers are not stored ([`policy`], unless
+//!   the route says `origin_cache_control = "ignore"`); such an answer is not handed to waiters.
+//! - `Vary`: an entry that varies is stored under its variant's key and, as the key's vary spec,
+//!   under the key; a lookup that finds a spec for another variant looks up its own next.
+//! - `Set-Cookie` reaches only the caller whose request fetched the answer.
+//! - A `2xx`/`3xx` answer to a write drops what is stored for its path (RFC 9111 §4.4).
+//! - Every answer on a cached route says what happened in `Cache-Status` (after the upstream's
+//!   member), its `Age` (RFC 9111 §4.2.3) and `Vary` for the request headers the key uses.
 
 mod key;
 mod lock;
