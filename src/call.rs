@@ -54,3 +54,9 @@ impl CallInfo {
 /// forwarded upstream) and leaves them here for the cache to honour.
 #[derive(Debug, Clone)]
 pub struct RequestCacheControl(pub Vec<http::HeaderValue>);
+
+/// The request headers the caller sent that `access` did not forward: a stored answer's `Vary`
+/// may name them (RFC 9111 §4.1 matches the request the cache was given), so they pick the
+/// variant though they never reach the upstream.
+#[derive(Debug, Clone, Default)]
+pub struct UnforwardedHeaders(pub http::HeaderMap);

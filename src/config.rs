@@ -317,12 +317,29 @@ pub struct RouteConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub stale_if_error: Option<Duration>,
+    /// Whether the upstream's `Cache-Control` and `Expires` decide freshness (`honor`, the
+    /// default) or the route's windows always win (`ignore`, for upstreams that send wrong ones).
+    #[serde(default)]
+    pub origin_cache_control: OriginCacheControl,
     /// Identical in-flight calls share one upstream call.
     #[serde(default)]
     pub coalesce: bool,
     /// Retry transient failures with backoff.
     #[serde(default)]
     pub retry: bool,
+}
+
+/// `routes.origin_cache_control`: who decides how long an answer is fresh (DESIGN.md §2.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OriginCacheControl {
+    /// The upstream's `Cache-Control` / `Expires` (RFC 9111), the route's windows when it sends
+    /// none, as nginx's `proxy_cache_valid`.
+    #[default]
+    Honor,
+    /// The route's windows, whatever the upstream says (nginx's `proxy_ignore_headers
+    /// Cache-Control Expires`). `Vary` and `Set-Cookie` are still honoured.
+    Ignore,
 }
 
 impl RouteConfig {
@@ -750,6 +767,11 @@ mod tests {
                 ]
             );
             assert_eq!(config.routes[0].cache_ttl, Some(Duration::from_secs(300)));
+            assert_eq!(
+                config.routes[0].origin_cache_control,
+                OriginCacheControl::Honor,
+                "the default"
+            );
             assert_eq!(config.upstream.base_url.as_str(), DEFAULT_BASE_URL);
             assert_eq!(config.credentials["user"].grant(), Grant::RefreshToken);
             Ok(())
@@ -898,6 +920,10 @@ mod tests {
                     "routes[0].cache_ttl",
                 ),
                 (with("[server]\nidle_timeout = \"2years\""), "server.idle_timeout"),
+                (
+                    route("match = \"GET /v1/invoices\"\norigin_cache_control = \"obey\""),
+                    "origin_cache_control",
+                ),
             ];
             for (result, key) in cases {
                 let msg = message(result);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::Method;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 
-use crate::config::{Pattern, RouteConfig};
+use crate::config::{OriginCacheControl, Pattern, RouteConfig};
 use crate::token::{TokenSource, TokenSources};
 
 /// The route label of a call no route matched (or that never reached `access`), in logs and
@@ -130,6 +130,8 @@ pub struct Route {
     pub stale_while_revalidate: Option<Duration>,
     /// Serve-stale-on-failure window after the TTL.
     pub stale_if_error: Option<Duration>,
+    /// Whether the upstream's caching headers override the route's windows.
+    pub origin_cache_control: OriginCacheControl,
     /// Share identical in-flight calls.
     pub coalesce: bool,
     /// Retry transient failures.
@@ -183,6 +185,7 @@ impl RouteTable {
                 cache_ttl: config.cache_ttl,
                 stale_while_revalidate: config.stale_while_revalidate,
                 stale_if_error: config.stale_if_error,
+                origin_cache_control: config.origin_cache_control,
                 coalesce: config.coalesce,
                 retry: config.retry,
             });

@@ -774,3 +774,335 @@ async fn key_headers_split_the_key_and_forwarded_unkeyed_headers_are_the_operato
     assert!(second.0.starts_with("pcgate; hit"), "{}", second.0);
     assert_eq!(origin.requests().len(), 3);
 }
+
+// Issue 14: the upstream's caching headers, end to end through an origin that sends them. The
+// origin answers `/v1/invoices/summary?<scenario>` with the headers the query names, and a body
+// that counts its calls, so a hit and a fetch tell apart.
+
+/// An origin whose answer carries the headers its query asks for (`cc=` Cache-Control, `vary=`,
+/// `age=`, `status=` Cache-Status, `cookie=` Set-Cookie, `expires=past`), fails with 500 while
+/// `failing` is set, and numbers its answers.
+async fn header_origin(
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Origin, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let origin = origin(move |seen: Seen| {
+        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        let failing = failing.load(Ordering::SeqCst);
+        async move {
+            if failing {
+                return text(500, "down");
+            }
+            let body = if seen.method == http::Method::POST {
+                "written".to_owned()
+            } else {
+                format!("answer {n}")
+            };
+            let mut response = pcgate::body::Response::new(pcgate::body::full(body));
+            let query = seen.uri.query().unwrap_or("").to_owned();
+            for pair in query.split('&') {
+                let Some((name, value)) = pair.split_once('=') else {
+                    continue;
+                };
+                let value = percent_encoding::percent_decode_str(value)
+                    .decode_utf8_lossy()
+                    .into_owned();
+                let name = match name {
+                    "cc" => "cache-control",
+                    "vary" => "vary",
+                    "age" => "age",
+                    "status" => "cache-status",
+                    "cookie" => "set-cookie",
+                    "expires" => "expires",
+                    _ => continue,
+                };
+                let value = if name == "expires" && value == "past" {
+                    httpdate::fmt_http_date(
+                        std::time::SystemTime::now() - Duration::from_secs(3600),
+                    )
+                } else {
+                    value
+                };
+                response.headers_mut().append(name, value.parse().unwrap());
+            }
+            response
+        }
+    })
+    .await;
+    (origin, calls)
+}
+
+/// A gateway in front of [`header_origin`]: the summary route cached for 5 minutes with stale
+/// windows, writes let through; `/v1/invoices` cached with `origin_cache_control = "ignore"`.
+async fn header_gateway() -> (
+    Origin,
+    TestGateway,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (origin, calls) = header_origin(failing.clone()).await;
+    let toml = format!(
+        r#"
+        [upstream]
+        base_url = "{}"
+        [[routes]]
+        name = "summary"
+        match = ["GET /v1/invoices/summary", "POST /v1/invoices/summary", "DELETE /v1/invoices/summary"]
+        cache_ttl = "5m"
+        stale_while_revalidate = "1m"
+        stale_if_error = "1h"
+        coalesce = true
+        [[routes]]
+        name = "invoices"
+        match = "GET /v1/invoices"
+        cache_ttl = "5m"
+        origin_cache_control = "ignore"
+        coalesce = true
+        "#,
+        origin.base_url()
+    );
+    let gateway = start_gateway(&toml).await;
+    (origin, gateway, calls, failing)
+}
+
+/// (status, Cache-Status, body, headers) of a GET with these headers.
+async fn get_with(
+    gateway: &TestGateway,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String, http::HeaderMap) {
+    let mut request = client().get(gateway.url(path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let cache_status = headers
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (
+        status,
+        cache_status,
+        response.text().await.unwrap(),
+        headers,
+    )
+}
+
+#[tokio::test]
+async fn no_store_no_cache_and_private_answers_are_not_stored_nor_served_as_hits() {
+    let (_origin, gateway, calls, _) = header_gateway().await;
+    for cc in ["no-store", "no-cache", "private", "max-age=60,%20private"] {
+        let path = format!("/v1/invoices/summary?cc={cc}");
+        let first = get_with(&gateway, &path, &[]).await;
+        let second = get_with(&gateway, &path, &[]).await;
+        assert_eq!(first.1, "pcgate; fwd=miss", "{cc}");
+        assert_eq!(second.1, "pcgate; fwd=miss", "{cc}");
+        assert_ne!(first.2, second.2, "{cc}: the second call was fetched too");
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 8);
+    // A route that ignores the upstream's headers stores it for its own TTL.
+    let first = get_with(&gateway, "/v1/invoices?cc=no-store", &[]).await;
+    let second = get_with(&gateway, "/v1/invoices?cc=no-store", &[]).await;
+    assert_eq!(first.1, "pcgate; fwd=miss; stored");
+    assert!(second.1.starts_with("pcgate; hit; ttl=29"), "{}", second.1);
+    assert_eq!(first.2, second.2);
+}
+
+#[tokio::test]
+async fn the_upstreams_freshness_overrides_the_routes_ttl() {
+    let (_origin, gateway, _calls, _) = header_gateway().await;
+    // Stale at once: refetched, whatever the route's 5 minutes say.
+    for scenario in [
+        "cc=max-age=0",
+        "expires=past",
+        "cc=s-maxage=0,%20max-age=60",
+    ] {
+        let path = format!("/v1/invoices/summary?{scenario}");
+        let first = get_with(&gateway, &path, &[]).await;
+        let second = get_with(&gateway, &path, &[]).await;
+        assert_ne!(first.2, second.2, "{scenario}: served from the cache");
+        assert!(
+            second.1.starts_with("pcgate; fwd=miss"),
+            "{scenario}: {}",
+            second.1
+        );
+    }
+    // max-age=1: a hit, then stale after a second; the route's stale_while_revalidate does not
+    // apply to an answer with its own freshness, so it is fetched again, not served stale.
+    let path = "/v1/invoices/summary?cc=max-age=1";
+    let first = get_with(&gateway, path, &[]).await;
+    let hit = get_with(&gateway, path, &[]).await;
+    assert!(hit.1.starts_with("pcgate; hit; ttl="), "{}", hit.1);
+    assert_eq!(hit.2, first.2);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let after = get_with(&gateway, path, &[]).await;
+    assert_eq!(after.1, "pcgate; fwd=miss; stored");
+    assert_ne!(after.2, first.2);
+    // s-maxage beats max-age for a shared cache.
+    let path = "/v1/invoices/summary?cc=max-age=0,%20s-maxage=600";
+    let first = get_with(&gateway, path, &[]).await;
+    let hit = get_with(&gateway, path, &[]).await;
+    assert!(
+        hit.1.starts_with("pcgate; hit; ttl=599") || hit.1.starts_with("pcgate; hit; ttl=600"),
+        "{}",
+        hit.1
+    );
+    assert_eq!(hit.2, first.2);
+}
+
+#[tokio::test]
+async fn must_revalidate_forbids_serving_stale_when_the_upstream_fails() {
+    let (_origin, gateway, _calls, failing) = header_gateway().await;
+    let revalidate = "/v1/invoices/summary?cc=max-age=1,%20must-revalidate";
+    let plain = "/v1/invoices/summary?cc=max-age=1";
+    assert_eq!(get_with(&gateway, revalidate, &[]).await.0, 200);
+    assert_eq!(get_with(&gateway, plain, &[]).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = get_with(&gateway, revalidate, &[]).await;
+    assert_eq!((refused.0, refused.1.as_str()), (500, "pcgate; fwd=miss"));
+    // Without must-revalidate the route's stale_if_error stands in.
+    let stale = get_with(&gateway, plain, &[]).await;
+    assert_eq!(stale.0, 200);
+    assert!(stale.1.starts_with("pcgate; fwd=stale"), "{}", stale.1);
+}
+
+#[tokio::test]
+async fn vary_keeps_each_callers_variant_and_vary_star_is_not_stored() {
+    let (_origin, gateway, _calls, _) = header_gateway().await;
+    let path = "/v1/invoices/summary?vary=X-User";
+    let a = get_with(&gateway, path, &[("X-User", "a")]).await;
+    assert_eq!(a.1, "pcgate; fwd=miss; stored");
+    let b = get_with(&gateway, path, &[("X-User", "b")]).await;
+    assert_eq!(
+        b.1, "pcgate; fwd=miss; stored",
+        "user b got user a's answer"
+    );
+    assert_ne!(a.2, b.2);
+    let a_again = get_with(&gateway, path, &[("X-User", "a")]).await;
+    assert!(a_again.1.starts_with("pcgate; hit"), "{}", a_again.1);
+    assert_eq!(a_again.2, a.2);
+    let b_again = get_with(&gateway, path, &[("X-User", "b")]).await;
+    assert_eq!(b_again.2, b.2);
+    let nobody = get_with(&gateway, path, &[]).await;
+    assert!(nobody.1.starts_with("pcgate; fwd=miss"), "{}", nobody.1);
+    // pcgate's answer names the upstream's Vary and the request headers its own key uses.
+    let vary = a_again.3["vary"].to_str().unwrap().to_ascii_lowercase();
+    for name in ["x-user", "accept", "accept-encoding", "x-locale"] {
+        assert!(vary.contains(name), "{vary}");
+    }
+    // Vary: * is never stored.
+    let star = "/v1/invoices/summary?vary=*";
+    let first = get_with(&gateway, star, &[]).await;
+    let second = get_with(&gateway, star, &[]).await;
+    assert_eq!(first.1, "pcgate; fwd=miss");
+    assert_ne!(first.2, second.2);
+    assert_eq!(second.3["vary"], "*");
+}
+
+#[tokio::test]
+async fn age_counts_the_upstreams_age_and_cache_status_appends_to_the_upstreams() {
+    let (_origin, gateway, _calls, _) = header_gateway().await;
+    let path = "/v1/invoices/summary?age=100&status=upstream;%20hit";
+    let age =
+        |headers: &http::HeaderMap| -> u64 { headers["age"].to_str().unwrap().parse().unwrap() };
+    let miss = get_with(&gateway, path, &[]).await;
+    assert!((100..=101).contains(&age(&miss.3)), "{:?}", miss.3["age"]);
+    assert_eq!(miss.1, "upstream; hit, pcgate; fwd=miss; stored");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let hit = get_with(&gateway, path, &[]).await;
+    assert!((101..=102).contains(&age(&hit.3)), "{:?}", hit.3["age"]);
+    assert!(
+        hit.1.starts_with("upstream; hit, pcgate; hit; ttl="),
+        "{}",
+        hit.1
+    );
+    // 100 s old of a 5-minute TTL: 199 s or so left.
+    assert!(hit.1.contains("ttl=19"), "{}", hit.1);
+}
+
+#[tokio::test]
+async fn set_cookie_stays_with_the_caller_who_fetched_the_answer() {
+    let (_origin, gateway, _calls, _) = header_gateway().await;
+    let path = "/v1/invoices/summary?cookie=session%3Dfetcher";
+    let fetcher = get_with(&gateway, path, &[]).await;
+    assert_eq!(fetcher.1, "pcgate; fwd=miss; stored");
+    assert_eq!(fetcher.3["set-cookie"], "session=fetcher");
+    let other = get_with(&gateway, path, &[]).await;
+    assert!(other.1.starts_with("pcgate; hit"), "{}", other.1);
+    assert_eq!(other.2, fetcher.2);
+    assert!(
+        other.3.get("set-cookie").is_none(),
+        "another caller got the cookie"
+    );
+}
+
+#[tokio::test]
+async fn a_successful_write_drops_what_is_stored_for_its_path() {
+    let (origin, gateway, _calls, failing) = header_gateway().await;
+    let path = "/v1/invoices/summary";
+    let stored = get_with(&gateway, path, &[]).await;
+    assert!(get_with(&gateway, path, &[])
+        .await
+        .1
+        .starts_with("pcgate; hit"));
+    let query = get_with(&gateway, "/v1/invoices/summary?page=2", &[]).await;
+    let written = client()
+        .post(gateway.url(path))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), 200);
+    assert!(written.headers().get("cache-status").is_none());
+    let after = get_with(&gateway, path, &[]).await;
+    assert_eq!(after.1, "pcgate; fwd=miss; stored");
+    assert_ne!(after.2, stored.2);
+    // The path with any query.
+    let query_after = get_with(&gateway, "/v1/invoices/summary?page=2", &[]).await;
+    assert_ne!(query_after.2, query.2);
+    // An error answer to a write invalidates nothing.
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = client().delete(gateway.url(path)).send().await.unwrap();
+    assert_eq!(refused.status(), 500);
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let kept = get_with(&gateway, path, &[]).await;
+    assert!(kept.1.starts_with("pcgate; hit"), "{}", kept.1);
+    assert_eq!(kept.2, after.2);
+    assert!(origin
+        .requests()
+        .iter()
+        .any(|r| r.method == http::Method::DELETE));
+}
+
+#[tokio::test]
+async fn head_through_pcgate_works_end_to_end() {
+    let (sandbox, gateway) = setup("").await;
+    for path in ["/v1/invoices/summary", "/v1/invoices?size=2&offset=0"] {
+        let get = client().get(gateway.url(path)).send().await.unwrap();
+        assert_eq!(get.status(), 200);
+        let length = get.bytes().await.unwrap().len();
+        let head = client().head(gateway.url(path)).send().await.unwrap();
+        assert_eq!(head.status(), 200, "HEAD {path}");
+        assert_eq!(
+            head.headers()["content-length"].to_str().unwrap(),
+            length.to_string(),
+            "HEAD {path}"
+        );
+        assert!(head.bytes().await.unwrap().is_empty());
+    }
+    // The summary's HEAD is cached on its own key: the second is a hit.
+    let again = client()
+        .head(gateway.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    let cache_status = again.headers()["cache-status"].to_str().unwrap().to_owned();
+    assert!(cache_status.starts_with("pcgate; hit"), "{cache_status}");
+    assert!(sandbox.count("summary").await >= 2);
+}

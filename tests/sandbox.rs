@@ -763,7 +763,7 @@ async fn unknown_things_are_404_and_wrong_methods_405() {
         .await
         .unwrap();
     assert_eq!(response.status(), 405);
-    assert_eq!(response.headers()["allow"], "GET");
+    assert_eq!(response.headers()["allow"], "GET, HEAD");
 }
 
 #[tokio::test]
@@ -1038,4 +1038,48 @@ async fn the_same_seed_gives_the_same_data() {
     let c = ids(6).await;
     assert_eq!(a, b);
     assert_ne!(a, c);
+}
+
+#[tokio::test]
+async fn head_answers_every_get_route_with_the_get_head_and_no_body() {
+    let h = start_default().await;
+    let user = h.user_token().await;
+    let invoice = h.all_invoices(&user).await[0].clone();
+    let id = invoice["id"].as_str().unwrap().to_owned();
+    for path in [
+        "/v1/invoices/summary".to_owned(),
+        "/v1/invoices/summaries".to_owned(),
+        "/v1/invoices?size=2&offset=0".to_owned(),
+        format!("/v1/invoices/{id}"),
+        format!("/v1/invoices/{id}/lineitems/onetime/billinglineitems?size=2&offset=0"),
+        format!("/v1/invoices/{id}/documents/statement"),
+    ] {
+        let get = h.get(&path, &user).await;
+        assert_eq!(get.status(), 200, "GET {path}");
+        let get_type = get.headers()["content-type"].clone();
+        let get_len = get.bytes().await.unwrap().len();
+        let head = h
+            .client
+            .head(format!("{}{path}", h.base))
+            .bearer_auth(&user)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), 200, "HEAD {path}");
+        assert_eq!(head.headers()["content-type"], get_type, "HEAD {path}");
+        assert_eq!(
+            head.headers()["content-length"].to_str().unwrap(),
+            get_len.to_string(),
+            "HEAD {path}"
+        );
+        assert!(head.bytes().await.unwrap().is_empty(), "HEAD {path}");
+    }
+    // HEAD is checked like GET: no token, no answer.
+    let response = h
+        .client
+        .head(format!("{}/v1/invoices", h.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
 }

@@ -26,6 +26,7 @@ use subtle::ConstantTimeEq;
 use crate::body::{BoxError, Request, Response};
 use crate::call::CallInfo;
 use crate::call::RequestCacheControl;
+use crate::call::UnforwardedHeaders;
 use crate::config::ClientKey;
 pub use crate::error::AccessError;
 use crate::headers::is_forwarded;
@@ -33,8 +34,8 @@ pub use crate::headers::{configured_header, FORWARDED};
 use crate::host::HostRule;
 use crate::route::{normalize_path, Route, RouteTable};
 
-/// Keeps only the forwarded headers; the caller's `Cache-Control` goes into the request's
-/// extensions for the cache layer.
+/// Keeps only the forwarded headers; the caller's `Cache-Control` and the headers not forwarded
+/// go into the request's extensions for the cache layer.
 fn keep_forwarded(request: &mut Request, extra: &[HeaderName]) {
     let headers = request.headers_mut();
     let cache_control: Vec<_> = headers
@@ -48,8 +49,22 @@ fn keep_forwarded(request: &mut Request, extra: &[HeaderName]) {
         .filter(|name| !is_forwarded(name, extra))
         .cloned()
         .collect();
+    // Kept aside for the cache: a stored answer's `Vary` may name them (RFC 9111 §4.1).
+    let mut unforwarded = http::HeaderMap::new();
     for name in dropped {
-        headers.remove(name);
+        if let http::header::Entry::Occupied(entry) = headers.entry(&name) {
+            let (name, values) = entry.remove_entry_mult();
+            let secret = name == header::AUTHORIZATION || name == header::COOKIE;
+            for mut value in values {
+                value.set_sensitive(secret || value.is_sensitive());
+                unforwarded.append(name.clone(), value);
+            }
+        }
+    }
+    if !unforwarded.is_empty() {
+        request
+            .extensions_mut()
+            .insert(UnforwardedHeaders(unforwarded));
     }
     if !cache_control.is_empty() {
         request

@@ -291,6 +291,7 @@ mod tests {
             cache_ttl: cached.then(|| Duration::from_secs(300)),
             stale_while_revalidate: None,
             stale_if_error: None,
+            origin_cache_control: Default::default(),
             coalesce: true,
             retry: true,
         }));

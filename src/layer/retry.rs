@@ -424,6 +424,7 @@ mod tests {
             cache_ttl: None,
             stale_while_revalidate: None,
             stale_if_error: None,
+            origin_cache_control: Default::default(),
             coalesce: false,
             retry,
         }));

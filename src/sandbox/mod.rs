@@ -10,8 +10,8 @@
 //!   `MS-ContinuationToken`), `/v1/invoices/{id}/lineitems/{provider}/{type}?size=&offset=`,
 //!   `/v1/invoices/{id}/documents/statement`, `/v1/invoices/{id}/receipts/{rid}/documents/statement`.
 //!   Each needs `Authorization: Bearer <token from here>` (401 otherwise); summaries, invoice by
-//!   id and the PDFs refuse app-only tokens with 403 (reference §4.1). Anything else is 404,
-//!   a wrong method 405. See `api.rs` and `data.rs`.
+//!   id and the PDFs refuse app-only tokens with 403 (reference §4.1). `HEAD` answers each of
+//!   them as `GET` does, without the body. Anything else is 404, a wrong method 405. See `api.rs` and `data.rs`.
 //! - `GET|POST /__sandbox/faults`: read or partially update the fault knobs (`faults.rs`).
 //! - `GET|DELETE /__sandbox/requests`: the request log, or reset it (`requests.rs`).
 //!
@@ -364,18 +364,20 @@ impl State {
     }
 
     async fn api(&self, route: &ApiRoute, request: &http::Request<Incoming>) -> Response {
-        if request.method() != Method::GET {
+        // HEAD is GET without the body (RFC 9110 §9.3.2): hyper sends the head of the GET answer,
+        // its Content-Length included, and drops the body.
+        if request.method() != Method::GET && request.method() != Method::HEAD {
             let mut response = pc_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 405,
                 &format!(
-                    "The method {} is not allowed on this resource; use GET.",
+                    "The method {} is not allowed on this resource; use GET or HEAD.",
                     request.method()
                 ),
             );
             response
                 .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
         }
         // Take the script entry on arrival, so concurrent calls get entries in arrival order.

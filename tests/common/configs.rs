@@ -54,6 +54,7 @@ pub fn route(name: &str, patterns: &[&str]) -> RouteConfig {
         stale_if_error: None,
         coalesce: false,
         retry: false,
+        origin_cache_control: Default::default(),
     }
 }
 

@@ -94,6 +94,40 @@ impl Key {
         Key(text.into())
     }
 
+    /// The key of one variant of this key's answer (RFC 9111 §4.1): the request's values of the
+    /// `names` a stored answer's `Vary` gives, from its forwarded headers or else from those
+    /// `access` did not forward. The values are digested (SHA-256), so no header value, a
+    /// cookie say, is held as text in a key; whitespace around commas does not count.
+    pub fn variant(
+        &self,
+        names: &[HeaderName],
+        forwarded: &http::HeaderMap,
+        unforwarded: Option<&http::HeaderMap>,
+    ) -> Key {
+        use sha2::{Digest, Sha256};
+        let mut digest = Sha256::new();
+        for name in names {
+            digest.update(name.as_str());
+            digest.update(b":");
+            let values = match (forwarded.contains_key(name), unforwarded) {
+                (false, Some(unforwarded)) => unforwarded.get_all(name),
+                _ => forwarded.get_all(name),
+            };
+            let mut first = true;
+            for value in values {
+                for part in value.as_bytes().split(|&b| b == b',') {
+                    if !first {
+                        digest.update(b",");
+                    }
+                    first = false;
+                    digest.update(part.trim_ascii());
+                }
+            }
+            digest.update(b"\n");
+        }
+        Key(format!("{}{SEPARATOR}vary={:x}", self.0, digest.finalize()).into())
+    }
+
     /// The normalised path this key is for.
     pub fn path(&self) -> &str {
         self.0.split(SEPARATOR).nth(2).unwrap_or("")
@@ -163,6 +197,7 @@ mod tests {
             cache_ttl: None,
             stale_while_revalidate: None,
             stale_if_error: None,
+            origin_cache_control: Default::default(),
             coalesce: true,
             retry: true,
         }));
@@ -329,6 +364,45 @@ mod tests {
             key("/v1/a", &[("accept", "x"), ("x-locale", "y")]),
             key("/v1/a", &[("accept", "x y"), ("x-locale", "")])
         );
+    }
+
+    #[test]
+    fn variants_split_on_the_vary_headers_values_wherever_they_are() {
+        let base = key("/v1/invoices/summary", &[]);
+        let names = [HeaderName::from_static("x-user")];
+        let map = |pairs: &[(&str, &str)]| {
+            let mut map = http::HeaderMap::new();
+            for (k, v) in pairs {
+                map.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            map
+        };
+        let none = http::HeaderMap::new();
+        let a = base.variant(&names, &map(&[("x-user", "a")]), None);
+        let b = base.variant(&names, &map(&[("x-user", "b")]), None);
+        assert_ne!(a, b);
+        assert_ne!(
+            a,
+            base.variant(&names, &none, None),
+            "absent is a value of its own"
+        );
+        // Not forwarded: read from what access kept aside.
+        assert_eq!(
+            a,
+            base.variant(&names, &none, Some(&map(&[("x-user", "a")])))
+        );
+        // Whitespace around commas, and one line or two, are the same value.
+        assert_eq!(
+            base.variant(&names, &map(&[("x-user", "a ,b")]), None),
+            base.variant(&names, &map(&[("x-user", "a"), ("x-user", "b")]), None)
+        );
+        // Still the same path (purges cover it), and the value is not in the key as text.
+        assert_eq!(a.path(), "/v1/invoices/summary");
+        let secret = base.variant(&names, &map(&[("x-user", "s3cret-cookie")]), None);
+        assert!(!secret.0.contains("s3cret"));
     }
 
     proptest::proptest! {

@@ -20,8 +20,15 @@
 //! - A caller's `Cache-Control: no-cache` or `max-age=0` fetches fresh and stores the answer.
 //! - Every wait (a remote store, the lock, the body read to store) is against the call's
 //!   [`Deadline`], set once as the call entered, so no wait restarts the count.
-//! - Every answer on a cached route says what happened in `Cache-Status` and, when it came from
-//!   the cache, its `Age` (RFC 9111 §5.1).
+//! - The upstream's `Cache-Control` / `Expires` decide freshness over the route's windows, and
+//!   `no-store`, `no-cache`, `private` and `Vary: *` answers are not stored ([`policy`], unless
+//!   the route says `origin_cache_control = "ignore"`); such an answer is not handed to waiters.
+//! - `Vary`: an entry that varies is stored under its variant's key and, as the key's vary spec,
+//!   under the key; a lookup that finds a spec for another variant looks up its own next.
+//! - `Set-Cookie` reaches only the caller whose request fetched the answer.
+//! - A `2xx`/`3xx` answer to a write drops what is stored for its path (RFC 9111 §4.4).
+//! - Every answer on a cached route says what happened in `Cache-Status` (after the upstream's
+//!   member), its `Age` (RFC 9111 §4.2.3) and `Vary` for the request headers the key uses.
 
 mod key;
 mod lock;
@@ -31,7 +38,7 @@ mod store;
 
 pub use key::{shareable, Key, KEYED_HEADERS, MS_CONTINUATION_TOKEN, MS_CONTRACT_VERSION};
 pub use lock::SharedError;
-pub use policy::Windows;
+pub use policy::{Directives, NotStored, Vary, Windows};
 pub use status::{CacheStatus, CacheStatusHeader, Detail, Forward, Ttl, CACHE_STATUS};
 pub use store::{
     Clock, Entry, MemoryStore, Purge, Storage, StorageError, StoreFuture, ENTRY_OVERHEAD,
@@ -42,11 +49,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::{self, Either, Ready};
-use http::{header, HeaderName, HeaderValue};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method};
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Response};
 use crate::call::CallInfo;
+use crate::config::OriginCacheControl;
 use crate::deadline::{Deadline, DeadlineExceeded};
 use crate::error::find_cause;
 use crate::metrics::{CacheLabels, Metrics, RouteLabel};
@@ -56,12 +64,31 @@ use policy::{Asks, Freshness};
 
 pub use crate::call::RequestCacheControl;
 
+pub use crate::call::UnforwardedHeaders;
+
+/// The `Vary` value of pcgate's own answers on cached routes: the request headers its key uses.
+fn own_vary(extra: &[HeaderName]) -> HeaderValue {
+    let keyed = KEYED_HEADERS;
+    let names: Vec<&str> = keyed.iter().chain(extra).map(HeaderName::as_str).collect();
+    HeaderValue::from_str(&names.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("*"))
+}
+
+/// Whether a method writes, so a non-error answer to it invalidates the path (RFC 9111 §4.4).
+fn writes(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    )
+}
+
 /// Adds [`Cache`] in front of a service.
 #[derive(Clone)]
 pub struct CacheLayer {
     shared: Arc<Shared>,
     /// `cache.key_headers`, part of every key.
     key_headers: Arc<[HeaderName]>,
+    /// The `Vary` of pcgate's answers ([`own_vary`]).
+    vary: HeaderValue,
 }
 
 struct Shared {
@@ -96,12 +123,14 @@ impl CacheLayer {
                 deadline,
             }),
             key_headers: Arc::from([]),
+            vary: own_vary(&[]),
         }
     }
 
     /// Puts these request headers in every key too (`cache.key_headers`); `coalesce` must be
     /// given the same list, since the two layers key calls alike.
     pub fn key_headers(mut self, extra: Arc<[HeaderName]>) -> Self {
+        self.vary = own_vary(&extra);
         self.key_headers = extra;
         self
     }
@@ -115,6 +144,7 @@ impl<S> tower::Layer<S> for CacheLayer {
             inner,
             shared: self.shared.clone(),
             key_headers: self.key_headers.clone(),
+            vary: self.vary.clone(),
         }
     }
 }
@@ -125,6 +155,7 @@ pub struct Cache<S> {
     inner: S,
     shared: Arc<Shared>,
     key_headers: Arc<[HeaderName]>,
+    vary: HeaderValue,
 }
 
 impl<S: Clone> Cache<S> {
@@ -156,6 +187,9 @@ impl<S: Clone> Cache<S> {
             key: Key::of(request, &self.key_headers),
             asks,
             windows,
+            mode: route.origin_cache_control,
+            key_headers: self.key_headers.clone(),
+            vary: self.vary.clone(),
             lock: route.coalesce,
             deadline: Deadline::of(request, self.shared.deadline),
             info: request.extensions().get::<Arc<CallInfo>>().cloned(),
@@ -177,48 +211,122 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        if writes(request.method()) && request.extensions().get::<Arc<Route>>().is_some() {
+            let store = self.shared.store.clone();
+            let deadline = Deadline::of(&request, self.shared.deadline);
+            let path = request.uri().path().to_owned();
+            let answer = self.inner.call(request);
+            return Either::Right(Box::pin(async move {
+                let response = answer.await?;
+                let paths = invalidated(path, &response);
+                invalidate(&*store, &deadline, paths).await;
+                Ok(response)
+            }));
+        }
         let Some(call) = self.plan(&request) else {
             return Either::Right(Box::pin(self.inner.call(request)));
         };
-        let lookup = call
-            .asks
-            .takes_stored()
-            .then(|| self.shared.store.get(&call.key));
-        match lookup {
-            // A store that answers at once (memory): hits are answered here, without touching
-            // the layers below or allocating a future.
-            Some(Either::Left(ready)) => match call.judge(call.looked_up(ready.into_inner())) {
-                Judged::Hit(response) => Either::Left(future::ready(Ok(response))),
-                Judged::Stale(response) => {
-                    call.revalidate(self.inner.clone(), request);
-                    Either::Left(future::ready(Ok(response)))
-                }
-                Judged::Miss(fallback) => {
-                    let inner = self.take_ready();
-                    Either::Right(Box::pin(call.miss(inner, request, fallback)))
-                }
-            },
-            Some(Either::Right(pending)) => {
-                let inner = self.take_ready();
-                Either::Right(Box::pin(async move {
-                    let found = match call.deadline.run(pending).await {
-                        Ok(found) => found,
-                        Err(DeadlineExceeded(limit)) => Err(StorageError::Timeout(limit)),
-                    };
-                    match call.judge(call.looked_up(found)) {
-                        Judged::Hit(response) => Ok(response),
-                        Judged::Stale(response) => {
-                            call.revalidate(inner, request);
-                            Ok(response)
+        if !call.asks.takes_stored() {
+            let inner = self.take_ready();
+            return Either::Right(Box::pin(call.miss(inner, request, None)));
+        }
+        // A store that answers at once (memory): hits are answered here, without touching the
+        // layers below or allocating a future. The key's entry first, then, when it is a vary
+        // spec for another variant, this request's variant.
+        let pending = match self.shared.store.get(&call.key) {
+            Either::Left(ready) => {
+                match call.select(call.looked_up(ready.into_inner()), selecting(&request)) {
+                    Ok(found) => return self.decide(call, found, request),
+                    Err(variant) => match self.shared.store.get(&variant) {
+                        Either::Left(ready) => {
+                            let found = call.looked_up(ready.into_inner());
+                            return self.decide(call, found, request);
                         }
-                        Judged::Miss(fallback) => call.miss(inner, request, fallback).await,
-                    }
-                }))
+                        Either::Right(pending) => (pending, true),
+                    },
+                }
             }
-            None => {
+            Either::Right(pending) => (pending, false),
+        };
+        let inner = self.take_ready();
+        Either::Right(Box::pin(async move {
+            let (pending, is_variant) = pending;
+            let found = call.awaited(Either::Right(pending)).await;
+            let found = match is_variant {
+                true => found,
+                false => match call.select(found, selecting(&request)) {
+                    Ok(found) => found,
+                    Err(variant) => call.awaited(call.shared.store.get(&variant)).await,
+                },
+            };
+            match call.judge(found) {
+                Judged::Hit(response) => Ok(response),
+                Judged::Stale(response) => {
+                    call.revalidate(inner, request);
+                    Ok(response)
+                }
+                Judged::Miss(fallback) => call.miss(inner, request, fallback).await,
+            }
+        }))
+    }
+}
+
+impl<S> Cache<S>
+where
+    S: tower::Service<Request, Response = Response, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    /// Answers from what the lookup found, at once when it can.
+    fn decide(
+        &mut self,
+        call: Call,
+        found: Option<Arc<Entry>>,
+        request: Request,
+    ) -> <Self as tower::Service<Request>>::Future {
+        match call.judge(found) {
+            Judged::Hit(response) => Either::Left(future::ready(Ok(response))),
+            Judged::Stale(response) => {
+                call.revalidate(self.inner.clone(), request);
+                Either::Left(future::ready(Ok(response)))
+            }
+            Judged::Miss(fallback) => {
                 let inner = self.take_ready();
-                Either::Right(Box::pin(call.miss(inner, request, None)))
+                Either::Right(Box::pin(call.miss(inner, request, fallback)))
             }
+        }
+    }
+}
+
+/// The paths a write's answer invalidates (RFC 9111 §4.4): none for an error; else the write's
+/// own and those its `Location` and `Content-Location` name on this origin.
+fn invalidated(path: String, response: &Response) -> Vec<String> {
+    if !(response.status().is_success() || response.status().is_redirection()) {
+        return Vec::new();
+    }
+    let mut paths = vec![path];
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let named = response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<http::Uri>().ok());
+        // Only a path on this origin: an absolute URI names another cache's entries.
+        if let Some(uri) = named.filter(|uri| uri.authority().is_none()) {
+            if uri.path().starts_with('/') && !paths.iter().any(|p| p == uri.path()) {
+                paths.push(uri.path().to_owned());
+            }
+        }
+    }
+    paths
+}
+
+/// Drops what is stored for `paths`, within the call's deadline; a store that fails is logged.
+async fn invalidate(store: &dyn Storage, deadline: &Deadline, paths: Vec<String>) {
+    for path in paths {
+        match deadline.run(store.purge(Purge::Path(path.clone()))).await {
+            Ok(Ok(n)) => tracing::debug!(key = path, purged = n, "a write invalidated the path"),
+            Ok(Err(error)) => tracing::info!(key = path, %error, "invalidation failed"),
+            Err(_) => tracing::info!(key = path, "invalidation timed out"),
         }
     }
 }
@@ -254,14 +362,94 @@ struct Call {
     route: Arc<str>,
     key: Key,
     asks: Asks,
+    /// The route's windows: the default freshness.
     windows: Windows,
+    /// Whether the upstream's caching headers count.
+    mode: OriginCacheControl,
+    /// `cache.key_headers` (already in the key: a `Vary` on them needs no variant).
+    key_headers: Arc<[HeaderName]>,
+    /// The `Vary` this cache's answers carry.
+    vary: HeaderValue,
     /// Whether misses take the key's lock (`coalesce = true`).
     lock: bool,
     deadline: Deadline,
     info: Option<Arc<CallInfo>>,
 }
 
+/// What the fetching task needs of its call to store the answer.
+struct Fill {
+    key: Key,
+    windows: Windows,
+    mode: OriginCacheControl,
+    asks: Asks,
+    deadline: Deadline,
+    key_headers: Arc<[HeaderName]>,
+    /// The request's forwarded headers and those not forwarded, to key a variant by.
+    forwarded: HeaderMap,
+    unforwarded: Option<HeaderMap>,
+}
+
+/// The headers `access` did not forward, if it kept any.
+fn unforwarded(request: &Request) -> Option<&HeaderMap> {
+    request
+        .extensions()
+        .get::<UnforwardedHeaders>()
+        .map(|headers| &headers.0)
+}
+
+/// The request headers a `Vary` may name: those forwarded, and those `access` kept aside.
+type Selecting<'a> = (&'a HeaderMap, Option<&'a HeaderMap>);
+
+/// A request's [`Selecting`] headers.
+fn selecting(request: &Request) -> Selecting<'_> {
+    (request.headers(), unforwarded(request))
+}
+
 impl Call {
+    /// The entry that answers this request, given what its key holds: that entry when it does
+    /// not vary (or is this request's variant), else the variant key to look up next.
+    fn select(
+        &self,
+        found: Option<Arc<Entry>>,
+        (forwarded, unforwarded): Selecting<'_>,
+    ) -> Result<Option<Arc<Entry>>, Key> {
+        let Some(entry) = found else {
+            return Ok(None);
+        };
+        if entry.vary.is_empty() {
+            return Ok(Some(entry));
+        }
+        let variant = self.key.variant(&entry.vary, forwarded, unforwarded);
+        if entry.variant.as_ref() == Some(&variant) {
+            Ok(Some(entry))
+        } else {
+            Err(variant)
+        }
+    }
+
+    /// A store read, within the call's deadline; a failed or late one is none.
+    async fn awaited(&self, pending: StoreFuture<Option<Arc<Entry>>>) -> Option<Arc<Entry>> {
+        let found = match self.deadline.run(pending).await {
+            Ok(found) => found,
+            Err(DeadlineExceeded(limit)) => Err(StorageError::Timeout(limit)),
+        };
+        self.looked_up(found)
+    }
+
+    /// What the fetch needs to store this request's answer.
+    fn fill(&self, request: &Request) -> Fill {
+        Fill {
+            key: self.key.clone(),
+            windows: self.windows,
+            mode: self.mode,
+            asks: self.asks,
+            deadline: self.deadline,
+            key_headers: self.key_headers.clone(),
+            forwarded: request.headers().clone(),
+            unforwarded: unforwarded(request).cloned(),
+        }
+    }
+
     /// A lookup's result; a store that failed or timed out is a miss.
     fn looked_up(&self, found: Result<Option<Arc<Entry>>, StorageError>) -> Option<Arc<Entry>> {
         found.unwrap_or_else(|error| {
@@ -274,7 +462,7 @@ impl Call {
         let Some(entry) = entry else {
             return Judged::Miss(None);
         };
-        let age = policy::age(entry.stored_at, self.shared.clock.now());
+        let age = entry.age(self.shared.clock.now());
         match policy::freshness(&entry.windows, age) {
             Freshness::Fresh { left } => {
                 Judged::Hit(self.answer_from(&entry, age, CacheStatusHeader::hit(left)))
@@ -314,7 +502,8 @@ impl Call {
             let read = match self.shared.locks.lock(&self.key) {
                 Locked::Write(permit) => {
                     // A writer that let go between this call's lookup and now stored its answer.
-                    if let Some((entry, age, left)) = self.stored_fresh().await {
+                    let selecting = selecting(&request);
+                    if let Some((entry, age, left)) = self.stored_fresh(selecting).await {
                         permit.release(LockStatus::Done);
                         return Ok(self.answer_from(&entry, age, CacheStatusHeader::hit(left)));
                     }
@@ -338,8 +527,9 @@ impl Call {
             };
             match status {
                 LockStatus::Done => {
-                    if let Some(entry) = self.reread().await {
-                        let age = policy::age(entry.stored_at, self.shared.clock.now());
+                    let selecting = selecting(&request);
+                    if let Some(entry) = self.reread(selecting).await {
+                        let age = entry.age(self.shared.clock.now());
                         let stored = self.asks != Asks::NoStore;
                         let header = CacheStatusHeader::forwarded(self.fwd(), stored);
                         return Ok(self.answer_from(&entry, age, header));
@@ -375,25 +565,29 @@ impl Call {
     }
 
     /// A fresh stored entry, its age and time left, for a caller that takes stored answers.
-    async fn stored_fresh(&self) -> Option<(Arc<Entry>, Duration, Duration)> {
+    async fn stored_fresh(
+        &self,
+        selecting: Selecting<'_>,
+    ) -> Option<(Arc<Entry>, Duration, Duration)> {
         if !self.asks.takes_stored() {
             return None;
         }
-        let entry = self.reread().await?;
-        let age = policy::age(entry.stored_at, self.shared.clock.now());
+        let entry = self.reread(selecting).await?;
+        let age = entry.age(self.shared.clock.now());
         match policy::freshness(&entry.windows, age) {
             Freshness::Fresh { left } => Some((entry, age, left)),
             _ => None,
         }
     }
 
-    /// The stored entry, if the store has one (a failed or late read is none).
-    async fn reread(&self) -> Option<Arc<Entry>> {
-        let found = match self.deadline.run(self.shared.store.get(&self.key)).await {
+    /// The stored entry for this request (its variant, when the key's answer varies), if the
+    /// store has one (a failed or late read is none).
+    async fn reread(&self, selecting: Selecting<'_>) -> Option<Arc<Entry>> {
+        let found = self.awaited(self.shared.store.get(&self.key)).await;
+        match self.select(found, selecting) {
             Ok(found) => found,
-            Err(DeadlineExceeded(limit)) => Err(StorageError::Timeout(limit)),
-        };
-        self.looked_up(found)
+            Err(variant) => self.awaited(self.shared.store.get(&variant)).await,
+        }
     }
 
     /// Fetches (in a task of its own, so the caller hanging up cancels nothing), stores, releases
@@ -409,26 +603,28 @@ impl Call {
         S: tower::Service<Request, Response = Response, Error = BoxError> + Send + 'static,
         S::Future: Send + 'static,
     {
-        let task = tokio::spawn(fetch(
-            self.shared.clone(),
-            inner,
-            request,
-            self.key.clone(),
-            self.windows,
-            self.asks,
-            self.deadline,
-            permit,
-        ));
-        let fetched = task.await.unwrap_or_else(|error| {
-            Fetched::Failed(Arc::new(format!("the cache's fetch ended: {error}").into()))
+        let fill = self.fill(&request);
+        let task = tokio::spawn(fetch(self.shared.clone(), inner, request, fill, permit));
+        let (fetched, cookies) = task.await.unwrap_or_else(|error| {
+            let error = format!("the cache's fetch ended: {error}").into();
+            (Fetched::Failed(Arc::new(error)), Vec::new())
         });
+        // `Set-Cookie` is the fetching caller's alone (never stored nor shared).
+        let with_cookies = |mut response: Response| {
+            for cookie in cookies {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+            response
+        };
         match fetched {
-            Fetched::Stored(entry) => Ok(self.answer_from(
+            Fetched::Stored(entry) => Ok(with_cookies(self.answer_from(
                 &entry,
-                Duration::ZERO,
+                entry.age(self.shared.clock.now()),
                 CacheStatusHeader::forwarded(self.fwd(), true),
-            )),
-            Fetched::Unstored(answer) => self.settle(Ok(answer.to_response()), fallback),
+            ))),
+            Fetched::Unstored(answer) => {
+                self.settle(Ok(with_cookies(answer.to_response())), fallback)
+            }
             Fetched::Streamed(response) => self.settle(Ok(response), fallback),
             // The error itself when nobody else holds it, else the shared one that points at it.
             Fetched::Failed(error) => {
@@ -453,7 +649,7 @@ impl Call {
                 key = self.key.path(),
                 "upstream failed: serving a stale answer (stale-if-error)"
             );
-            let age = policy::age(entry.stored_at, self.shared.clock.now());
+            let age = entry.age(self.shared.clock.now());
             return Ok(self.answer_from(&entry, age, CacheStatusHeader::stale_if_error(failure)));
         }
         let header = CacheStatusHeader::forwarded(self.fwd(), false);
@@ -475,26 +671,14 @@ impl Call {
         let Some(permit) = self.shared.locks.try_write(&self.key) else {
             return;
         };
-        let (shared, key, windows, deadline) = (
-            self.shared.clone(),
-            self.key.clone(),
-            self.windows,
-            self.deadline,
-        );
+        let shared = self.shared.clone();
+        let fill = Fill {
+            asks: Asks::Anything,
+            ..self.fill(&request)
+        };
         tokio::spawn(async move {
-            let path = key.path().to_owned();
-            match fetch(
-                shared,
-                inner,
-                request,
-                key,
-                windows,
-                Asks::Anything,
-                deadline,
-                Some(permit),
-            )
-            .await
-            {
+            let path = fill.key.path().to_owned();
+            match fetch(shared, inner, request, fill, Some(permit)).await.0 {
                 Fetched::Stored(_) => {}
                 Fetched::Unstored(answer) => tracing::info!(
                     key = path,
@@ -524,7 +708,11 @@ impl Call {
 
     /// Says what the cache did, on the response, in the metrics and in the access log.
     fn label(&self, mut response: Response, header: CacheStatusHeader) -> Response {
-        response.headers_mut().insert(CACHE_STATUS, header.render());
+        let headers = response.headers_mut();
+        let status = appended(headers, &CACHE_STATUS, header.render(), false);
+        headers.insert(CACHE_STATUS, status);
+        let vary = appended(headers, &header::VARY, self.vary.clone(), true);
+        headers.insert(header::VARY, vary);
         self.count(header.outcome());
         response
     }
@@ -544,37 +732,95 @@ impl Call {
     }
 }
 
+/// `ours` after the values `headers` already holds for `name`, as one line: RFC 9211 §2 has
+/// each cache append its member to `Cache-Status`; for `Vary` (`vary`), the names not already
+/// listed are added, and `*` stays `*`.
+fn appended(headers: &HeaderMap, name: &HeaderName, ours: HeaderValue, vary: bool) -> HeaderValue {
+    let theirs: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    if theirs.is_empty() {
+        return ours;
+    }
+    let mut text = theirs.join(", ");
+    let ours_text = ours.to_str().unwrap_or("");
+    if vary {
+        let listed: Vec<String> = text
+            .split(',')
+            .map(|n| n.trim().to_ascii_lowercase())
+            .collect();
+        if listed.iter().any(|n| n == "*") {
+            return HeaderValue::from_static("*");
+        }
+        for name in ours_text.split(", ") {
+            if !listed.iter().any(|n| n == name) {
+                text.push_str(", ");
+                text.push_str(name);
+            }
+        }
+    } else {
+        text.push_str(", ");
+        text.push_str(ours_text);
+    }
+    HeaderValue::from_str(&text).unwrap_or(ours)
+}
+
+/// The request headers an answer varies on beyond those its key already holds.
+fn varies_beyond_key(headers: &HeaderMap, key_headers: &[HeaderName]) -> Vec<HeaderName> {
+    match policy::vary(headers) {
+        policy::Vary::Names(names) => names
+            .into_iter()
+            .filter(|name| !KEYED_HEADERS.contains(name) && !key_headers.contains(name))
+            .collect(),
+        policy::Vary::None | policy::Vary::All => Vec::new(),
+    }
+}
+
 /// The fetch, in a task of its own: call the upstream, read the answer within the deadline,
 /// store it if it may be, then release the lock with the outcome (store first, so a caller
-/// arriving after the release finds it).
-#[allow(clippy::too_many_arguments)]
+/// arriving after the release finds it). Returns the outcome and the answer's `Set-Cookie`
+/// lines, which only the fetching caller gets.
 async fn fetch<S>(
     shared: Arc<Shared>,
     inner: S,
     request: Request,
-    key: Key,
-    windows: Windows,
-    asks: Asks,
-    deadline: Deadline,
+    fill: Fill,
     permit: Option<WritePermit>,
-) -> Fetched
+) -> (Fetched, Vec<HeaderValue>)
 where
     S: tower::Service<Request, Response = Response, Error = BoxError>,
 {
     let sharing = permit.is_some();
+    let requested = shared.clock.now();
     // The deadline covers the body too: an upstream that sends headers and then stalls must not
     // hold the call, or its waiters, past it; and it is the call's, so the read does not start a
     // count of its own.
-    let read = deadline
+    let read = fill
+        .deadline
         .run(async {
             let response = inner.oneshot(request).await?;
-            // Not to be stored, and nobody waits for it: it streams on.
-            if !sharing && policy::storable(asks, response.status()).is_err() {
-                return Ok::<_, BoxError>(Limited::TooBig(response));
+            let received = shared.clock.now();
+            let verdict = policy::storable(fill.asks, response.status()).and_then(|()| {
+                policy::stored_windows(fill.windows, fill.mode, response.headers(), received)
+            });
+            // Not to be stored, and nobody waits for it, or the upstream said it is for no
+            // other caller (`private`, `no-store`, a `Vary` on this caller): it streams on, and
+            // any waiters fetch for themselves.
+            if let Err(why) = verdict {
+                let varies = !varies_beyond_key(response.headers(), &fill.key_headers).is_empty();
+                if !sharing || !why.shareable() || varies {
+                    return Ok::<_, BoxError>((Limited::TooBig(response), received, verdict));
+                }
             }
-            Ok(body::buffer_up_to(response, shared.max_entry_bytes).await?)
+            let whole = body::buffer_up_to(response, shared.max_entry_bytes).await?;
+            Ok((whole, received, verdict))
         })
         .await;
+    let mut cookies = Vec::new();
     let (fetched, status) = match read {
         Err(_) => (Fetched::TimedOut, LockStatus::TimedOut),
         Ok(Err(error)) if find_cause::<DeadlineExceeded>(&*error).is_some() => {
@@ -587,37 +833,84 @@ where
                 LockStatus::Failed(SharedError(error)),
             )
         }
-        Ok(Ok(Limited::TooBig(response))) => (Fetched::Streamed(response), LockStatus::GaveUp),
-        Ok(Ok(Limited::Whole(mut answer))) => {
+        Ok(Ok((Limited::TooBig(response), _, _))) => {
+            (Fetched::Streamed(response), LockStatus::GaveUp)
+        }
+        Ok(Ok((Limited::Whole(mut answer), received, verdict))) => {
+            cookies = answer
+                .headers
+                .get_all(header::SET_COOKIE)
+                .iter()
+                .cloned()
+                .collect();
+            let upstream_status: Vec<HeaderValue> = answer
+                .headers
+                .get_all(CACHE_STATUS)
+                .iter()
+                .cloned()
+                .collect();
+            let initial_age = policy::initial_age(&answer.headers, requested, received);
             answer.keep_shareable_headers();
-            match policy::storable(asks, answer.status) {
+            // The upstream's own Cache-Status member stays: pcgate appends its own after it.
+            for value in upstream_status {
+                answer.headers.append(CACHE_STATUS, value);
+            }
+            match verdict {
                 Err(why) => {
-                    tracing::debug!(key = key.path(), why = why.as_str(), "answer not stored");
+                    tracing::debug!(
+                        key = fill.key.path(),
+                        why = why.as_str(),
+                        "answer not stored"
+                    );
+                    answer
+                        .headers
+                        .insert(header::AGE, HeaderValue::from(initial_age.as_secs()));
                     let answer = Arc::new(answer);
                     (
                         Fetched::Unstored(answer.clone()),
                         LockStatus::Unstored(answer),
                     )
                 }
-                Ok(()) => {
+                Ok(windows) => {
+                    let vary = varies_beyond_key(&answer.headers, &fill.key_headers);
+                    let variant = (!vary.is_empty()).then(|| {
+                        fill.key
+                            .variant(&vary, &fill.forwarded, fill.unforwarded.as_ref())
+                    });
                     let entry = Arc::new(Entry {
                         response: answer,
-                        stored_at: shared.clock.now(),
+                        stored_at: received,
+                        initial_age,
                         windows,
+                        vary: vary.into(),
+                        variant: variant.clone(),
                     });
-                    let put = match deadline
-                        .run(shared.store.put(key.clone(), entry.clone()))
-                        .await
-                    {
-                        Ok(put) => put,
-                        Err(DeadlineExceeded(limit)) => Err(StorageError::Timeout(limit)),
-                    };
+                    // The variant first, then the key's vary spec pointing at it, so a reader
+                    // that finds the spec finds the variant.
+                    let mut put = Ok(());
+                    for key in variant.into_iter().chain([fill.key.clone()]) {
+                        put = match fill
+                            .deadline
+                            .run(shared.store.put(key, entry.clone()))
+                            .await
+                        {
+                            Ok(put) => put,
+                            Err(DeadlineExceeded(limit)) => Err(StorageError::Timeout(limit)),
+                        };
+                        if put.is_err() {
+                            break;
+                        }
+                    }
                     match put {
                         Ok(()) => (Fetched::Stored(entry), LockStatus::Done),
                         // Not stored: the caller and the waiters still get the answer.
                         Err(error) => {
-                            tracing::info!(key = key.path(), %error, "answer not stored");
-                            let answer = Arc::new(entry.response.clone());
+                            tracing::info!(key = fill.key.path(), %error, "answer not stored");
+                            let mut answer = entry.response.clone();
+                            answer
+                                .headers
+                                .insert(header::AGE, HeaderValue::from(initial_age.as_secs()));
+                            let answer = Arc::new(answer);
                             (
                                 Fetched::Unstored(answer.clone()),
                                 LockStatus::Unstored(answer),
@@ -631,7 +924,7 @@ where
     if let Some(permit) = permit {
         permit.release(status);
     }
-    fetched
+    (fetched, cookies)
 }
 
 #[cfg(test)]
@@ -782,6 +1075,7 @@ mod tests {
             cache_ttl: Some(Duration::from_secs(300)),
             stale_while_revalidate: Some(Duration::from_secs(60)),
             stale_if_error: Some(Duration::from_secs(3600)),
+            origin_cache_control: Default::default(),
             coalesce,
             retry: true,
         })
@@ -1177,8 +1471,9 @@ mod tests {
             assert_eq!(answer.unwrap().2, "answer 1");
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        // Stored when the fetch landed (t = 5 s), though its caller was gone.
-        assert_eq!(get(&h.service).await.0, "pcgate; hit; ttl=300");
+        // Stored when the fetch landed (t = 5 s), though its caller was gone; the 5 s the
+        // upstream took count in its age (RFC 9111 §4.2.3 response delay), so 295 s are left.
+        assert_eq!(get(&h.service).await.0, "pcgate; hit; ttl=295");
         assert_eq!(h.store.puts.load(Ordering::SeqCst), 1);
     }
 
@@ -1297,6 +1592,9 @@ mod tests {
                 body: bytes::Bytes::from_static(b"from elsewhere"),
             },
             stored_at: h.service.shared.clock.now() - Duration::from_secs(100),
+            initial_age: Duration::ZERO,
+            vary: Arc::from([]),
+            variant: None,
             windows: Windows {
                 ttl: Duration::from_secs(120),
                 stale_while_revalidate: Duration::ZERO,

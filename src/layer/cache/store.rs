@@ -26,8 +26,23 @@ pub struct Entry {
     pub response: Buffered,
     /// When it was stored, by the wall clock (read through a [`Clock`]).
     pub stored_at: SystemTime,
-    /// The route's windows when it was stored.
+    /// Its age when it was stored: RFC 9111 §4.2.3's corrected initial age ([`policy::initial_age`]).
+    pub initial_age: Duration,
+    /// The windows it was stored with: the upstream's freshness, else the route's.
     pub windows: Windows,
+    /// The request headers beyond the key it varies on (RFC 9111 §4.1), sorted; empty: none.
+    /// An entry with names is stored under its variant's key and, as the key's vary spec, under
+    /// the key itself: a lookup that finds it there looks up its own variant next.
+    pub vary: Arc<[http::HeaderName]>,
+    /// The variant key it is stored under, when `vary` has names.
+    pub variant: Option<Key>,
+}
+
+impl Entry {
+    /// Its current age at `now`: the initial age plus the time resident (RFC 9111 §4.2.3).
+    pub fn age(&self, now: SystemTime) -> Duration {
+        self.initial_age + policy::age(self.stored_at, now)
+    }
 }
 
 /// A store operation that failed; the cache layer logs it and goes on as if nothing was stored.
@@ -50,6 +65,8 @@ pub type StoreFuture<T> =
 pub enum Purge {
     /// Everything.
     All,
+    /// Entries for exactly this path, any query (a write to it, RFC 9111 §4.4).
+    Path(String),
     /// Entries whose path is this one or below it, by whole segments: `/v1/invoices` covers
     /// `/v1/invoices/summary`; `/v1/invoices/summary` does not cover `/v1/invoices/summaries`.
     Under(String),
@@ -60,6 +77,7 @@ impl Purge {
     pub fn covers(&self, path: &str) -> bool {
         match self {
             Purge::All => true,
+            Purge::Path(exact) => path == exact,
             Purge::Under(prefix) => {
                 let prefix = prefix.trim_end_matches('/');
                 path.strip_prefix(prefix)
@@ -118,8 +136,10 @@ struct EntryExpiry {
 
 impl EntryExpiry {
     fn left(&self, entry: &Entry) -> Duration {
-        let age = policy::age(entry.stored_at, self.clock.now());
-        entry.windows.lifetime().saturating_sub(age)
+        entry
+            .windows
+            .lifetime()
+            .saturating_sub(entry.age(self.clock.now()))
     }
 }
 
@@ -241,6 +261,10 @@ mod tests {
         assert!(under("/v1/invoices/summary").covers("/v1/invoices/summary"));
         assert!(!under("/v1/invoices/summary").covers("/v1/invoices/summaries"));
         assert!(!under("/v1/invoices/summary").covers("/v1/invoices"));
+        let path = Purge::Path("/v1/invoices/summary".to_owned());
+        assert!(path.covers("/v1/invoices/summary"));
+        assert!(!path.covers("/v1/invoices/summary/x"));
+        assert!(!path.covers("/v1/invoices"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -269,6 +293,9 @@ mod tests {
                 body: bytes::Bytes::from_static(b"answer"),
             },
             stored_at: SystemTime::now(),
+            initial_age: Duration::ZERO,
+            vary: Arc::from([]),
+            variant: None,
             windows: Windows {
                 ttl: Duration::from_secs(60),
                 stale_while_revalidate: Duration::ZERO,
