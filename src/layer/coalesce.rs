@@ -23,7 +23,7 @@ use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Respons
 use crate::deadline::Deadline;
 /// The shared fetch failed: the cache's miss lock and this layer report it alike.
 pub use crate::layer::cache::SharedError;
-use crate::layer::cache::{shareable, Key};
+use crate::layer::cache::{initial_age, shareable, Key};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::route::Route;
 
@@ -31,11 +31,35 @@ use crate::route::Route;
 #[derive(Clone)]
 enum Outcome {
     /// The whole answer, for everyone.
-    Whole(Arc<Buffered>),
+    Whole(Arc<Fetched>),
     /// Too large to share: it went to the caller that started the fetch.
     TooBig,
     /// The fetch failed.
     Failed(Arc<BoxError>),
+}
+
+/// A shared answer, and how old it was when it arrived (RFC 9111 §4.2.3: the upstream's `Age`,
+/// or what its `Date` says, plus the response delay), so each caller's `Age` counts the time it
+/// has waited here too.
+struct Fetched {
+    answer: Buffered,
+    age: Duration,
+    received: tokio::time::Instant,
+}
+
+impl Fetched {
+    /// This caller's copy, with its `Age`; the caller whose request fetched it also gets the
+    /// answer's cookies (never shared).
+    fn respond(&self, cookies: Vec<http::HeaderValue>) -> Response {
+        let mut response = self.answer.to_response();
+        let age = (self.age + self.received.elapsed()).as_secs();
+        let headers = response.headers_mut();
+        headers.insert(http::header::AGE, http::HeaderValue::from(age));
+        for cookie in cookies {
+            headers.append(http::header::SET_COOKIE, cookie);
+        }
+        response
+    }
 }
 
 type Flight = Shared<Pin<Box<dyn Future<Output = Outcome> + Send>>>;
@@ -142,7 +166,7 @@ where
                 .inc();
             return Box::pin(async move {
                 match deadline.run(flight).await? {
-                    Outcome::Whole(buffered) => Ok(buffered.to_response()),
+                    Outcome::Whole(fetched) => Ok(fetched.respond(Vec::new())),
                     Outcome::Failed(error) => Err(SharedError(error).into()),
                     // Too large to share: this caller fetches for itself, in what is left of its time.
                     Outcome::TooBig => deadline.run(inner.oneshot(spare)).await?,
@@ -150,12 +174,14 @@ where
             });
         }
         let (big_tx, big_rx) = oneshot::channel();
-        let fetch =
-            tokio::spawn(
-                state
-                    .clone()
-                    .fetch(inner, request, key.clone(), deadline, big_tx),
-            );
+        let (cookies_tx, cookies_rx) = oneshot::channel();
+        let fetch = tokio::spawn(state.clone().fetch(
+            inner,
+            request,
+            key.clone(),
+            deadline,
+            (big_tx, cookies_tx),
+        ));
         let flight: Flight = async move {
             fetch.await.unwrap_or_else(|e| {
                 Outcome::Failed(Arc::new(format!("shared fetch ended: {e}").into()))
@@ -167,7 +193,10 @@ where
         drop(flights);
         Box::pin(async move {
             match deadline.run(flight).await? {
-                Outcome::Whole(buffered) => Ok(buffered.to_response()),
+                // This caller's request fetched it: its cookies are its own.
+                Outcome::Whole(fetched) => {
+                    Ok(fetched.respond(cookies_rx.await.unwrap_or_default()))
+                }
                 Outcome::Failed(error) => Err(SharedError(error).into()),
                 Outcome::TooBig => big_rx
                     .await
@@ -202,7 +231,10 @@ impl State {
         request: Request,
         key: Key,
         deadline: Deadline,
-        big: oneshot::Sender<Response>,
+        (big, cookies): (
+            oneshot::Sender<Response>,
+            oneshot::Sender<Vec<http::HeaderValue>>,
+        ),
     ) -> Outcome
     where
         S: tower::Service<Request, Response = Response, Error = BoxError>,
@@ -215,13 +247,27 @@ impl State {
         // not hold every identical caller on this flight.
         let fetched = deadline
             .run(async {
+                let requested = std::time::SystemTime::now();
                 match inner.oneshot(request).await {
                     Err(error) => Outcome::Failed(Arc::new(error)),
                     Ok(response) => {
                         match body::buffer_up_to(response, self.max_entry_bytes).await {
                             Ok(Limited::Whole(mut buffered)) => {
+                                let received = std::time::SystemTime::now();
+                                let age = initial_age(&buffered.headers, requested, received);
+                                let own: Vec<_> = buffered
+                                    .headers
+                                    .get_all(http::header::SET_COOKIE)
+                                    .iter()
+                                    .cloned()
+                                    .collect();
+                                let _ = cookies.send(own);
                                 buffered.keep_shareable_headers();
-                                Outcome::Whole(Arc::new(buffered))
+                                Outcome::Whole(Arc::new(Fetched {
+                                    answer: buffered,
+                                    age,
+                                    received: tokio::time::Instant::now(),
+                                }))
                             }
                             Ok(Limited::TooBig(response)) => {
                                 let _ = big.send(response);

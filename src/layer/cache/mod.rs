@@ -33,6 +33,8 @@
 mod key;
 mod lock;
 mod policy;
+/// RFC 9111 §4.2.3's age of an answer as it arrives, shared with `coalesce`.
+pub use policy::initial_age;
 mod status;
 mod store;
 
