@@ -804,9 +804,14 @@ where
         .run(async {
             let response = inner.oneshot(request).await?;
             let received = shared.clock.now();
-            let verdict = policy::storable(fill.asks, response.status()).and_then(|()| {
-                policy::stored_windows(fill.windows, fill.mode, response.headers(), received)
-            });
+            let verdict = policy::verdict(
+                fill.asks,
+                response.status(),
+                fill.windows,
+                fill.mode,
+                response.headers(),
+                received,
+            );
             // Not to be stored, and nobody waits for it, or the upstream said it is for no
             // other caller (`private`, `no-store`, a `Vary` on this caller): it streams on, and
             // any waiters fetch for themselves.
