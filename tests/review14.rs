@@ -116,6 +116,66 @@ async fn overlapping(
     })
 }
 
+/// Finding 1: on a coalesced uncached route, a follower got the leader's answer though the
+/// answer said `Vary: X-Tenant` and the follower sent another tenant (or said `private`).
+#[tokio::test]
+async fn a_coalesced_answer_that_varies_or_is_private_is_not_handed_to_another_caller() {
+    let (_origin, counters) = probe_origin().await;
+    let gateway = start_config(probe_config(&_origin.base_url())).await;
+    let (a, b) = overlapping(
+        &gateway,
+        "/v1/invoices?vary=X-Tenant",
+        &[("X-Tenant", "a")],
+        &[("X-Tenant", "b")],
+    )
+    .await;
+    assert!(a.1.ends_with("tenant [a]"), "{}", a.1);
+    assert!(
+        b.1.ends_with("tenant [b]"),
+        "tenant b got tenant a's answer: {}",
+        b.1
+    );
+    // Followers that send what the leader sent still share its answer.
+    let (a, again) = overlapping(
+        &gateway,
+        "/v1/invoices?vary=X-Tenant&same",
+        &[("X-Tenant", "a")],
+        &[("X-Tenant", "a")],
+    )
+    .await;
+    assert_eq!(a.1, again.1);
+    assert_eq!(counters.calls.load(Ordering::SeqCst), 3);
+    // `Vary: *` and `private`: for no other caller.
+    for path in ["/v1/invoices?vary=*", "/v1/invoices?cc=private"] {
+        let (a, b) = overlapping(&gateway, path, &[], &[]).await;
+        assert_ne!(a.1, b.1, "{path}: the follower got the leader's answer");
+    }
+}
+
+/// Finding 2: every answer on a coalesced uncached route lost the upstream's `Age` (RFC 9111
+/// §4.2.3) and its fetcher's `Set-Cookie`; the follower must get `Age` but not the cookie.
+#[tokio::test]
+async fn a_coalesced_answer_keeps_its_age_and_the_fetchers_cookie() {
+    let (origin, _counters) = probe_origin().await;
+    let gateway = start_config(probe_config(&origin.base_url())).await;
+    let path = "/v1/invoices?age=100&cookie=session%3Dfetcher";
+    let (leader, follower) = overlapping(&gateway, path, &[], &[]).await;
+    assert_eq!(leader.1, follower.1, "one upstream call");
+    for (who, answer) in [("leader", &leader), ("follower", &follower)] {
+        let age: u64 = answer
+            .2
+            .get("age")
+            .unwrap_or_else(|| panic!("{who}: no Age"))
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((100..=101).contains(&age), "{who}: Age {age}");
+    }
+    assert_eq!(leader.2["set-cookie"], "session=fetcher");
+    assert!(follower.2.get("set-cookie").is_none());
+}
+
 /// Finding 3: a variant keyed on an empty header value was served to callers that sent no such
 /// header (RFC 9111 §4.1: an absent header matches only an absent one).
 #[tokio::test]

@@ -38,7 +38,7 @@ mod store;
 
 pub use key::{shareable, Key, KEYED_HEADERS, MS_CONTINUATION_TOKEN, MS_CONTRACT_VERSION};
 pub use lock::SharedError;
-pub use policy::{Directives, NotStored, Vary, Windows};
+pub use policy::{initial_age, vary, Directives, NotStored, Vary, Windows};
 pub use status::{CacheStatus, CacheStatusHeader, Detail, Forward, Ttl, CACHE_STATUS};
 pub use store::{
     Clock, Entry, MemoryStore, Purge, Storage, StorageError, StoreFuture, ENTRY_OVERHEAD,
@@ -769,8 +769,9 @@ fn appended(headers: &HeaderMap, name: &HeaderName, ours: HeaderValue, vary: boo
     HeaderValue::from_str(&text).unwrap_or(ours)
 }
 
-/// The request headers an answer varies on beyond those its key already holds.
-fn varies_beyond_key(headers: &HeaderMap, key_headers: &[HeaderName]) -> Vec<HeaderName> {
+/// The request headers an answer varies on beyond those its key already holds (`coalesce`
+/// shares answers by the same rule).
+pub fn varies_beyond_key(headers: &HeaderMap, key_headers: &[HeaderName]) -> Vec<HeaderName> {
     match policy::vary(headers) {
         policy::Vary::Names(names) => names
             .into_iter()
