@@ -218,3 +218,35 @@ async fn an_answer_for_no_other_caller_is_not_handed_to_the_keys_waiters() {
     let (a, b) = overlapping(&gateway, "/v1/invoices/summary?status=503", &[], &[]).await;
     assert_eq!((a.0, &a.1), (b.0, &b.1));
 }
+
+/// Finding 5: callers of different variants of one key queued on one miss lock, each waiting a
+/// whole upstream call per variant before it: a caller sending a new `Vary`-ed value on every
+/// call could hold every other cold variant of the key to its deadline.
+#[tokio::test]
+async fn callers_of_different_variants_do_not_queue_behind_each_other() {
+    let (origin, counters) = probe_origin().await;
+    let gateway = start_config(probe_config(&origin.base_url())).await;
+    let path = "/v1/invoices/summary?vary=X-Tenant";
+    // The key's vary spec is known once one variant is stored.
+    get(&gateway, path, &[("X-Tenant", "seed")]).await;
+    counters.most_in_flight.store(0, Ordering::SeqCst);
+    let gateway = Arc::new(gateway);
+    let calls: Vec<_> = (0..6)
+        .map(|i| {
+            let gateway = gateway.clone();
+            tokio::spawn(async move {
+                let tenant = format!("t{i}");
+                let answer = get(&gateway, path, &[("X-Tenant", &tenant)]).await;
+                assert!(answer.1.ends_with(&format!("[{tenant}]")), "{}", answer.1);
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+    assert_eq!(counters.calls.load(Ordering::SeqCst), 7);
+    assert!(
+        counters.most_in_flight.load(Ordering::SeqCst) > 1,
+        "the six variants were fetched one after another"
+    );
+}

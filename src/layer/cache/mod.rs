@@ -181,10 +181,12 @@ impl<S: Clone> Cache<S> {
                 .iter()
                 .chain(request.headers().get_all(header::CACHE_CONTROL)),
         );
+        let key = Key::of(request, &self.key_headers);
         Some(Call {
             shared: self.shared.clone(),
             route: route.name.clone(),
-            key: Key::of(request, &self.key_headers),
+            key: key.clone(),
+            lock_key: key,
             asks,
             windows,
             mode: route.origin_cache_control,
@@ -223,7 +225,7 @@ where
                 Ok(response)
             }));
         }
-        let Some(call) = self.plan(&request) else {
+        let Some(mut call) = self.plan(&request) else {
             return Either::Right(Box::pin(self.inner.call(request)));
         };
         if !call.asks.takes_stored() {
@@ -239,10 +241,14 @@ where
                     Ok(found) => return self.decide(call, found, request),
                     Err(variant) => match self.shared.store.get(&variant) {
                         Either::Left(ready) => {
+                            call.lock_key = variant;
                             let found = call.looked_up(ready.into_inner());
                             return self.decide(call, found, request);
                         }
-                        Either::Right(pending) => (pending, true),
+                        Either::Right(pending) => {
+                            call.lock_key = variant;
+                            (pending, true)
+                        }
                     },
                 }
             }
@@ -250,13 +256,18 @@ where
         };
         let inner = self.take_ready();
         Either::Right(Box::pin(async move {
+            let mut call = call;
             let (pending, is_variant) = pending;
             let found = call.awaited(Either::Right(pending)).await;
             let found = match is_variant {
                 true => found,
                 false => match call.select(found, selecting(&request)) {
                     Ok(found) => found,
-                    Err(variant) => call.awaited(call.shared.store.get(&variant)).await,
+                    Err(variant) => {
+                        let found = call.awaited(call.shared.store.get(&variant)).await;
+                        call.lock_key = variant;
+                        found
+                    }
                 },
             };
             match call.judge(found) {
@@ -361,6 +372,9 @@ struct Call {
     /// The route's name (a metric label).
     route: Arc<str>,
     key: Key,
+    /// The key whose miss lock this call takes: its variant's, once the key's stored vary spec
+    /// names it, so callers of different variants do not queue behind each other's fetches.
+    lock_key: Key,
     asks: Asks,
     /// The route's windows: the default freshness.
     windows: Windows,
@@ -499,7 +513,7 @@ impl Call {
         }
         let mut waited = false;
         loop {
-            let read = match self.shared.locks.lock(&self.key) {
+            let read = match self.shared.locks.lock(&self.lock_key) {
                 Locked::Write(permit) => {
                     // A writer that let go between this call's lookup and now stored its answer.
                     let selecting = selecting(&request);
@@ -668,7 +682,7 @@ impl Call {
         S: tower::Service<Request, Response = Response, Error = BoxError> + Send + 'static,
         S::Future: Send + 'static,
     {
-        let Some(permit) = self.shared.locks.try_write(&self.key) else {
+        let Some(permit) = self.shared.locks.try_write(&self.lock_key) else {
             return;
         };
         let shared = self.shared.clone();
