@@ -24,7 +24,8 @@
 //!   `no-store`, `no-cache`, `private` and `Vary: *` answers are not stored ([`policy`], unless
 //!   the route says `origin_cache_control = "ignore"`); such an answer is not handed to waiters.
 //! - `Vary`: an entry that varies is stored under its variant's key and, as the key's vary spec,
-//!   under the key; a lookup that finds a spec for another variant looks up its own next.
+//!   under the key; a lookup that finds a spec for another variant looks up its own next, and
+//!   on a miss takes its variant's lock, not the key's.
 //! - `Set-Cookie` reaches only the caller whose request fetched the answer.
 //! - A `2xx`/`3xx` answer to a write drops what is stored for its path (RFC 9111 §4.4).
 //! - Every answer on a cached route says what happened in `Cache-Status` (after the upstream's
