@@ -6,63 +6,124 @@
 //! each caller waits against its own [`Deadline`], and the fetch against its first caller's. The
 //! answer is buffered to be shared; one larger than `cache.max_entry_bytes` is not: it streams to
 //! the caller that started the fetch, and the others go on their own.
+//!
+//! As with the cache's shared answers (DESIGN.md §2.1, RFC 9111 §4.1): an answer that `Vary`s on
+//! a request header beyond the key goes only to callers that sent what the first caller sent; one
+//! marked `private` or `Vary: *` goes to no other caller (each fetches for itself); `Set-Cookie`
+//! reaches only the caller whose request fetched it; every caller gets the answer's `Age`
+//! (RFC 9111 §4.2.3: the upstream's, the response delay, and the time since it arrived).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::future::{FutureExt, Shared};
-use http::HeaderName;
+use http::{header, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::oneshot;
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Response};
+use crate::call::UnforwardedHeaders;
 use crate::deadline::Deadline;
 /// The shared fetch failed: the cache's miss lock and this layer report it alike.
 pub use crate::layer::cache::SharedError;
-use crate::layer::cache::{initial_age, shareable, Key};
+use crate::layer::cache::{initial_age, shareable, varies_beyond_key, vary, Directives, Key, Vary};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::route::Route;
 
 /// What a shared fetch came to.
 #[derive(Clone)]
 enum Outcome {
-    /// The whole answer, for everyone.
-    Whole(Arc<Fetched>),
+    /// The whole answer, for the callers [`Answer::sharing`] admits.
+    Whole(Arc<Answer>),
     /// Too large to share: it went to the caller that started the fetch.
     TooBig,
     /// The fetch failed.
     Failed(Arc<BoxError>),
 }
 
-/// A shared answer, and how old it was when it arrived (RFC 9111 §4.2.3: the upstream's `Age`,
-/// or what its `Date` says, plus the response delay), so each caller's `Age` counts the time it
-/// has waited here too.
-struct Fetched {
-    answer: Buffered,
-    age: Duration,
+type Flight = Shared<Pin<Box<dyn Future<Output = Outcome> + Send>>>;
+
+/// A shared fetch's whole answer.
+struct Answer {
+    /// Without the headers of the fetching caller's exchange (`Set-Cookie`, `Age`, ...).
+    buffered: Buffered,
+    /// The answer's `Set-Cookie` lines: the fetching caller's alone.
+    cookies: Vec<HeaderValue>,
+    /// Its corrected initial age when it arrived (RFC 9111 §4.2.3).
+    initial_age: Duration,
+    /// When it arrived, to add the time since to its `Age`.
     received: tokio::time::Instant,
+    /// Which other callers may be given it.
+    sharing: Sharing,
 }
 
-impl Fetched {
-    /// This caller's copy, with its `Age`; the caller whose request fetched it also gets the
-    /// answer's cookies (never shared).
-    fn respond(&self, cookies: Vec<http::HeaderValue>) -> Response {
-        let mut response = self.answer.to_response();
-        let age = (self.age + self.received.elapsed()).as_secs();
-        let headers = response.headers_mut();
-        headers.insert(http::header::AGE, http::HeaderValue::from(age));
-        for cookie in cookies {
-            headers.append(http::header::SET_COOKIE, cookie);
+/// Which callers besides the fetching one an answer may go to.
+enum Sharing {
+    /// Every caller with the same key.
+    Everyone,
+    /// Those whose request gives this variant of the key for the answer's `Vary` names.
+    Variant(Vec<HeaderName>, Key),
+    /// None (`private`, `Vary: *`): each fetches for itself.
+    Nobody,
+}
+
+impl Answer {
+    /// The answer for one caller; `fetcher` says whether its request fetched it.
+    fn to_response(&self, fetcher: bool) -> Response {
+        let mut response = self.buffered.to_response();
+        let age = self.initial_age + self.received.elapsed();
+        response
+            .headers_mut()
+            .insert(header::AGE, HeaderValue::from(age.as_secs()));
+        if fetcher {
+            for cookie in &self.cookies {
+                response
+                    .headers_mut()
+                    .append(header::SET_COOKIE, cookie.clone());
+            }
         }
         response
     }
+
+    /// Whether a caller with this `request` may be given it.
+    fn admits(&self, key: &Key, request: &Request) -> bool {
+        match &self.sharing {
+            Sharing::Everyone => true,
+            Sharing::Nobody => false,
+            Sharing::Variant(names, variant) => {
+                let unforwarded = request
+                    .extensions()
+                    .get::<UnforwardedHeaders>()
+                    .map(|headers| &headers.0);
+                key.variant(names, request.headers(), unforwarded) == *variant
+            }
+        }
+    }
 }
 
-type Flight = Shared<Pin<Box<dyn Future<Output = Outcome> + Send>>>;
+/// Who else the answer with these `headers` may go to, for a fetch keyed `key` whose request
+/// had `forwarded` headers and kept `unforwarded` ones aside.
+fn sharing(
+    headers: &HeaderMap,
+    key: &Key,
+    key_headers: &[HeaderName],
+    forwarded: &HeaderMap,
+    unforwarded: Option<&HeaderMap>,
+) -> Sharing {
+    if Directives::of(headers).private || vary(headers) == Vary::All {
+        return Sharing::Nobody;
+    }
+    let names = varies_beyond_key(headers, key_headers);
+    if names.is_empty() {
+        return Sharing::Everyone;
+    }
+    let variant = key.variant(&names, forwarded, unforwarded);
+    Sharing::Variant(names, variant)
+}
 
 /// Adds [`Coalesce`] in front of a service.
 #[derive(Clone)]
@@ -166,21 +227,26 @@ where
                 .inc();
             return Box::pin(async move {
                 match deadline.run(flight).await? {
-                    Outcome::Whole(fetched) => Ok(fetched.respond(Vec::new())),
+                    Outcome::Whole(answer) if answer.admits(&key, &spare) => {
+                        Ok(answer.to_response(false))
+                    }
                     Outcome::Failed(error) => Err(SharedError(error).into()),
-                    // Too large to share: this caller fetches for itself, in what is left of its time.
-                    Outcome::TooBig => deadline.run(inner.oneshot(spare)).await?,
+                    // Too large to share, or not for this caller: it fetches for itself, in
+                    // what is left of its time.
+                    Outcome::Whole(_) | Outcome::TooBig => {
+                        deadline.run(inner.oneshot(spare)).await?
+                    }
                 }
             });
         }
         let (big_tx, big_rx) = oneshot::channel();
-        let (cookies_tx, cookies_rx) = oneshot::channel();
         let fetch = tokio::spawn(state.clone().fetch(
             inner,
             request,
             key.clone(),
+            self.key_headers.clone(),
             deadline,
-            (big_tx, cookies_tx),
+            big_tx,
         ));
         let flight: Flight = async move {
             fetch.await.unwrap_or_else(|e| {
@@ -193,10 +259,7 @@ where
         drop(flights);
         Box::pin(async move {
             match deadline.run(flight).await? {
-                // This caller's request fetched it: its cookies are its own.
-                Outcome::Whole(fetched) => {
-                    Ok(fetched.respond(cookies_rx.await.unwrap_or_default()))
-                }
+                Outcome::Whole(answer) => Ok(answer.to_response(true)),
                 Outcome::Failed(error) => Err(SharedError(error).into()),
                 Outcome::TooBig => big_rx
                     .await
@@ -230,43 +293,55 @@ impl State {
         inner: S,
         request: Request,
         key: Key,
+        key_headers: Arc<[HeaderName]>,
         deadline: Deadline,
-        (big, cookies): (
-            oneshot::Sender<Response>,
-            oneshot::Sender<Vec<http::HeaderValue>>,
-        ),
+        big: oneshot::Sender<Response>,
     ) -> Outcome
     where
         S: tower::Service<Request, Response = Response, Error = BoxError>,
     {
+        // What picks this request's variant, should the answer vary.
+        let forwarded = request.headers().clone();
+        let unforwarded = request
+            .extensions()
+            .get::<UnforwardedHeaders>()
+            .map(|headers| headers.0.clone());
+        let requested = SystemTime::now();
         let _landing = Landing {
             state: self.clone(),
-            key,
+            key: key.clone(),
         };
         // The deadline covers the body too: an upstream that sends headers and then stalls must
         // not hold every identical caller on this flight.
         let fetched = deadline
             .run(async {
-                let requested = std::time::SystemTime::now();
                 match inner.oneshot(request).await {
                     Err(error) => Outcome::Failed(Arc::new(error)),
                     Ok(response) => {
+                        let received = (SystemTime::now(), tokio::time::Instant::now());
                         match body::buffer_up_to(response, self.max_entry_bytes).await {
                             Ok(Limited::Whole(mut buffered)) => {
-                                let received = std::time::SystemTime::now();
-                                let age = initial_age(&buffered.headers, requested, received);
-                                let own: Vec<_> = buffered
-                                    .headers
-                                    .get_all(http::header::SET_COOKIE)
+                                let headers = &buffered.headers;
+                                let cookies = headers
+                                    .get_all(header::SET_COOKIE)
                                     .iter()
                                     .cloned()
                                     .collect();
-                                let _ = cookies.send(own);
+                                let initial_age = initial_age(headers, requested, received.0);
+                                let sharing = sharing(
+                                    headers,
+                                    &key,
+                                    &key_headers,
+                                    &forwarded,
+                                    unforwarded.as_ref(),
+                                );
                                 buffered.keep_shareable_headers();
-                                Outcome::Whole(Arc::new(Fetched {
-                                    answer: buffered,
-                                    age,
-                                    received: tokio::time::Instant::now(),
+                                Outcome::Whole(Arc::new(Answer {
+                                    buffered,
+                                    cookies,
+                                    initial_age,
+                                    received: received.1,
+                                    sharing,
                                 }))
                             }
                             Ok(Limited::TooBig(response)) => {

@@ -108,11 +108,13 @@ impl Key {
         let mut digest = Sha256::new();
         for name in names {
             digest.update(name.as_str());
-            digest.update(b":");
             let values = match (forwarded.contains_key(name), unforwarded) {
                 (false, Some(unforwarded)) => unforwarded.get_all(name),
                 _ => forwarded.get_all(name),
             };
+            // An absent header matches only an absent one (§4.1), never an empty value.
+            let present = values.iter().next().is_some();
+            digest.update(if present { b":" } else { b"!" });
             let mut first = true;
             for value in values {
                 for part in value.as_bytes().split(|&b| b == b',') {
@@ -388,6 +390,11 @@ mod tests {
             a,
             base.variant(&names, &none, None),
             "absent is a value of its own"
+        );
+        assert_ne!(
+            base.variant(&names, &map(&[("x-user", "")]), None),
+            base.variant(&names, &none, None),
+            "an empty value is not an absent header (RFC 9111 §4.1)"
         );
         // Not forwarded: read from what access kept aside.
         assert_eq!(

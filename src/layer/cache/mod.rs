@@ -24,7 +24,8 @@
 //!   `no-store`, `no-cache`, `private` and `Vary: *` answers are not stored ([`policy`], unless
 //!   the route says `origin_cache_control = "ignore"`); such an answer is not handed to waiters.
 //! - `Vary`: an entry that varies is stored under its variant's key and, as the key's vary spec,
-//!   under the key; a lookup that finds a spec for another variant looks up its own next.
+//!   under the key; a lookup that finds a spec for another variant looks up its own next, and
+//!   on a miss takes its variant's lock, not the key's.
 //! - `Set-Cookie` reaches only the caller whose request fetched the answer.
 //! - A `2xx`/`3xx` answer to a write drops what is stored for its path (RFC 9111 §4.4).
 //! - Every answer on a cached route says what happened in `Cache-Status` (after the upstream's
@@ -33,14 +34,12 @@
 mod key;
 mod lock;
 mod policy;
-/// RFC 9111 §4.2.3's age of an answer as it arrives, shared with `coalesce`.
-pub use policy::initial_age;
 mod status;
 mod store;
 
 pub use key::{shareable, Key, KEYED_HEADERS, MS_CONTINUATION_TOKEN, MS_CONTRACT_VERSION};
 pub use lock::SharedError;
-pub use policy::{Directives, NotStored, Vary, Windows};
+pub use policy::{initial_age, vary, Directives, NotStored, Vary, Windows};
 pub use status::{CacheStatus, CacheStatusHeader, Detail, Forward, Ttl, CACHE_STATUS};
 pub use store::{
     Clock, Entry, MemoryStore, Purge, Storage, StorageError, StoreFuture, ENTRY_OVERHEAD,
@@ -183,10 +182,12 @@ impl<S: Clone> Cache<S> {
                 .iter()
                 .chain(request.headers().get_all(header::CACHE_CONTROL)),
         );
+        let key = Key::of(request, &self.key_headers);
         Some(Call {
             shared: self.shared.clone(),
             route: route.name.clone(),
-            key: Key::of(request, &self.key_headers),
+            key: key.clone(),
+            lock_key: key,
             asks,
             windows,
             mode: route.origin_cache_control,
@@ -225,7 +226,7 @@ where
                 Ok(response)
             }));
         }
-        let Some(call) = self.plan(&request) else {
+        let Some(mut call) = self.plan(&request) else {
             return Either::Right(Box::pin(self.inner.call(request)));
         };
         if !call.asks.takes_stored() {
@@ -241,10 +242,14 @@ where
                     Ok(found) => return self.decide(call, found, request),
                     Err(variant) => match self.shared.store.get(&variant) {
                         Either::Left(ready) => {
+                            call.lock_key = variant;
                             let found = call.looked_up(ready.into_inner());
                             return self.decide(call, found, request);
                         }
-                        Either::Right(pending) => (pending, true),
+                        Either::Right(pending) => {
+                            call.lock_key = variant;
+                            (pending, true)
+                        }
                     },
                 }
             }
@@ -252,13 +257,18 @@ where
         };
         let inner = self.take_ready();
         Either::Right(Box::pin(async move {
+            let mut call = call;
             let (pending, is_variant) = pending;
             let found = call.awaited(Either::Right(pending)).await;
             let found = match is_variant {
                 true => found,
                 false => match call.select(found, selecting(&request)) {
                     Ok(found) => found,
-                    Err(variant) => call.awaited(call.shared.store.get(&variant)).await,
+                    Err(variant) => {
+                        let found = call.awaited(call.shared.store.get(&variant)).await;
+                        call.lock_key = variant;
+                        found
+                    }
                 },
             };
             match call.judge(found) {
@@ -363,6 +373,9 @@ struct Call {
     /// The route's name (a metric label).
     route: Arc<str>,
     key: Key,
+    /// The key whose miss lock this call takes: its variant's, once the key's stored vary spec
+    /// names it, so callers of different variants do not queue behind each other's fetches.
+    lock_key: Key,
     asks: Asks,
     /// The route's windows: the default freshness.
     windows: Windows,
@@ -501,7 +514,7 @@ impl Call {
         }
         let mut waited = false;
         loop {
-            let read = match self.shared.locks.lock(&self.key) {
+            let read = match self.shared.locks.lock(&self.lock_key) {
                 Locked::Write(permit) => {
                     // A writer that let go between this call's lookup and now stored its answer.
                     let selecting = selecting(&request);
@@ -670,7 +683,7 @@ impl Call {
         S: tower::Service<Request, Response = Response, Error = BoxError> + Send + 'static,
         S::Future: Send + 'static,
     {
-        let Some(permit) = self.shared.locks.try_write(&self.key) else {
+        let Some(permit) = self.shared.locks.try_write(&self.lock_key) else {
             return;
         };
         let shared = self.shared.clone();
@@ -771,8 +784,9 @@ fn appended(headers: &HeaderMap, name: &HeaderName, ours: HeaderValue, vary: boo
     HeaderValue::from_str(&text).unwrap_or(ours)
 }
 
-/// The request headers an answer varies on beyond those its key already holds.
-fn varies_beyond_key(headers: &HeaderMap, key_headers: &[HeaderName]) -> Vec<HeaderName> {
+/// The request headers an answer varies on beyond those its key already holds (`coalesce`
+/// shares answers by the same rule).
+pub fn varies_beyond_key(headers: &HeaderMap, key_headers: &[HeaderName]) -> Vec<HeaderName> {
     match policy::vary(headers) {
         policy::Vary::Names(names) => names
             .into_iter()
@@ -806,9 +820,14 @@ where
         .run(async {
             let response = inner.oneshot(request).await?;
             let received = shared.clock.now();
-            let verdict = policy::storable(fill.asks, response.status()).and_then(|()| {
-                policy::stored_windows(fill.windows, fill.mode, response.headers(), received)
-            });
+            let verdict = policy::verdict(
+                fill.asks,
+                response.status(),
+                fill.windows,
+                fill.mode,
+                response.headers(),
+                received,
+            );
             // Not to be stored, and nobody waits for it, or the upstream said it is for no
             // other caller (`private`, `no-store`, a `Vary` on this caller): it streams on, and
             // any waiters fetch for themselves.

@@ -406,6 +406,30 @@ pub fn storable(asks: Asks, status: StatusCode) -> Result<(), NotStored> {
     }
 }
 
+/// Whether an answer may be stored, and with which windows, or why not: [`storable`], then
+/// [`stored_windows`]. When this cache's own rules keep it out (a status, the fetching caller's
+/// `no-store`), the upstream's word that it is for no other caller still wins, so the answer is
+/// not handed to the key's waiters: `private` or `Vary: *` on any status, and on a `200` also
+/// `no-store` and `no-cache` (a caller's `no-store` must not make such an answer shareable).
+pub fn verdict(
+    asks: Asks,
+    status: StatusCode,
+    windows: Windows,
+    mode: OriginCacheControl,
+    headers: &HeaderMap,
+    received: SystemTime,
+) -> Result<Windows, NotStored> {
+    let upstream = stored_windows(windows, mode, headers, received);
+    match storable(asks, status) {
+        Ok(()) => upstream,
+        Err(ours) => match upstream {
+            Err(theirs @ (NotStored::Private | NotStored::VaryAll)) => Err(theirs),
+            Err(theirs) if status == StatusCode::OK && !theirs.shareable() => Err(theirs),
+            _ => Err(ours),
+        },
+    }
+}
+
 /// How the upstream failed, when a stale answer may stand in for its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -510,6 +534,49 @@ mod tests {
         assert!(Asks::Anything.takes_stored());
         assert!(!Asks::Fresh.takes_stored());
         assert!(!Asks::NoStore.takes_stored());
+    }
+
+    #[test]
+    fn an_answer_for_no_other_caller_is_never_shareable_whatever_kept_it_out_first() {
+        let now = SystemTime::UNIX_EPOCH + secs(1_000_000);
+        let with = |name: &str, value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            headers
+        };
+        let honor = OriginCacheControl::Honor;
+        let v = |asks, status: u16, headers: &HeaderMap| {
+            let status = StatusCode::from_u16(status).unwrap();
+            verdict(asks, status, WINDOWS, honor, headers, now)
+        };
+        let private = with("cache-control", "private");
+        let star = with("vary", "*");
+        let no_store = with("cache-control", "no-store");
+        assert_eq!(v(Asks::Anything, 404, &private), Err(NotStored::Private));
+        assert_eq!(v(Asks::Anything, 503, &star), Err(NotStored::VaryAll));
+        assert_eq!(v(Asks::NoStore, 200, &private), Err(NotStored::Private));
+        assert_eq!(v(Asks::NoStore, 200, &no_store), Err(NotStored::NoStore));
+        // An error that says only no-store is still handed to the waiters: one upstream call.
+        assert_eq!(v(Asks::Anything, 503, &no_store), Err(NotStored::Status));
+        assert_eq!(
+            v(Asks::NoStore, 200, &HeaderMap::new()),
+            Err(NotStored::RequestNoStore)
+        );
+        assert_eq!(v(Asks::Anything, 200, &HeaderMap::new()), Ok(WINDOWS));
+        // A route that ignores the upstream's Cache-Control still honours Vary: *.
+        let ignore = OriginCacheControl::Ignore;
+        let status = StatusCode::NOT_FOUND;
+        assert_eq!(
+            verdict(Asks::Anything, status, WINDOWS, ignore, &private, now),
+            Err(NotStored::Status)
+        );
+        assert_eq!(
+            verdict(Asks::Anything, status, WINDOWS, ignore, &star, now),
+            Err(NotStored::VaryAll)
+        );
     }
 
     #[test]
