@@ -740,3 +740,38 @@ async fn a_rotated_refresh_token_that_cannot_be_saved_is_counted_kept_and_saved_
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Issue 15, item 1: a rotated `client_secret_file` is picked up at the next token request, with
+/// no restart. The sandbox refuses the old secret (as Entra does once it is deleted) and accepts
+/// the new one.
+#[tokio::test]
+async fn a_rotated_client_secret_file_is_read_again_without_a_restart() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let dir = temp_dir("secret-rotation");
+    let file = dir.join("client-secret");
+    std::fs::write(&file, "an-old-secret-entra-deleted\n").unwrap();
+    let mut config = sandbox.config();
+    config.app_mut().secret = secret_from_file(&file);
+    let gateway = start_config(config).await;
+    let url = gateway.url("/v1/invoices?size=1");
+    assert_eq!(client().get(&url).send().await.unwrap().status(), 503);
+    // The operator (or the kubelet) writes the new secret in place of the old.
+    std::fs::write(
+        &file,
+        format!("{}\n", pcgate::sandbox::SANDBOX_CLIENT_SECRET),
+    )
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = client().get(&url).send().await.unwrap().status();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {status}: the rotated secret was not read"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -67,6 +67,115 @@ pub enum FetchError {
 
 pub use crate::config::Audience;
 
+/// Where a client secret comes from: inline, or a file that is checked at each token request and
+/// re-read when it changed (a Kubernetes Secret updated in place, a rotated Entra ID secret), so a
+/// rotation needs no restart. The check is a `stat`: token requests come about once an hour.
+pub enum ClientSecretSource {
+    /// `client_secret`.
+    Inline(SecretString),
+    /// `client_secret_file`.
+    File(SecretFile),
+}
+
+impl ClientSecretSource {
+    /// The secret to send now.
+    pub fn current(&self) -> SecretString {
+        match self {
+            ClientSecretSource::Inline(secret) => secret.clone(),
+            ClientSecretSource::File(file) => file.current(),
+        }
+    }
+}
+
+/// A secret file and what was read from it last.
+pub struct SecretFile {
+    path: std::path::PathBuf,
+    read: std::sync::Mutex<(Option<FileStamp>, SecretString)>,
+}
+
+/// What tells a changed file from the one read: its identity, size and modification time. A
+/// Kubernetes Secret update swaps a symlink, which changes the identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(path: &std::path::Path) -> Option<FileStamp> {
+        let meta = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let (device, inode) = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.dev(), meta.ino())
+        };
+        #[cfg(not(unix))]
+        let (device, inode) = (0, 0);
+        Some(FileStamp {
+            device,
+            inode,
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
+/// Why a secret file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    /// It could not be read.
+    #[error("{0}")]
+    Unreadable(#[from] std::io::Error),
+    /// It holds nothing but whitespace.
+    #[error("the file is empty")]
+    Empty,
+}
+
+impl SecretFile {
+    /// Reads the secret from `path` now.
+    pub fn open(path: &std::path::Path) -> Result<SecretFile, SecretFileError> {
+        let stamp = FileStamp::of(path);
+        let secret = read_secret(path)?;
+        Ok(SecretFile {
+            path: path.to_owned(),
+            read: std::sync::Mutex::new((stamp, secret)),
+        })
+    }
+
+    /// The secret, re-read first if the file changed since it was last read. A file that cannot
+    /// be read now (mid-rotation, say) leaves the last secret in use; the log says so, never what
+    /// the secret is.
+    pub fn current(&self) -> SecretString {
+        let mut read = self.read.lock().unwrap_or_else(|e| e.into_inner());
+        let stamp = FileStamp::of(&self.path);
+        if stamp != read.0 {
+            match read_secret(&self.path) {
+                Ok(secret) => {
+                    tracing::info!(file = %self.path.display(), "client_secret_file changed: re-read");
+                    *read = (stamp, secret);
+                }
+                Err(error) => tracing::warn!(
+                    file = %self.path.display(),
+                    %error,
+                    "client_secret_file changed but cannot be read: the last secret read stays in use"
+                ),
+            }
+        }
+        read.1.clone()
+    }
+}
+
+fn read_secret(path: &std::path::Path) -> Result<SecretString, SecretFileError> {
+    let text = std::fs::read_to_string(path)?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(SecretFileError::Empty);
+    }
+    Ok(SecretString::from(secret.to_owned()))
+}
+
 /// A token endpoint and the client credential used at it.
 pub struct Endpoint {
     /// Shared HTTP client (rustls with the same roots as the upstream).
@@ -75,8 +184,8 @@ pub struct Endpoint {
     pub url: String,
     /// The app registration.
     pub client_id: String,
-    /// Its secret.
-    pub client_secret: SecretString,
+    /// Its secret, inline or from a file re-read when it changes.
+    pub client_secret: ClientSecretSource,
     /// What the token is for.
     pub audience: Audience,
 }
@@ -97,9 +206,11 @@ impl Endpoint {
     }
 
     async fn exchange(&self, grant: &[(&str, &str)]) -> Result<Issued, FetchError> {
+        // Read per request: a rotated secret file is picked up at the next token request.
+        let secret = self.client_secret.current();
         let mut form: Vec<(&str, &str)> = vec![
             ("client_id", &self.client_id),
-            ("client_secret", self.client_secret.expose_secret()),
+            ("client_secret", secret.expose_secret()),
         ];
         form.extend_from_slice(grant);
         match &self.audience {

@@ -7,7 +7,7 @@ pub mod endpoint;
 pub mod store;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -702,8 +702,20 @@ fn jittered(wait: Duration) -> Duration {
 /// The token endpoint of a credential, its client secret read (from the file if so configured).
 fn endpoint_for(app: &AppCredential, http: &reqwest::Client) -> Result<Endpoint, SetupErrorKind> {
     let client_secret = match &app.secret {
-        ClientSecret::Inline(secret) => secret.clone(),
-        ClientSecret::File(path) => read_secret_file(path)?,
+        ClientSecret::Inline(secret) => endpoint::ClientSecretSource::Inline(secret.clone()),
+        ClientSecret::File(path) => endpoint::ClientSecretSource::File(
+            endpoint::SecretFile::open(path).map_err(|error| match error {
+                endpoint::SecretFileError::Unreadable(source) => {
+                    SetupErrorKind::SecretFileUnreadable {
+                        path: path.to_owned(),
+                        source,
+                    }
+                }
+                endpoint::SecretFileError::Empty => {
+                    SetupErrorKind::SecretFileEmpty(path.to_owned())
+                }
+            })?,
+        ),
     };
     Ok(Endpoint {
         client: http.clone(),
@@ -712,19 +724,6 @@ fn endpoint_for(app: &AppCredential, http: &reqwest::Client) -> Result<Endpoint,
         client_secret,
         audience: app.audience.clone(),
     })
-}
-
-fn read_secret_file(path: &Path) -> Result<SecretString, SetupErrorKind> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| SetupErrorKind::SecretFileUnreadable {
-            path: path.to_owned(),
-            source,
-        })?;
-    let secret = text.trim();
-    if secret.is_empty() {
-        return Err(SetupErrorKind::SecretFileEmpty(path.to_owned()));
-    }
-    Ok(SecretString::from(secret.to_owned()))
 }
 
 /// Every configured credential's source, by name.
@@ -857,7 +856,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.credential, "app");
         assert!(
-            matches!(&error.kind, SetupErrorKind::SecretFileUnreadable { path, .. } if path == Path::new("/nonexistent/pc-secret")),
+            matches!(&error.kind, SetupErrorKind::SecretFileUnreadable { path, .. } if path == std::path::Path::new("/nonexistent/pc-secret")),
             "{error:?}"
         );
         let text = error.to_string();
