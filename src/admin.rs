@@ -71,11 +71,15 @@ impl Admin {
     }
 
     fn readiness(&self) -> Response {
-        let missing: Vec<&str> = self
+        // Each credential without a valid token, and why its last token request failed.
+        let missing: Vec<String> = self
             .credentials
             .iter()
             .filter(|source| source.current().is_none())
-            .map(TokenSource::name)
+            .map(|source| match source.last_error() {
+                Some(cause) => format!("{} ({cause})", source.name()),
+                None => source.name().to_owned(),
+            })
             .collect();
         if missing.is_empty() {
             text(

@@ -755,6 +755,19 @@ async fn a_rotated_client_secret_file_is_read_again_without_a_restart() {
     let gateway = start_config(config).await;
     let url = gateway.url("/v1/invoices?size=1");
     assert_eq!(client().get(&url).send().await.unwrap().status(), 503);
+    // Readiness names the failing credential and why, never the secret.
+    let readyz = client()
+        .get(format!("http://{}/readyz", gateway.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 503);
+    let readyz = readyz.text().await.unwrap();
+    assert!(
+        readyz.contains("app (") && readyz.contains("invalid_client"),
+        "{readyz}"
+    );
+    assert!(!readyz.contains("an-old-secret"), "{readyz}");
     // The operator (or the kubelet) writes the new secret in place of the old.
     std::fs::write(
         &file,

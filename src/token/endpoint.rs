@@ -372,6 +372,29 @@ struct RawRefusal {
     error: String,
     #[serde(default)]
     error_description: String,
+    /// Entra ID's `AADSTS` numbers.
+    #[serde(default)]
+    error_codes: Vec<u64>,
+}
+
+/// What to do about an Entra ID refusal, by its `AADSTS` code or the HTTP status.
+pub fn advice(status: u16, codes: &[u64]) -> Option<String> {
+    let said = |code: u64, what: &str| Some(format!("AADSTS{code}: {what}"));
+    for &code in codes {
+        match code {
+            7000215 => return said(code, "the client secret is wrong: put the app registration's current secret in client_secret_file (it is re-read, no restart needed)"),
+            7000222 => return said(code, "the client secret has expired: add a new secret to the app registration in Entra ID and write it to client_secret_file"),
+            700024 => return said(code, "the client assertion is expired or not yet valid: check this host's clock and the federated token file's freshness"),
+            700027 => return said(code, "the client assertion's signature or certificate is not accepted: upload the certificate to the app registration, or check the federated credential"),
+            70008 | 700082 => return said(code, "the refresh token has expired: redo the App+User consent and replace refresh_token_file"),
+            50076 | 50078 | 50079 => return said(code, "the user must sign in again with MFA: redo the App+User consent and replace refresh_token_file"),
+            50196 => return said(code, "Entra ID detected a request loop from this client: look for restarting pods or replicas refreshing together; pcgate backs off"),
+            _ => {}
+        }
+    }
+    (status == 429).then(|| {
+        "the token endpoint throttles this client (429): pcgate backs off; check for many replicas or restarts refreshing at once".to_owned()
+    })
 }
 
 /// Parses an OAuth error answer (RFC 6749 §5.2).
@@ -388,6 +411,9 @@ pub fn parse_refusal(status: u16, body: &[u8]) -> FetchError {
         .collect();
     if description.is_empty() {
         description = format!("HTTP {status}");
+    }
+    if let Some(advice) = advice(status, &raw.error_codes) {
+        description = format!("{description} ({advice})");
     }
     match raw.error.as_str() {
         "invalid_grant" => FetchError::InvalidGrant(description),
@@ -415,6 +441,39 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entra_refusals_say_what_to_do() {
+        let refusal = |status: u16, error: &str, codes: &str| {
+            let body = format!(
+                r#"{{"error":"{error}","error_description":"AADSTS{codes}: Refused.\r\nTrace ID: 0a1b\r\nCorrelation ID: 2c3d","error_codes":[{codes}]}}"#
+            );
+            parse_refusal(status, body.as_bytes()).to_string()
+        };
+        let expired = refusal(401, "invalid_client", "7000222");
+        assert!(
+            expired.contains("has expired") && expired.contains("client_secret_file"),
+            "{expired}"
+        );
+        let wrong = refusal(401, "invalid_client", "7000215");
+        assert!(wrong.contains("secret is wrong"), "{wrong}");
+        let assertion = refusal(400, "invalid_client", "700027");
+        assert!(assertion.contains("certificate"), "{assertion}");
+        let stale = refusal(400, "invalid_client", "700024");
+        assert!(stale.contains("clock"), "{stale}");
+        let consent = refusal(400, "invalid_grant", "70008");
+        assert!(consent.contains("consent"), "{consent}");
+        let looping = refusal(400, "temporarily_unavailable", "50196");
+        assert!(looping.contains("loop"), "{looping}");
+        let throttled = parse_refusal(429, b"{}").to_string();
+        assert!(throttled.contains("throttles"), "{throttled}");
+        // An unknown code changes nothing; the description's trace lines never come along.
+        let other = refusal(400, "invalid_request", "90002");
+        assert!(
+            !other.contains("Trace ID") && !other.contains("("),
+            "{other}"
+        );
+    }
 
     #[test]
     fn v1_answers_have_string_numbers() {

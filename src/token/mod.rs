@@ -334,6 +334,12 @@ impl TokenSource {
         &self.inner.name
     }
 
+    /// Why the last token request failed, if it did (never a secret): for `/readyz`.
+    pub fn last_error(&self) -> Option<String> {
+        let state = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
+        state.last_error.clone()
+    }
+
     /// The current token if it is still valid.
     pub fn current(&self) -> Option<Arc<Token>> {
         let state = self.inner.state.read().unwrap_or_else(|e| e.into_inner());
