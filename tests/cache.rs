@@ -1026,6 +1026,24 @@ async fn age_counts_the_upstreams_age_and_cache_status_appends_to_the_upstreams(
     assert!(hit.1.contains("ttl=19"), "{}", hit.1);
 }
 
+// The cache test suite's `age-parse-suffix`: one `Age` line `7200, 0` is 7200 s old, so an answer
+// with `max-age=3600` arrives stale and is not served as a hit; `0, 7200` arrives fresh.
+#[tokio::test]
+async fn a_listed_age_counts_its_first_member() {
+    let (_origin, gateway, _calls, _) = header_gateway().await;
+    let old = "/v1/invoices/summary?cc=max-age%3D3600&age=7200,%200";
+    let first = get_with(&gateway, old, &[]).await;
+    assert_eq!(first.3["age"], "7200", "{:?}", first.3["age"]);
+    let second = get_with(&gateway, old, &[]).await;
+    assert!(second.1.starts_with("pcgate; fwd="), "{}", second.1);
+    assert_ne!(second.2, first.2, "a stale answer was served as a hit");
+    let young = "/v1/invoices/summary?cc=max-age%3D3600&age=0,%207200";
+    let first = get_with(&gateway, young, &[]).await;
+    let second = get_with(&gateway, young, &[]).await;
+    assert!(second.1.starts_with("pcgate; hit"), "{}", second.1);
+    assert_eq!(second.2, first.2);
+}
+
 #[tokio::test]
 async fn set_cookie_stays_with_the_caller_who_fetched_the_answer() {
     let (_origin, gateway, _calls, _) = header_gateway().await;

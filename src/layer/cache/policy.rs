@@ -385,12 +385,16 @@ pub fn initial_age(headers: &HeaderMap, requested: SystemTime, received: SystemT
         Some(Ok(date)) => received.duration_since(date).unwrap_or_default(),
         _ => Duration::ZERO,
     };
-    let age_value = headers
-        .get(header::AGE)
-        .and_then(|v| delta_seconds(v.to_str().ok()))
-        .unwrap_or(0);
     let delay = received.duration_since(requested).unwrap_or_default();
-    apparent.max(Duration::from_secs(age_value) + delay)
+    apparent.max(Duration::from_secs(age_value(headers).unwrap_or(0)) + delay)
+}
+
+/// The upstream's `Age` in seconds: the first member of its first field line, as the HTTP
+/// working group's cache tests read a malformed list (`Age: 7200, 0` is 7200 seconds old; RFC
+/// 9111 §5.1 allows one value only). `None` when that member is not delta-seconds.
+fn age_value(headers: &HeaderMap) -> Option<u64> {
+    let first = headers.get(header::AGE)?.to_str().ok()?;
+    delta_seconds(first.split(',').next())
 }
 
 /// Whether an answer with `status`, fetched for a caller who asks `asks`, may be stored. Its
@@ -845,5 +849,16 @@ mod tests {
             secs(2)
         );
         assert_eq!(age(&[("age", "99999999999999999999")]), secs(MAX_DELTA + 2));
+    }
+
+    #[test]
+    fn a_listed_age_counts_its_first_member_of_its_first_line() {
+        let (sent, got) = (at(NOW), at(NOW));
+        let age = |pairs: &[(&str, &str)]| initial_age(&headers(pairs), sent, got);
+        assert_eq!(age(&[("age", "7200, 0")]), secs(7200));
+        assert_eq!(age(&[("age", "0, 7200")]), secs(0));
+        assert_eq!(age(&[("age", "7200"), ("age", "0")]), secs(7200));
+        assert_eq!(age(&[("age", "0"), ("age", "7200")]), secs(0));
+        assert_eq!(age(&[("age", "x, 7200")]), secs(0), "invalid first member");
     }
 }
