@@ -67,7 +67,8 @@ pub use crate::call::RequestCacheControl;
 
 pub use crate::call::UnforwardedHeaders;
 
-/// The `Vary` value of pcgate's own answers on cached routes: the request headers its key uses.
+/// The `Vary` of pcgate's answers on cached routes that carry none from the upstream: the request
+/// headers its key uses.
 fn own_vary(extra: &[HeaderName]) -> HeaderValue {
     let keyed = KEYED_HEADERS;
     let names: Vec<&str> = keyed.iter().chain(extra).map(HeaderName::as_str).collect();
@@ -726,8 +727,12 @@ impl Call {
         let headers = response.headers_mut();
         let status = appended(headers, &CACHE_STATUS, header.render(), false);
         headers.insert(CACHE_STATUS, status);
-        let vary = appended(headers, &header::VARY, self.vary.clone(), true);
-        headers.insert(header::VARY, vary);
+        // The upstream's own Vary names what its answer depends on, and goes on as sent (a
+        // downstream cache reads it as the origin wrote it); an answer without one gets the
+        // request headers pcgate's key uses, so a cache downstream cannot mix pcgate's variants.
+        if !headers.contains_key(header::VARY) {
+            headers.insert(header::VARY, self.vary.clone());
+        }
         self.count(header.outcome());
         response
     }
