@@ -123,7 +123,6 @@ impl Gateway {
             .iter()
             .map(|r| metrics::KnownRoute {
                 name: r.name(),
-                cached: r.cache_ttl.is_some(),
                 coalesced: r.coalesce,
             })
             .collect();
@@ -151,10 +150,17 @@ impl Gateway {
         let store = std::sync::Arc::new(layer::cache::MemoryStore::new(
             config.cache.max_bytes.as_u64(),
             config.cache.max_entry_bytes.as_u64(),
-            metrics.clone(),
+            &metrics,
         ));
         let (forward_headers, key_headers) = config.header_lists()?;
+        let cached_routes: Vec<String> = config
+            .routes
+            .iter()
+            .filter(|r| r.cache_ttl.is_some())
+            .map(|r| r.name().to_owned())
+            .collect();
         let parts = stack::Parts {
+            cached_routes,
             observe,
             forward_headers,
             key_headers: key_headers.into(),

@@ -79,12 +79,6 @@ struct BuildLabels {
 /// Every metric pcgate exports; shared as `Arc<Metrics>`.
 pub struct Metrics {
     registry: std::sync::Mutex<Registry>,
-    /// `pcgate_cache_lookups_total{route,result}`.
-    pub cache_lookups: Family<CacheLabels, Counter>,
-    /// `pcgate_cache_bytes`.
-    pub cache_bytes: Gauge,
-    /// `pcgate_cache_entries`.
-    pub cache_entries: Gauge,
     /// `pcgate_coalesced_requests_total{route}`: calls answered by another call's upstream fetch.
     pub coalesced: Family<RouteLabel, Counter>,
     /// `pcgate_token_refreshes_total{credential,result}`.
@@ -110,9 +104,6 @@ impl Metrics {
         root.register_collector(Box::new(ProcessCollector));
         let registry = root.sub_registry_with_prefix("pcgate");
         let m = Metrics {
-            cache_lookups: Family::default(),
-            cache_bytes: Gauge::default(),
-            cache_entries: Gauge::default(),
             coalesced: Family::default(),
             token_refreshes: Family::default(),
             token_expiry: Family::default(),
@@ -120,21 +111,6 @@ impl Metrics {
             registry: Default::default(),
         };
         let r = registry;
-        r.register(
-            "cache_lookups",
-            "Cache lookups, by route and result",
-            m.cache_lookups.clone(),
-        );
-        r.register(
-            "cache_bytes",
-            "Bytes held by the response cache",
-            m.cache_bytes.clone(),
-        );
-        r.register(
-            "cache_entries",
-            "Entries in the response cache",
-            m.cache_entries.clone(),
-        );
         r.register(
             "coalesced_requests",
             "Calls answered by another identical call's upstream fetch",
@@ -307,7 +283,7 @@ pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Upstream attempt outcomes besides a status class.
 pub const TRANSPORT_OUTCOMES: [&str; 3] = ["connect_error", "timeout", "error"];
 /// Cache lookup results.
-const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "stale", "bypass"];
+pub const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "stale", "bypass"];
 /// Token refresh results.
 const REFRESH_RESULTS: [&str; 2] = ["ok", "error"];
 
@@ -315,8 +291,6 @@ const REFRESH_RESULTS: [&str; 2] = ["ok", "error"];
 pub struct KnownRoute<'a> {
     /// Its name (the `route` label).
     pub name: &'a str,
-    /// It has a cache.
-    pub cached: bool,
     /// It coalesces identical calls.
     pub coalesced: bool,
 }
@@ -333,14 +307,6 @@ impl Metrics {
             let label = RouteLabel {
                 route: name.clone(),
             };
-            if route.cached {
-                for result in CACHE_RESULTS {
-                    let _ = self.cache_lookups.get_or_create(&CacheLabels {
-                        route: name.clone(),
-                        result,
-                    });
-                }
-            }
             if route.coalesced {
                 let _ = self.coalesced.get_or_create(&label);
             }

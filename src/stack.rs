@@ -18,6 +18,8 @@ use crate::upstream::Upstream;
 
 /// Everything the stack is built from, prepared once at start-up.
 pub struct Parts {
+    /// The names of the routes with a cache (their lookups are exported from start).
+    pub cached_routes: Vec<String>,
     /// Call metrics and the access log (its metric families already registered).
     pub observe: ObserveLayer,
     /// The route table, matched by `access`.
@@ -87,6 +89,13 @@ pub fn build(
                 parts.store.max_entry_bytes(),
                 parts.metrics.clone(),
                 parts.retry.deadline,
+            )
+            .routes(
+                &parts
+                    .cached_routes
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
             )
             .key_headers(parts.key_headers.clone()),
         )

@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 
 use pcgate::config::Config;
 use pcgate::layer::cache::CacheStatus;
-use pcgate::metrics::{
-    status_class, CacheLabels, CredentialLabel, Metrics, RouteLabel, TokenLabels,
-};
+use pcgate::metrics::{status_class, CredentialLabel, Metrics, RouteLabel, TokenLabels};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -416,7 +414,7 @@ const TARGET_LABELS: &[&str] = &["job", "instance", "namespace", "pod", "contain
 const OPEN_LABELS: &[&str] = &["route", "credential", "version", "le"];
 
 fn catalog() -> Catalog {
-    let m = Metrics::new();
+    let m = std::sync::Arc::new(Metrics::new());
     let route = || std::sync::Arc::<str>::from("r");
     let classes: BTreeSet<&str> = (100..600)
         .map(|s| status_class(http::StatusCode::from_u16(s).unwrap()))
@@ -437,19 +435,26 @@ fn catalog() -> Catalog {
         &m,
         &["r"],
     );
-    for status in [
-        CacheStatus::Hit,
-        CacheStatus::Miss,
-        CacheStatus::Stale,
-        CacheStatus::Bypass,
-    ] {
-        m.cache_lookups
-            .get_or_create(&CacheLabels {
-                route: route(),
-                result: status.as_str(),
-            })
-            .inc();
-    }
+    // The cache layer and its store register their own families, every result at zero.
+    assert_eq!(
+        [
+            CacheStatus::Hit,
+            CacheStatus::Miss,
+            CacheStatus::Stale,
+            CacheStatus::Bypass,
+        ]
+        .map(CacheStatus::as_str),
+        pcgate::metrics::CACHE_RESULTS,
+        "the cache results exported at start are all the ones the cache can report"
+    );
+    let store = std::sync::Arc::new(pcgate::layer::cache::MemoryStore::new(1 << 20, 1 << 16, &m));
+    let _cache = pcgate::layer::cache::CacheLayer::new(
+        store,
+        1 << 16,
+        m.clone(),
+        std::time::Duration::from_secs(60),
+    )
+    .routes(&["r"]);
     m.coalesced
         .get_or_create(&RouteLabel { route: route() })
         .inc();

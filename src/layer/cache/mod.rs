@@ -58,10 +58,12 @@ use crate::call::CallInfo;
 use crate::config::OriginCacheControl;
 use crate::deadline::{Deadline, DeadlineExceeded};
 use crate::error::find_cause;
-use crate::metrics::{CacheLabels, Metrics, RouteLabel};
+use crate::metrics::{CacheLabels, Metrics, RouteLabel, CACHE_RESULTS};
 use crate::route::Route;
 use lock::{LockStatus, Locked, Locks, WritePermit};
 use policy::{Asks, Freshness};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 pub use crate::call::RequestCacheControl;
 
@@ -101,7 +103,10 @@ struct Shared {
     clock: Clock,
     /// The largest answer stored or shared with waiters.
     max_entry_bytes: usize,
+    /// `pcgate_coalesced_requests_total` (shared with `coalesce`) lives here.
     metrics: Arc<Metrics>,
+    /// `pcgate_cache_lookups_total{route,result}`, registered by this layer.
+    lookups: Family<CacheLabels, Counter>,
     /// `upstream.deadline`, for a request that arrives without a [`Deadline`] (a layer test).
     deadline: Duration,
 }
@@ -115,6 +120,12 @@ impl CacheLayer {
         metrics: Arc<Metrics>,
         deadline: Duration,
     ) -> Self {
+        let lookups = Family::<CacheLabels, Counter>::default();
+        metrics.register(
+            "cache_lookups",
+            "Cache lookups, by route and result",
+            lookups.clone(),
+        );
         CacheLayer {
             shared: Arc::new(Shared {
                 store,
@@ -122,11 +133,25 @@ impl CacheLayer {
                 clock: Clock::default(),
                 max_entry_bytes,
                 metrics,
+                lookups,
                 deadline,
             }),
             key_headers: Arc::from([]),
             vary: own_vary(&[]),
         }
+    }
+
+    /// Exports the lookups of these cached routes at zero, every result, from start.
+    pub fn routes(self, cached: &[&str]) -> Self {
+        for route in cached {
+            for result in CACHE_RESULTS {
+                let _ = self.shared.lookups.get_or_create(&CacheLabels {
+                    route: Arc::from(*route),
+                    result,
+                });
+            }
+        }
+        self
     }
 
     /// Puts these request headers in every key too (`cache.key_headers`); `coalesce` must be
@@ -742,8 +767,7 @@ impl Call {
             info.set_cache(status.as_str());
         }
         self.shared
-            .metrics
-            .cache_lookups
+            .lookups
             .get_or_create(&CacheLabels {
                 route: self.route.clone(),
                 result: status.as_str(),
@@ -1023,7 +1047,7 @@ mod tests {
     impl TestStore {
         fn new() -> TestStore {
             TestStore {
-                memory: MemoryStore::new(1 << 20, 1 << 16, Arc::new(Metrics::new())),
+                memory: MemoryStore::new(1 << 20, 1 << 16, &Metrics::new()),
                 puts: AtomicUsize::new(0),
                 hide_gets: AtomicUsize::new(0),
                 remote: false,
@@ -1164,8 +1188,9 @@ mod tests {
 
     fn lookups<S>(harness: &Harness<S>, result: &'static str) -> u64 {
         harness
-            .metrics
-            .cache_lookups
+            .service
+            .shared
+            .lookups
             .get_or_create(&CacheLabels {
                 route: "summary".into(),
                 result,

@@ -18,6 +18,7 @@ use super::key::Key;
 use super::policy::{self, Windows};
 use crate::body::{BoxError, Buffered};
 use crate::metrics::Metrics;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// A stored answer and what it takes to judge it.
 #[derive(Debug)]
@@ -175,13 +176,15 @@ pub const ENTRY_OVERHEAD: usize = 640;
 pub struct MemoryStore {
     entries: moka::sync::Cache<Key, Arc<Entry>>,
     max_entry_bytes: usize,
-    metrics: Arc<Metrics>,
+    /// `pcgate_cache_entries` and `pcgate_cache_bytes`, registered by the store.
+    gauges: (Gauge, Gauge),
 }
 
 impl MemoryStore {
     /// A store holding at most `max_bytes` (bodies, headers, keys and each entry's own overhead,
     /// [`ENTRY_OVERHEAD`]), for answers of at most `max_entry_bytes`.
-    pub fn new(max_bytes: u64, max_entry_bytes: u64, metrics: Arc<Metrics>) -> MemoryStore {
+    /// Registers its size gauges in `metrics`.
+    pub fn new(max_bytes: u64, max_entry_bytes: u64, metrics: &Metrics) -> MemoryStore {
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &Key, entry: &Arc<Entry>| {
@@ -195,7 +198,20 @@ impl MemoryStore {
         MemoryStore {
             entries,
             max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
-            metrics,
+            gauges: {
+                let (entries, bytes) = (Gauge::default(), Gauge::default());
+                metrics.register(
+                    "cache_bytes",
+                    "Bytes held by the response cache",
+                    bytes.clone(),
+                );
+                metrics.register(
+                    "cache_entries",
+                    "Entries in the response cache",
+                    entries.clone(),
+                );
+                (entries, bytes)
+            },
         }
     }
 
@@ -213,12 +229,8 @@ impl MemoryStore {
     }
 
     fn update_gauges(&self) {
-        self.metrics
-            .cache_entries
-            .set(self.entries.entry_count() as i64);
-        self.metrics
-            .cache_bytes
-            .set(self.entries.weighted_size() as i64);
+        self.gauges.0.set(self.entries.entry_count() as i64);
+        self.gauges.1.set(self.entries.weighted_size() as i64);
     }
 }
 
@@ -279,7 +291,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_memory_store_answers_at_once() {
-        let store = MemoryStore::new(1 << 20, 1 << 16, Arc::new(Metrics::new()));
+        let store = MemoryStore::new(1 << 20, 1 << 16, &Metrics::new());
         let key = {
             let request = http::Request::get("/v1/invoices/summary")
                 .body(crate::body::empty())
