@@ -2,7 +2,7 @@
 # The HTTP working group's cache test suite (github.com/http-tests/cache-tests, a copy in
 # $SUITE) against pcgate as a shared cache and against nginx proxy_cache, in one run.
 #
-#   bash benches/cache-tests.sh     # SUITE=/work/shared/cache-tests by default
+#   bash benches/cache-tests.sh     # SUITE=../shared/cache-tests (beside the repository) by default
 #   WRITES=1 bash benches/cache-tests.sh   # also let POST/PUT/PATCH/DELETE /test/** through
 #
 # Copies the suite to a temp dir (npm ci), starts its origin on 127.0.0.1:18300, pcgate and nginx
@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUITE=${SUITE:-/work/shared/cache-tests}
+SUITE=${SUITE:-$(cd .. && pwd)/shared/cache-tests}
 OUT=${OUT:-target/cache-tests}
 RUN_TIMEOUT=${RUN_TIMEOUT:-600}
 WRITES=${WRITES:-0}
