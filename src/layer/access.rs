@@ -36,7 +36,7 @@ use crate::route::{normalize_path, Route, RouteTable};
 
 /// Keeps only the forwarded headers; the caller's `Cache-Control` and the headers not forwarded
 /// go into the request's extensions for the cache layer.
-fn keep_forwarded(request: &mut Request, extra: &[HeaderName]) {
+fn keep_forwarded(request: &mut Request, extra: &[HeaderName], keep_aside: bool) {
     let headers = request.headers_mut();
     let cache_control: Vec<_> = headers
         .get_all(header::CACHE_CONTROL)
@@ -52,6 +52,10 @@ fn keep_forwarded(request: &mut Request, extra: &[HeaderName]) {
     // Kept aside for the cache: a stored answer's `Vary` may name them (RFC 9111 §4.1).
     let mut unforwarded = http::HeaderMap::new();
     for name in dropped {
+        if !keep_aside {
+            headers.remove(&name);
+            continue;
+        }
         if let http::header::Entry::Occupied(entry) = headers.entry(&name) {
             let (name, values) = entry.remove_entry_mult();
             let secret = name == header::AUTHORIZATION || name == header::COOKIE;
@@ -163,7 +167,6 @@ impl<S> Access<S> {
             let client = self.client(request).ok_or(AccessError::BadKey)?;
             tracing::debug!(client = %client.name, "inbound key accepted");
         }
-        keep_forwarded(request, &self.forward);
         let path = normalize_path(request.uri().path())?;
         let route = self
             .table
@@ -173,6 +176,12 @@ impl<S> Access<S> {
                 path: path.as_str().to_owned(),
             })?
             .clone();
+        // Only routes that share answers (a cache, coalescing) read the headers kept aside.
+        keep_forwarded(
+            request,
+            &self.forward,
+            route.cache_ttl.is_some() || route.coalesce,
+        );
         let normal = match request.uri().query() {
             Some(query) => format!("{}?{query}", path.as_str()),
             None => path.as_str().to_owned(),
