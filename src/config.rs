@@ -15,7 +15,8 @@ mod url;
 
 pub use credential::{
     AppCredential, Audience, BearerToken, ClientSecret, CredentialConfig, CredentialError, Grant,
-    StaticCredential, UserCredential,
+    StaticCredential, UserCredential, AUTHORITY_HOST_ENV, CLIENT_ID_ENV, DEFAULT_AUTHORITY_HOST,
+    FEDERATED_TOKEN_ENV, TENANT_ENV,
 };
 pub use pattern::{Pattern, PatternError, Patterns};
 pub use url::{BaseUrl, TokenUrl, UrlError};
@@ -1167,6 +1168,119 @@ mod tests {
             let app = config.credentials["c"].app().expect("an app credential");
             assert!(matches!(&app.audience, Audience::Scope(s) if s.ends_with("/.default")));
             assert_eq!(config.credentials["c"].grant(), Grant::ClientCredentials);
+            Ok(())
+        });
+    }
+
+    /// Issue 15: how the app proves itself is one of a secret, a certificate (both files) or a
+    /// federated token; workload identity may take its file, client id and tenant from the
+    /// variables the AKS webhook sets, and only workload identity does.
+    #[test]
+    fn a_credential_authenticates_one_way_and_workload_identity_reads_the_webhooks_variables() {
+        Jail::expect_with(|jail| {
+            let with = |keys: &str| {
+                Config::from_toml(&format!(
+                    "{MINIMAL}\n[credentials.c]\ngrant = \"client_credentials\"\n{keys}\n"
+                ))
+            };
+            let named =
+                "token_url = \"https://login.example/t/oauth2/token\"\nclient_id = \"id\"\n";
+            let config = with(&format!(
+                "{named}certificate_file = \"/etc/pc/cert.pem\"\nprivate_key_file = \"/etc/pc/key.pem\""
+            ))
+            .map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.credentials["c"].certificate_files(),
+                Some((Path::new("/etc/pc/cert.pem"), Path::new("/etc/pc/key.pem")))
+            );
+            let printed = config.to_toml();
+            assert!(
+                printed.contains("private_key_file = \"/etc/pc/key.pem\""),
+                "{printed}"
+            );
+            let reloaded = Config::from_toml(&printed).map_err(|e| e.to_string())?;
+            assert_eq!(reloaded.to_toml(), printed);
+
+            let refused = [
+                ("certificate_file = \"c.pem\"", "`certificate_file` needs `private_key_file`"),
+                ("private_key_file = \"k.pem\"", "`private_key_file` needs `certificate_file`"),
+                (
+                    "client_secret = \"s3cr3t\"\ncertificate_file = \"c\"\nprivate_key_file = \"k\"",
+                    "`client_secret` or `certificate_file`, not both",
+                ),
+                (
+                    "client_secret_file = \"s\"\nfederated_token_file = \"t\"",
+                    "`client_secret_file` or `federated_token_file`, not both",
+                ),
+                ("", "federated_token_file"),
+            ];
+            for (keys, expected) in refused {
+                let msg = message(with(&format!("{named}{keys}")));
+                assert!(
+                    msg.contains("credentials.c") && msg.contains(expected),
+                    "{keys}: {msg}"
+                );
+                assert!(!msg.contains("s3cr3t"), "{msg}");
+            }
+            // Only workload identity may leave out client_id and token_url, and only with the
+            // webhook's variables set.
+            let msg = message(with("federated_token_file = \"/t\"\nclient_id = \"id\""));
+            assert!(
+                msg.contains("token_url") && msg.contains(TENANT_ENV),
+                "{msg}"
+            );
+            let msg = message(with("federated_token_file = \"/t\"\ntoken_url = \"https://login.example/t/oauth2/token\""));
+            assert!(
+                msg.contains("client_id") && msg.contains(CLIENT_ID_ENV),
+                "{msg}"
+            );
+            jail.set_env(CLIENT_ID_ENV, "wi-client");
+            jail.set_env(TENANT_ENV, "wi-tenant");
+            let msg = message(with("client_secret = \"s\""));
+            assert!(
+                msg.contains("client_id"),
+                "a secret credential ignores AZURE_*: {msg}"
+            );
+
+            // A credential with no secret at all, in a pod the webhook labelled: workload identity.
+            jail.set_env(
+                FEDERATED_TOKEN_ENV,
+                "/var/run/secrets/azure/tokens/azure-identity-token",
+            );
+            let config = with("").map_err(|e| e.to_string())?;
+            let app = config.credentials["c"].app().expect("an app credential");
+            assert_eq!(
+                config.credentials["c"].federated_token_file(),
+                Some(Path::new(
+                    "/var/run/secrets/azure/tokens/azure-identity-token"
+                ))
+            );
+            assert_eq!(app.client_id, "wi-client");
+            assert_eq!(
+                app.token_url.as_str(),
+                "https://login.microsoftonline.com/wi-tenant/oauth2/token"
+            );
+            // The config wins over the variables; a v2 scope gets the v2 endpoint; the authority
+            // can be another cloud's.
+            jail.set_env(AUTHORITY_HOST_ENV, "https://login.microsoftonline.us");
+            let config = with("client_id = \"mine\"\nfederated_token_file = \"/t\"\nscope = \"https://api.partnercenter.microsoft.com/.default\"")
+                .map_err(|e| e.to_string())?;
+            let app = config.credentials["c"].app().expect("an app credential");
+            assert_eq!(app.client_id, "mine");
+            assert_eq!(
+                app.token_url.as_str(),
+                "https://login.microsoftonline.us/wi-tenant/oauth2/v2.0/token"
+            );
+            assert_eq!(
+                config.credentials["c"].federated_token_file(),
+                Some(Path::new("/t"))
+            );
+            // check-config prints what the variables filled in, and it reloads as it is.
+            let printed = config.to_toml();
+            assert!(
+                printed.contains("client_id = \"mine\"") && printed.contains("wi-tenant"),
+                "{printed}"
+            );
             Ok(())
         });
     }

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{
     AppCredential, Audience, BaseUrl, ClientSecret, Config, ConfigError, CredentialConfig,
@@ -45,9 +46,95 @@ pub fn config_for(sandbox: &Sandbox) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
+/// How the demo's gateway authenticates at the sandbox's token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DemoCredential {
+    /// The sandbox's client secret, inline.
+    #[default]
+    Secret,
+    /// A throwaway certificate made at start: signed client assertions, no secret sent.
+    Certificate,
+}
+
+/// A throwaway certificate and key written to a fresh directory (key mode 0600), removed when
+/// dropped.
+pub struct CertificateFiles {
+    /// The directory holding both.
+    pub dir: PathBuf,
+    /// `certificate.pem`.
+    pub certificate_file: PathBuf,
+    /// `private-key.pem`.
+    pub private_key_file: PathBuf,
+    /// The certificate, for the sandbox to trust.
+    pub certificate_pem: String,
+}
+
+impl CertificateFiles {
+    /// Makes a certificate and key and writes them under `parent`.
+    pub fn create(parent: &Path) -> Result<CertificateFiles, DemoError> {
+        let fail = |what: String| DemoError::Certificate(what);
+        let pair = sandbox::throwaway_certificate("pcgate-demo").map_err(fail)?;
+        let dir = parent.join(format!("pcgate-demo-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+        let files = CertificateFiles {
+            certificate_file: dir.join("certificate.pem"),
+            private_key_file: dir.join("private-key.pem"),
+            certificate_pem: pair.certificate_pem,
+            dir,
+        };
+        std::fs::write(&files.certificate_file, &files.certificate_pem)
+            .map_err(|e| fail(format!("{}: {e}", files.certificate_file.display())))?;
+        write_private(
+            &files.private_key_file,
+            pair.private_key_pem.expose_secret(),
+        )
+        .map_err(|e| fail(format!("{}: {e}", files.private_key_file.display())))?;
+        Ok(files)
+    }
+
+    /// Points every credential of `config` that has an app registration at these files.
+    pub fn configure(&self, config: &mut Config) {
+        for credential in config.credentials.values_mut() {
+            let app = match credential {
+                CredentialConfig::ClientCredentials(app) => app,
+                CredentialConfig::RefreshToken(user) => &mut user.app,
+                CredentialConfig::Static(_) => continue,
+            };
+            app.secret = ClientSecret::Certificate {
+                certificate_file: self.certificate_file.clone(),
+                private_key_file: self.private_key_file.clone(),
+            };
+        }
+    }
+}
+
+impl Drop for CertificateFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Writes `text` to a new file readable by its owner only.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
+}
+
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
+    /// The throwaway certificate could not be made or written.
+    #[error("throwaway certificate: {0}")]
+    Certificate(String),
     /// The sandbox could not bind.
     #[error("sandbox: {0}")]
     Sandbox(std::io::Error),
@@ -68,13 +155,31 @@ async fn free_or(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Runs the sandbox and the gateway until `shutdown`, printing where they are and what to try.
-pub async fn run(shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), DemoError> {
+pub async fn run(
+    credential: DemoCredential,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DemoError> {
+    let files = match credential {
+        DemoCredential::Secret => None,
+        DemoCredential::Certificate => Some(CertificateFiles::create(&std::env::temp_dir())?),
+    };
     let options = SandboxOptions {
         listen: free_or(sandbox::DEFAULT_LISTEN).await,
+        client_certificates: files.iter().map(|f| f.certificate_pem.clone()).collect(),
         ..SandboxOptions::default()
     };
     let sandbox = Sandbox::bind(options).await.map_err(DemoError::Sandbox)?;
     let mut config = config_for(&sandbox)?;
+    let how = match &files {
+        Some(files) => {
+            files.configure(&mut config);
+            format!(
+                "a throwaway certificate in {} (signed client assertions; no secret is sent)",
+                files.dir.display()
+            )
+        }
+        None => "the sandbox's client secret".to_owned(),
+    };
     config.server.listen = free_or(config.server.listen).await;
     config.server.admin_listen = free_or(config.server.admin_listen).await;
     let gateway = Gateway::bind(config).await?;
@@ -88,6 +193,7 @@ pub async fn run(shutdown: impl Future<Output = ()> + Send + 'static) -> Result<
          \n  gateway  http://{gw}    billing apps call this\
          \n  admin    http://{admin}    /healthz /readyz /metrics\
          \n  sandbox  http://{sb}    the upstream; /__sandbox/requests shows what reached it\
+         \n\nThe gateway authenticates with {how}.\
          \n\nTry:\
          \n  curl -s http://{gw}/v1/invoices/summary\
          \n  curl -s 'http://{gw}/v1/invoices?size=2&offset=0'\
@@ -102,5 +208,6 @@ pub async fn run(shutdown: impl Future<Output = ()> + Send + 'static) -> Result<
         sandbox.serve(shutdown.wait())
     );
     served?;
+    drop(files);
     Ok(())
 }

@@ -49,7 +49,18 @@ enum Command {
     /// POST /__sandbox/faults.
     Sandbox(SandboxArgs),
     /// The sandbox and the gateway together in one process, ready for curl; Ctrl-C stops both.
-    Demo,
+    Demo {
+        /// How the gateway authenticates: the sandbox's client secret, or a throwaway certificate
+        /// made at start (signed client assertions).
+        #[arg(long, value_enum, default_value_t = DemoCredentialArg::Secret)]
+        credential: DemoCredentialArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DemoCredentialArg {
+    Secret,
+    Certificate,
 }
 
 #[derive(clap::Args)]
@@ -78,6 +89,9 @@ struct SandboxArgs {
     /// API calls per second above which it answers 429 with Retry-After (e.g. 50/s).
     #[arg(long, value_parser = sandbox::parse_rate_limit)]
     rate_limit: Option<u32>,
+    /// A PEM certificate whose key may sign client assertions (repeatable).
+    #[arg(long = "client-certificate", value_name = "FILE")]
+    client_certificates: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -99,7 +113,18 @@ fn main() -> ExitCode {
             Err(e) => config_error(&config, &e),
         },
         Command::Sandbox(args) => runtime().block_on(async {
+            let mut client_certificates = Vec::new();
+            for path in &args.client_certificates {
+                match std::fs::read_to_string(path) {
+                    Ok(pem) => client_certificates.push(pem),
+                    Err(e) => {
+                        eprintln!("pcgate sandbox: --client-certificate {}: {e}", path.display());
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                }
+            }
             let options = SandboxOptions {
+                client_certificates,
                 listen: args.listen,
                 invoices: args.invoices,
                 seed: args.seed,
@@ -129,8 +154,12 @@ fn main() -> ExitCode {
                 }
             }
         }),
-        Command::Demo => runtime().block_on(async {
-            match pcgate::demo::run(shutdown_signal()).await {
+        Command::Demo { credential } => runtime().block_on(async {
+            let credential = match credential {
+                DemoCredentialArg::Secret => pcgate::demo::DemoCredential::Secret,
+                DemoCredentialArg::Certificate => pcgate::demo::DemoCredential::Certificate,
+            };
+            match pcgate::demo::run(credential, shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pcgate demo: {e}");

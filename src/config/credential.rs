@@ -69,7 +69,26 @@ impl CredentialConfig {
     pub fn client_secret_file(&self) -> Option<&Path> {
         match &self.app()?.secret {
             ClientSecret::File(path) => Some(path),
-            ClientSecret::Inline(_) => None,
+            _ => None,
+        }
+    }
+
+    /// `certificate_file` and `private_key_file`, for a certificate credential.
+    pub fn certificate_files(&self) -> Option<(&Path, &Path)> {
+        match &self.app()?.secret {
+            ClientSecret::Certificate {
+                certificate_file,
+                private_key_file,
+            } => Some((certificate_file, private_key_file)),
+            _ => None,
+        }
+    }
+
+    /// `federated_token_file`, for a workload identity credential.
+    pub fn federated_token_file(&self) -> Option<&Path> {
+        match &self.app()?.secret {
+            ClientSecret::Federated(path) => Some(path),
+            _ => None,
         }
     }
 
@@ -93,12 +112,35 @@ pub enum CredentialError {
         /// The empty key.
         key: &'static str,
     },
-    /// Both `client_secret` and `client_secret_file`.
-    #[error("set `client_secret` or `client_secret_file`, not both")]
-    TwoSecrets,
-    /// Neither `client_secret` nor `client_secret_file`.
-    #[error("needs `client_secret` or `client_secret_file` (preferred)")]
+    /// Two ways for the app to prove itself (`client_secret`, `client_secret_file`,
+    /// `certificate_file`, `federated_token_file`): one is allowed.
+    #[error("set one way to authenticate the app: `{0}` or `{1}`, not both")]
+    TwoSecrets(&'static str, &'static str),
+    /// No way for the app to prove itself.
+    #[error(
+        "needs a way to authenticate the app: `client_secret_file` (or `client_secret`), \
+         `certificate_file` + `private_key_file`, or `federated_token_file` (workload identity; \
+         {FEDERATED_TOKEN_ENV} is not set)"
+    )]
     NoSecret,
+    /// One half of a certificate credential.
+    #[error("`{0}` needs `{1}`: a certificate credential is the PEM certificate and its PEM private key")]
+    HalfCertificate(&'static str, &'static str),
+    /// No `token_url`, and no `AZURE_TENANT_ID` to make one from.
+    #[error(
+        "needs `token_url` (a workload identity credential may leave it out when {TENANT_ENV} \
+         is set, as the AKS webhook does)"
+    )]
+    NoTokenUrl,
+    /// No `client_id`, and no `AZURE_CLIENT_ID` to take it from.
+    #[error(
+        "needs `client_id` (a workload identity credential may leave it out when {CLIENT_ID_ENV} \
+         is set, as the AKS webhook does)"
+    )]
+    NoClientId,
+    /// `AZURE_TENANT_ID` / `AZURE_AUTHORITY_HOST` do not make a token URL.
+    #[error("the token URL made from {TENANT_ENV} and {AUTHORITY_HOST_ENV} is not valid: {0}")]
+    BadAuthority(String),
     /// Both `resource` and `scope`.
     #[error("set `resource` (v1 token endpoint) or `scope` (v2), not both")]
     TwoAudiences,
@@ -115,13 +157,35 @@ pub enum CredentialError {
     BadToken,
 }
 
-/// Where the client secret comes from.
+/// The workload identity webhook's variable naming the projected service account token.
+pub const FEDERATED_TOKEN_ENV: &str = "AZURE_FEDERATED_TOKEN_FILE";
+/// The workload identity webhook's variable holding the app registration's client id.
+pub const CLIENT_ID_ENV: &str = "AZURE_CLIENT_ID";
+/// The workload identity webhook's variable holding the tenant id.
+pub const TENANT_ENV: &str = "AZURE_TENANT_ID";
+/// The workload identity webhook's variable holding the Entra ID authority.
+pub const AUTHORITY_HOST_ENV: &str = "AZURE_AUTHORITY_HOST";
+/// The authority when `AZURE_AUTHORITY_HOST` is unset (the public cloud).
+pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com/";
+
+/// How the app proves itself at the token endpoint. (Named for the first kind it had.)
 #[derive(Debug, Clone)]
 pub enum ClientSecret {
     /// `client_secret`, inline.
     Inline(SecretString),
-    /// `client_secret_file` (preferred: keeps it out of the config), read at start.
+    /// `client_secret_file` (keeps it out of the config), re-read when it changes.
     File(PathBuf),
+    /// `certificate_file` + `private_key_file` (PEM): a client assertion signed with the key,
+    /// naming the certificate by thumbprint. Both re-read when they change.
+    Certificate {
+        /// The PEM certificate uploaded to the app registration.
+        certificate_file: PathBuf,
+        /// Its PEM private key (PKCS#8 or PKCS#1 RSA).
+        private_key_file: PathBuf,
+    },
+    /// `federated_token_file` (workload identity): the file's content is the client assertion,
+    /// read for every token request.
+    Federated(PathBuf),
 }
 
 /// The audience of the tokens asked for.
@@ -134,7 +198,9 @@ pub enum Audience {
 }
 
 /// An app registration at a token endpoint (`client_credentials`, and the app part of
-/// `refresh_token`).
+/// `refresh_token`). A workload identity credential (`federated_token_file`, set or from
+/// `AZURE_FEDERATED_TOKEN_FILE`) takes a `client_id` and `token_url` it leaves out from
+/// `AZURE_CLIENT_ID` and `AZURE_TENANT_ID` (+ `AZURE_AUTHORITY_HOST`), as the AKS webhook sets them.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(try_from = "AppFields", into = "AppFields")]
 pub struct AppCredential {
@@ -142,7 +208,7 @@ pub struct AppCredential {
     pub token_url: TokenUrl,
     /// The app registration's client id.
     pub client_id: String,
-    /// The client secret.
+    /// How the app proves itself: a secret, a certificate or a federated token.
     pub secret: ClientSecret,
     /// What the tokens are for.
     pub audience: Audience,
@@ -210,12 +276,20 @@ const REDACTED: &str = "[redacted]";
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct AppFields {
-    token_url: TokenUrl,
-    client_id: String,
+    #[serde(default)]
+    token_url: Option<TokenUrl>,
+    #[serde(default)]
+    client_id: Option<String>,
     #[serde(default, serialize_with = "redact_option")]
     client_secret: Option<SecretString>,
     #[serde(default)]
     client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    certificate_file: Option<PathBuf>,
+    #[serde(default)]
+    private_key_file: Option<PathBuf>,
+    #[serde(default)]
+    federated_token_file: Option<PathBuf>,
     #[serde(default)]
     resource: Option<String>,
     #[serde(default)]
@@ -242,29 +316,113 @@ fn redact_option<S: Serializer>(
     }
 }
 
-impl AppCredential {
-    fn from_fields(fields: &AppFields, grant: Grant) -> Result<AppCredential, CredentialError> {
-        if fields.client_id.is_empty() {
-            return Err(CredentialError::Empty {
-                grant: grant.as_str(),
-                key: "client_id",
+/// A variable of the environment, if set and not blank.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|value| value.trim().to_owned())
+        .filter(|value| !value.is_empty())
+}
+
+/// How the app proves itself, from the keys written: exactly one way, a certificate as a pair;
+/// none written means workload identity when `AZURE_FEDERATED_TOKEN_FILE` is set.
+fn client_auth(fields: &AppFields) -> Result<ClientSecret, CredentialError> {
+    let mut set: Vec<&'static str> = Vec::new();
+    let mut found = None;
+    if let Some(secret) = &fields.client_secret {
+        set.push("client_secret");
+        found = Some(ClientSecret::Inline(secret.clone()));
+    }
+    if let Some(path) = &fields.client_secret_file {
+        set.push("client_secret_file");
+        found = Some(ClientSecret::File(path.clone()));
+    }
+    match (&fields.certificate_file, &fields.private_key_file) {
+        (Some(certificate_file), Some(private_key_file)) => {
+            set.push("certificate_file");
+            found = Some(ClientSecret::Certificate {
+                certificate_file: certificate_file.clone(),
+                private_key_file: private_key_file.clone(),
             });
         }
-        let secret = match (&fields.client_secret, &fields.client_secret_file) {
-            (Some(_), Some(_)) => return Err(CredentialError::TwoSecrets),
-            (None, None) => return Err(CredentialError::NoSecret),
-            (Some(secret), None) => ClientSecret::Inline(secret.clone()),
-            (None, Some(path)) => ClientSecret::File(path.clone()),
-        };
+        (Some(_), None) => {
+            return Err(CredentialError::HalfCertificate(
+                "certificate_file",
+                "private_key_file",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(CredentialError::HalfCertificate(
+                "private_key_file",
+                "certificate_file",
+            ))
+        }
+        (None, None) => {}
+    }
+    if let Some(path) = &fields.federated_token_file {
+        set.push("federated_token_file");
+        found = Some(ClientSecret::Federated(path.clone()));
+    }
+    if let [first, second, ..] = set[..] {
+        return Err(CredentialError::TwoSecrets(first, second));
+    }
+    match found {
+        Some(auth) => Ok(auth),
+        None => env(FEDERATED_TOKEN_ENV)
+            .map(|path| ClientSecret::Federated(PathBuf::from(path)))
+            .ok_or(CredentialError::NoSecret),
+    }
+}
+
+/// The v1 (or, for a `scope`, v2) token endpoint of `AZURE_TENANT_ID` at `AZURE_AUTHORITY_HOST`.
+fn token_url_from_env(audience: &Audience) -> Result<Option<TokenUrl>, CredentialError> {
+    let Some(tenant) = env(TENANT_ENV) else {
+        return Ok(None);
+    };
+    let host = env(AUTHORITY_HOST_ENV).unwrap_or_else(|| DEFAULT_AUTHORITY_HOST.to_owned());
+    let path = match audience {
+        Audience::Resource(_) => "oauth2/token",
+        Audience::Scope(_) => "oauth2/v2.0/token",
+    };
+    let url = format!("{}/{tenant}/{path}", host.trim_end_matches('/'));
+    TokenUrl::parse(&url)
+        .map(Some)
+        .map_err(|e| CredentialError::BadAuthority(e.to_string()))
+}
+
+impl AppCredential {
+    fn from_fields(fields: &AppFields, grant: Grant) -> Result<AppCredential, CredentialError> {
+        let secret = client_auth(fields)?;
+        let federated = matches!(secret, ClientSecret::Federated(_));
         let audience = match (&fields.resource, &fields.scope) {
             (Some(_), Some(_)) => return Err(CredentialError::TwoAudiences),
             (None, Some(scope)) => Audience::Scope(scope.clone()),
             (Some(resource), None) => Audience::Resource(resource.clone()),
             (None, None) => Audience::Resource(DEFAULT_RESOURCE.to_owned()),
         };
+        // Only workload identity reads the webhook's variables: another credential in the same
+        // pod may well be a different app registration.
+        let client_id = match &fields.client_id {
+            Some(id) => id.clone(),
+            None if federated => env(CLIENT_ID_ENV).ok_or(CredentialError::NoClientId)?,
+            None => return Err(CredentialError::NoClientId),
+        };
+        if client_id.is_empty() {
+            return Err(CredentialError::Empty {
+                grant: grant.as_str(),
+                key: "client_id",
+            });
+        }
+        let token_url = match &fields.token_url {
+            Some(url) => url.clone(),
+            None if federated => {
+                token_url_from_env(&audience)?.ok_or(CredentialError::NoTokenUrl)?
+            }
+            None => return Err(CredentialError::NoTokenUrl),
+        };
         Ok(AppCredential {
-            token_url: fields.token_url.clone(),
-            client_id: fields.client_id.clone(),
+            token_url,
+            client_id,
             secret,
             audience,
             refresh_before: fields.refresh_before,
@@ -272,19 +430,33 @@ impl AppCredential {
     }
 
     fn fields(self) -> AppFields {
-        let (client_secret, client_secret_file) = match self.secret {
-            ClientSecret::Inline(secret) => (Some(secret), None),
-            ClientSecret::File(path) => (None, Some(path)),
-        };
+        let (mut client_secret, mut client_secret_file) = (None, None);
+        let (mut certificate_file, mut private_key_file, mut federated_token_file) =
+            (None, None, None);
+        match self.secret {
+            ClientSecret::Inline(secret) => client_secret = Some(secret),
+            ClientSecret::File(path) => client_secret_file = Some(path),
+            ClientSecret::Certificate {
+                certificate_file: certificate,
+                private_key_file: key,
+            } => {
+                certificate_file = Some(certificate);
+                private_key_file = Some(key);
+            }
+            ClientSecret::Federated(path) => federated_token_file = Some(path),
+        }
         let (resource, scope) = match self.audience {
             Audience::Resource(resource) => (Some(resource), None),
             Audience::Scope(scope) => (None, Some(scope)),
         };
         AppFields {
-            token_url: self.token_url,
-            client_id: self.client_id,
+            token_url: Some(self.token_url),
+            client_id: Some(self.client_id),
             client_secret,
             client_secret_file,
+            certificate_file,
+            private_key_file,
+            federated_token_file,
             resource,
             scope,
             refresh_token: None,

@@ -14,6 +14,9 @@
 //!   them as `GET` does, without the body. Anything else is 404, a wrong method 405. See `api.rs` and `data.rs`.
 //! - `GET|POST /__sandbox/faults`: read or partially update the fault knobs (`faults.rs`).
 //! - `GET|DELETE /__sandbox/requests`: the request log, or reset it (`requests.rs`).
+//! - `GET|POST /__sandbox/credentials`: what the token endpoint accepts from the app (client
+//!   secrets, certificates for signed assertions, federated tokens); a POST replaces each list it
+//!   names, so a secret can be rotated at run time (`token.rs`).
 //!
 //! An API call goes: method check, `latency`, the next `script` entry, the rate limit (429 with
 //! `Retry-After`), `fail_rate`, the Bearer check, then the data. Errors use Partner Center's
@@ -26,6 +29,7 @@
 //! `/__sandbox/requests` does show headers as received, by design.
 
 mod api;
+mod cert;
 mod data;
 mod faults;
 mod pdf;
@@ -52,7 +56,9 @@ use crate::server::{ServeOptions, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIME
 use api::ApiRoute;
 use faults::{Faults, RateWindow};
 use requests::{Record, RequestLog, RouteName};
-use token::{TokenKind, TokenStore};
+use token::{ClientCredentials, TokenKind, TokenStore};
+
+pub use cert::{throwaway_certificate, ThrowawayCertificate, THROWAWAY_KEY_BITS};
 
 /// Client id the sandbox's token endpoint accepts by default.
 pub const SANDBOX_CLIENT_ID: &str = "pcgate-sandbox-client";
@@ -109,8 +115,13 @@ pub struct SandboxOptions {
     pub rate_limit: Option<u32>,
     /// Client id the token endpoint accepts.
     pub client_id: String,
-    /// Client secret the token endpoint accepts.
+    /// Client secret the token endpoint accepts (until `POST /__sandbox/credentials` replaces it).
     pub client_secret: String,
+    /// PEM certificates whose keys may sign client assertions (the app registration's
+    /// certificate credentials).
+    pub client_certificates: Vec<String>,
+    /// Federated tokens accepted as client assertions (workload identity).
+    pub federated_tokens: Vec<String>,
     /// The initial refresh token the token endpoint accepts.
     pub refresh_token: String,
 }
@@ -128,6 +139,8 @@ impl Default for SandboxOptions {
             rate_limit: None,
             client_id: SANDBOX_CLIENT_ID.to_owned(),
             client_secret: SANDBOX_CLIENT_SECRET.to_owned(),
+            client_certificates: Vec::new(),
+            federated_tokens: Vec::new(),
             refresh_token: SANDBOX_REFRESH_TOKEN.to_owned(),
         }
     }
@@ -187,15 +200,21 @@ pub struct Sandbox {
 impl Sandbox {
     /// Checks `options`, generates the data and binds the listener (port 0 allowed).
     pub async fn bind(options: SandboxOptions) -> std::io::Result<Sandbox> {
-        options
-            .validate()
-            .map_err(|message| std::io::Error::new(std::io::ErrorKind::InvalidInput, message))?;
+        let invalid =
+            |message: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, message);
+        options.validate().map_err(invalid)?;
+        let credentials = ClientCredentials::new(
+            &options.client_secret,
+            &options.client_certificates,
+            &options.federated_tokens,
+        )
+        .map_err(|e| invalid(format!("sandbox client_certificates: {e}")))?;
         let listener = TcpListener::bind(options.listen).await?;
         let local_addr = listener.local_addr()?;
         Ok(Sandbox {
             listener,
             local_addr,
-            state: Arc::new(State::new(options)),
+            state: Arc::new(State::new(options, credentials)),
         })
     }
 
@@ -249,6 +268,7 @@ struct State {
     options: SandboxOptions,
     data: data::Data,
     tokens: Mutex<TokenStore>,
+    credentials: Mutex<ClientCredentials>,
     faults: Mutex<Faults>,
     rate: Mutex<RateWindow>,
     log: Mutex<RequestLog>,
@@ -296,7 +316,7 @@ impl Route {
 }
 
 impl State {
-    fn new(options: SandboxOptions) -> State {
+    fn new(options: SandboxOptions, credentials: ClientCredentials) -> State {
         let faults = Faults {
             fail_rate: options.fail_rate,
             fail_status: options.fail_status,
@@ -309,6 +329,7 @@ impl State {
         State {
             data: data::Data::generate(options.seed, options.invoices),
             tokens: Mutex::new(TokenStore::new(options.refresh_token.clone())),
+            credentials: Mutex::new(credentials),
             faults: Mutex::new(faults),
             rate: Mutex::new(RateWindow::default()),
             log: Mutex::new(RequestLog::default()),
@@ -325,6 +346,10 @@ impl State {
         lock(&self.faults)
     }
 
+    fn credentials(&self) -> MutexGuard<'_, ClientCredentials> {
+        lock(&self.credentials)
+    }
+
     async fn handle(&self, request: http::Request<Incoming>) -> Response {
         if let Some(admin) = request.uri().path().strip_prefix("/__sandbox/") {
             let admin = admin.to_owned();
@@ -336,7 +361,11 @@ impl State {
         let method = request.method().clone();
         let ids = ResponseIds::of(request.headers());
         let mut response = match route {
-            Route::Token { v2 } => token::handle(self, request, v2).await,
+            Route::Token { v2 } => {
+                let (response, client) = token::handle(self, request, v2).await;
+                record.client = client;
+                response
+            }
             Route::Api(api) => self.api(&api, &request).await,
             Route::Other => pc_error(
                 StatusCode::NOT_FOUND,
@@ -504,11 +533,28 @@ impl State {
                 let log = serde_json::to_value(&*lock(&self.log)).unwrap_or(Value::Null);
                 json_response(StatusCode::OK, &log)
             }
-            ("faults" | "requests", _) => {
-                let allow = if path == "faults" {
-                    "GET, POST"
-                } else {
+            ("credentials", Method::GET) => {
+                json_response(StatusCode::OK, &self.credentials().summary())
+            }
+            ("credentials", Method::POST) => {
+                let bytes = match read_body(request.into_body(), MAX_ADMIN_BODY).await {
+                    Ok(bytes) => bytes,
+                    Err(error) => return admin_error(&format!("could not read the body: {error}")),
+                };
+                let patched = self.credentials().patch(&bytes);
+                match patched {
+                    Ok(()) => {
+                        tracing::info!("sandbox client credentials replaced");
+                        json_response(StatusCode::OK, &self.credentials().summary())
+                    }
+                    Err(error) => admin_error(&error),
+                }
+            }
+            ("faults" | "requests" | "credentials", _) => {
+                let allow = if path == "requests" {
                     "GET, DELETE"
+                } else {
+                    "GET, POST"
                 };
                 let mut response = pc_error(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -523,7 +569,8 @@ impl State {
             _ => pc_error(
                 StatusCode::NOT_FOUND,
                 NOT_FOUND,
-                "unknown sandbox admin path: use /__sandbox/faults or /__sandbox/requests",
+                "unknown sandbox admin path: use /__sandbox/faults, /__sandbox/requests or \
+                 /__sandbox/credentials",
             ),
         }
     }

@@ -78,6 +78,11 @@ pub struct Record {
     pub status: u16,
     /// Headers by lowercased name; repeated headers joined with `", "`.
     pub headers: BTreeMap<String, String>,
+    /// Token requests the endpoint accepted: how the app authenticated (`client_secret
+    /// sha256:<12 hex>`, `client_assertion x5t#S256:<thumbprint> jti:<jti>`, `federated
+    /// sha256:<12 hex>`); a fingerprint, never the secret or assertion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 impl Record {
@@ -101,6 +106,7 @@ impl Record {
             route: route.as_str(),
             status: 0,
             headers,
+            client: None,
         }
     }
 }

@@ -7,9 +7,20 @@
 //! App+User token and a new refresh token, and the presented one stops working (strict rotation).
 //! Expiry runs on tokio's clock; only `expires_on`/`not_before` read the wall clock, because
 //! clients compare them with theirs.
+//!
+//! The app authenticates with a client secret (any of [`ClientCredentials`]' secrets), or a
+//! `client_assertion` (`client_assertion_type` jwt-bearer): a JWT signed by a trusted
+//! certificate's key and naming it by `x5t#S256` or `x5t`, checked as Entra ID does (RS256 or
+//! PS256 signature, `aud` = the token URL the request was sent to, `iss` = `sub` = the client id,
+//! `exp` and `nbf` with a minute of skew, a `jti` never seen before), or a federated token equal to
+//! one configured. What is accepted can be replaced at run time (`POST /__sandbox/credentials`),
+//! so a test or a demo user can rotate a secret: accept the new one, then refuse the old.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
 
 use http::{header, HeaderValue, Method, StatusCode};
 use hyper::body::Incoming;
@@ -85,11 +96,299 @@ impl TokenStore {
     }
 }
 
-/// Answers one token request.
+/// `client_assertion_type` for JWT bearer assertions (RFC 7523 §2.2).
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// Clock skew allowed on an assertion's `exp` and `nbf`.
+const ASSERTION_LEEWAY_SECS: u64 = 60;
+/// The longest assertion lifetime accepted (bounds how long a `jti` is remembered).
+const MAX_ASSERTION_LIFETIME_SECS: u64 = 24 * 3600;
+/// The most `jti`s remembered; past it the oldest-expiring are forgotten first.
+const MAX_REMEMBERED_JTIS: usize = 100_000;
+
+/// A certificate the app registration trusts.
+struct TrustedCertificate {
+    x5t: String,
+    x5t_s256: String,
+    key: DecodingKey,
+}
+
+/// What the token endpoint accepts from the app: client secrets, certificates (for signed
+/// assertions) and federated tokens; and the `jti`s of assertions already used, until they expire.
+pub struct ClientCredentials {
+    secrets: Vec<String>,
+    certificates: Vec<TrustedCertificate>,
+    federated_tokens: Vec<String>,
+    seen_jtis: HashMap<String, u64>,
+}
+
+/// `POST /__sandbox/credentials`: each list present replaces what is accepted of its kind.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsPatch {
+    client_secrets: Option<Vec<String>>,
+    certificates: Option<Vec<String>>,
+    federated_tokens: Option<Vec<String>>,
+}
+
+fn trusted(pem: &str) -> Result<TrustedCertificate, String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|_| "a certificate is not PEM (-----BEGIN CERTIFICATE-----)".to_owned())?;
+    let key = DecodingKey::from_rsa_pem(pem.as_bytes())
+        .map_err(|e| format!("a certificate holds no RSA public key: {e}"))?;
+    let (x5t, x5t_s256, _) = crate::token::assertion::thumbprints(der.as_ref());
+    Ok(TrustedCertificate { x5t, x5t_s256, key })
+}
+
+/// The first 12 hex digits of a value's SHA-256: enough for a test to tell values apart in the
+/// request log, nothing to sign in with.
+fn fingerprint(value: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
+    digest.as_ref()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An `invalid_client` refusal (401), by its AADSTS code; made into the answer by [`handle`].
+#[derive(Debug)]
+struct Refused {
+    code: u32,
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct AssertionClaims {
+    sub: Option<String>,
+    exp: u64,
+    jti: Option<String>,
+}
+
+impl ClientCredentials {
+    /// Accepts `secret`, the PEM `certificates` and the `federated_tokens`.
+    pub fn new(
+        secret: &str,
+        certificates: &[String],
+        federated_tokens: &[String],
+    ) -> Result<ClientCredentials, String> {
+        Ok(ClientCredentials {
+            secrets: vec![secret.to_owned()],
+            certificates: certificates
+                .iter()
+                .map(|pem| trusted(pem))
+                .collect::<Result<_, _>>()?,
+            federated_tokens: federated_tokens.to_vec(),
+            seen_jtis: HashMap::new(),
+        })
+    }
+
+    /// Applies a `POST /__sandbox/credentials` body; all or nothing.
+    pub fn patch(&mut self, body: &[u8]) -> Result<(), String> {
+        let patch: CredentialsPatch = serde_json::from_slice(body).map_err(|e| {
+            format!(
+                "expected {{\"client_secrets\": [...], \"certificates\": [PEM...], \
+                 \"federated_tokens\": [...]}}, each optional: {e}"
+            )
+        })?;
+        let certificates = match &patch.certificates {
+            Some(pems) => Some(
+                pems.iter()
+                    .map(|pem| trusted(pem))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => None,
+        };
+        if let Some(secrets) = patch.client_secrets {
+            if secrets.iter().any(String::is_empty) {
+                return Err("client_secrets must not hold an empty secret".into());
+            }
+            self.secrets = secrets;
+        }
+        if let Some(certificates) = certificates {
+            self.certificates = certificates;
+        }
+        if let Some(tokens) = patch.federated_tokens {
+            self.federated_tokens = tokens;
+        }
+        Ok(())
+    }
+
+    /// What `GET /__sandbox/credentials` shows: counts and thumbprints, never a secret.
+    pub fn summary(&self) -> Value {
+        json!({
+            "client_secrets": self.secrets.len(),
+            "certificates": self.certificates.iter().map(|c| &c.x5t_s256).collect::<Vec<_>>(),
+            "federated_tokens": self.federated_tokens.len(),
+        })
+    }
+
+    /// Checks a client secret; the log note names it by fingerprint.
+    fn check_secret(&self, secret: &str, client_id: &str) -> Result<String, Refused> {
+        if self.secrets.iter().any(|s| s == secret) {
+            return Ok(format!("client_secret sha256:{}", fingerprint(secret)));
+        }
+        Err(Refused {
+            code: 7_000_215,
+            text: format!(
+                "Invalid client secret provided. Ensure the secret being sent in the request is \
+                 the client secret value, not the client secret ID, for a secret added to app \
+                 '{client_id}'."
+            ),
+        })
+    }
+
+    /// Checks a client assertion sent to `audience` (the token URL) by `client_id`.
+    fn check_assertion(
+        &mut self,
+        assertion: &str,
+        client_id: &str,
+        audience: &str,
+    ) -> Result<String, Refused> {
+        let refused = |code: u32, text: &str| {
+            Err(Refused {
+                code,
+                text: text.to_owned(),
+            })
+        };
+        if self.federated_tokens.iter().any(|t| t == assertion) {
+            return Ok(format!("federated sha256:{}", fingerprint(assertion)));
+        }
+        let Ok(header) = jsonwebtoken::decode_header(assertion) else {
+            return refused(50_027, "JWT token is invalid or malformed.");
+        };
+        let named = |c: &&TrustedCertificate| {
+            header.x5t_s256.as_deref() == Some(c.x5t_s256.as_str())
+                || header.x5t.as_deref() == Some(c.x5t.as_str())
+        };
+        if header.x5t_s256.is_none() && header.x5t.is_none() {
+            // Not signed by a certificate: a federated token no federated credential matches.
+            return refused(
+                70_021,
+                "No matching federated identity record found for presented assertion.",
+            );
+        }
+        let Some(certificate) = self.certificates.iter().find(named) else {
+            return refused(
+                700_027,
+                "The certificate with identifier used to sign the client assertion is not \
+                 registered on application.",
+            );
+        };
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::PS256) {
+            return refused(
+                700_027,
+                "Client assertion failed signature validation: the algorithm must be RS256 or PS256.",
+            );
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = ASSERTION_LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_audience(&[audience]);
+        validation.set_issuer(&[client_id]);
+        validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+        let claims =
+            match jsonwebtoken::decode::<AssertionClaims>(assertion, &certificate.key, &validation)
+            {
+                Ok(data) => data.claims,
+                Err(error) => {
+                    use jsonwebtoken::errors::ErrorKind;
+                    return match error.kind() {
+                        ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature => refused(
+                            700_024,
+                            "Client assertion is not within its valid time range.",
+                        ),
+                        ErrorKind::InvalidSignature => {
+                            refused(700_027, "Client assertion failed signature validation.")
+                        }
+                        ErrorKind::InvalidAudience => refused(
+                            700_027,
+                            &format!(
+                            "Client assertion audience claim does not match the token endpoint \
+                             (sandbox: aud must be {audience})."
+                        ),
+                        ),
+                        ErrorKind::InvalidIssuer => refused(
+                            700_027,
+                            "Client assertion issuer claim must be the client id.",
+                        ),
+                        _ => refused(700_027, "Client assertion contains invalid claims."),
+                    };
+                }
+            };
+        if claims.sub.as_deref() != Some(client_id) {
+            return refused(
+                700_027,
+                "Client assertion subject claim must be the client id.",
+            );
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
+        if claims.exp > now + MAX_ASSERTION_LIFETIME_SECS {
+            return refused(
+                700_024,
+                "Client assertion is not within its valid time range: it expires too far in the future.",
+            );
+        }
+        let Some(jti) = claims.jti.filter(|jti| !jti.is_empty()) else {
+            return refused(700_027, "Client assertion has no jti claim.");
+        };
+        self.seen_jtis
+            .retain(|_, exp| *exp + ASSERTION_LEEWAY_SECS >= now);
+        if self.seen_jtis.contains_key(&jti) {
+            return refused(
+                700_027,
+                "Client assertion was already used (its jti was seen before): sign a new one for \
+                 every request.",
+            );
+        }
+        if self.seen_jtis.len() >= MAX_REMEMBERED_JTIS {
+            if let Some(oldest) = self
+                .seen_jtis
+                .iter()
+                .min_by_key(|(_, exp)| **exp)
+                .map(|(jti, _)| jti.clone())
+            {
+                self.seen_jtis.remove(&oldest);
+            }
+        }
+        let note = format!(
+            "client_assertion x5t#S256:{} jti:{}",
+            certificate.x5t_s256,
+            printable(&jti)
+        );
+        self.seen_jtis.insert(jti, claims.exp);
+        Ok(note)
+    }
+}
+
+/// Answers one token request; with the note on how the app authenticated, for the request log.
 pub(super) async fn handle(
     state: &State,
     request: http::Request<Incoming>,
     v2_path: bool,
+) -> (Response, Option<String>) {
+    // `aud` of an assertion must be the URL it was sent to.
+    let audience = format!(
+        "http://{}{}",
+        request
+            .headers()
+            .get(header::HOST)
+            .and_then(|host| host.to_str().ok())
+            .unwrap_or_default(),
+        request.uri().path()
+    );
+    let mut note = None;
+    let response = answer(state, request, v2_path, &audience, &mut note).await;
+    (response, note)
+}
+
+async fn answer(
+    state: &State,
+    request: http::Request<Incoming>,
+    v2_path: bool,
+    audience: &str,
+    note: &mut Option<String>,
 ) -> Response {
     if request.method() != Method::POST {
         let mut response = oauth_error(
@@ -173,26 +472,55 @@ pub(super) async fn handle(
             ),
         );
     }
-    let Some(client_secret) = field("client_secret") else {
-        return oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            7_000_218,
-            "The request body must contain the following parameter: 'client_assertion' or \
-             'client_secret'.",
-        );
+    let checked = match (
+        field("client_secret"),
+        field("client_assertion_type"),
+        field("client_assertion"),
+    ) {
+        (Some(secret), None, None) => state.credentials().check_secret(secret, client_id),
+        (None, Some(JWT_BEARER), Some(assertion)) => state
+            .credentials()
+            .check_assertion(assertion, client_id, audience),
+        (None, Some(other), Some(_)) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                900_144,
+                &format!(
+                    "client_assertion_type '{}' is not supported: use {JWT_BEARER}.",
+                    printable(other)
+                ),
+            )
+        }
+        (Some(_), _, Some(_)) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                900_144,
+                "Send client_secret or client_assertion, not both.",
+            )
+        }
+        (None, None, Some(_)) => return missing("client_assertion_type"),
+        _ => {
+            return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                7_000_218,
+                "The request body must contain the following parameter: 'client_assertion' or \
+                 'client_secret'.",
+            )
+        }
     };
-    if client_secret != state.options.client_secret {
-        return oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            7_000_215,
-            &format!(
-                "Invalid client secret provided. Ensure the secret being sent in the request is \
-                 the client secret value, not the client secret ID, for a secret added to app \
-                 '{client_id}'."
-            ),
-        );
+    match checked {
+        Ok(how) => *note = Some(how),
+        Err(refused) => {
+            return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                refused.code,
+                &refused.text,
+            )
+        }
     }
     let resource = field("resource");
     let scope = field("scope");
@@ -318,6 +646,8 @@ fn printable(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as URL_SAFE;
+    use base64::Engine as _;
 
     #[tokio::test(start_paused = true)]
     async fn access_tokens_expire_on_the_tokio_clock() {
@@ -338,6 +668,157 @@ mod tests {
         let r2 = store.rotate(&r1).unwrap();
         assert_ne!(r1, r2);
         assert_eq!(store.rotate(&r1), None);
+    }
+
+    /// Signs `claims` with `pair`'s key under `alg`, naming the certificate by `x5t#S256`.
+    fn signed(
+        pair: &crate::sandbox::ThrowawayCertificate,
+        alg: Algorithm,
+        claims: &Value,
+    ) -> String {
+        use rustls_pki_types::pem::PemObject;
+        use secrecy::ExposeSecret;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pair.certificate_pem.as_bytes())
+            .unwrap();
+        let mut header = jsonwebtoken::Header::new(alg);
+        header.x5t_s256 = Some(crate::token::assertion::thumbprints(der.as_ref()).1);
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(
+            pair.private_key_pem.expose_secret().as_bytes(),
+        )
+        .unwrap();
+        jsonwebtoken::encode(&header, claims, &key).unwrap()
+    }
+
+    fn unix() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[test]
+    fn assertions_are_checked_as_entra_checks_them() {
+        let trusted = crate::sandbox::throwaway_certificate("trusted").unwrap();
+        let other = crate::sandbox::throwaway_certificate("not-uploaded").unwrap();
+        let mut credentials =
+            ClientCredentials::new("s", std::slice::from_ref(&trusted.certificate_pem), &[])
+                .unwrap();
+        let aud = "http://127.0.0.1:9100/t/oauth2/token";
+        let claims = |jti: &str, exp: u64| json!({"aud": aud, "iss": "id", "sub": "id", "exp": exp, "nbf": unix(), "iat": unix(), "jti": jti});
+        let code = |result: Result<String, Refused>| result.err().map(|r| r.code);
+
+        let good = signed(&trusted, Algorithm::RS256, &claims("a", unix() + 600));
+        let note = credentials.check_assertion(&good, "id", aud).unwrap();
+        assert!(
+            note.starts_with("client_assertion x5t#S256:") && note.ends_with("jti:a"),
+            "{note}"
+        );
+        assert_eq!(
+            code(credentials.check_assertion(&good, "id", aud)),
+            Some(700_027),
+            "replayed jti"
+        );
+        let pss = signed(&trusted, Algorithm::PS256, &claims("b", unix() + 600));
+        assert!(
+            credentials.check_assertion(&pss, "id", aud).is_ok(),
+            "PS256 is accepted too"
+        );
+
+        let expired = signed(&trusted, Algorithm::RS256, &claims("c", unix() - 600));
+        assert_eq!(
+            code(credentials.check_assertion(&expired, "id", aud)),
+            Some(700_024)
+        );
+        let elsewhere = signed(&trusted, Algorithm::RS256, &claims("d", unix() + 600));
+        assert_eq!(
+            code(credentials.check_assertion(
+                &elsewhere,
+                "id",
+                "http://127.0.0.1:9100/x/oauth2/token"
+            )),
+            Some(700_027),
+            "aud is the token URL"
+        );
+        let not_ours = signed(&trusted, Algorithm::RS256, &claims("e", unix() + 600));
+        assert_eq!(
+            code(credentials.check_assertion(&not_ours, "other-app", aud)),
+            Some(700_027)
+        );
+        let unknown = signed(&other, Algorithm::RS256, &claims("f", unix() + 600));
+        assert_eq!(
+            code(credentials.check_assertion(&unknown, "id", aud)),
+            Some(700_027)
+        );
+        // A key of another certificate under the trusted one's thumbprint: a bad signature.
+        let forged = {
+            let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+            parts[2] = unknown.split('.').nth(2).unwrap().to_owned();
+            parts.join(".")
+        };
+        assert_eq!(
+            code(credentials.check_assertion(&forged, "id", aud)),
+            Some(700_027)
+        );
+        assert_eq!(
+            code(credentials.check_assertion("not a jwt", "id", aud)),
+            Some(50_027)
+        );
+
+        // Federated tokens: an exact match, replaceable at run time.
+        let header = URL_SAFE.encode(br#"{"alg":"RS256","kid":"k"}"#);
+        let federated = format!("{header}.e30.c2ln");
+        assert_eq!(
+            code(credentials.check_assertion(&federated, "id", aud)),
+            Some(70_021)
+        );
+        credentials
+            .patch(format!(r#"{{"federated_tokens": ["{federated}"]}}"#).as_bytes())
+            .unwrap();
+        assert!(credentials
+            .check_assertion(&federated, "id", aud)
+            .unwrap()
+            .starts_with("federated sha256:"));
+        // The summary shows counts and thumbprints, never a secret or token.
+        let summary = credentials.summary().to_string();
+        assert!(
+            !summary.contains(&federated) && summary.contains("\"federated_tokens\":1"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn a_secret_is_rotated_by_accepting_the_new_one_then_refusing_the_old() {
+        let mut credentials = ClientCredentials::new("old", &[], &[]).unwrap();
+        assert!(credentials.check_secret("old", "id").is_ok());
+        assert!(credentials.check_secret("new", "id").is_err());
+        credentials
+            .patch(br#"{"client_secrets": ["old", "new"]}"#)
+            .unwrap();
+        assert!(credentials.check_secret("old", "id").is_ok());
+        assert!(credentials.check_secret("new", "id").is_ok());
+        credentials
+            .patch(br#"{"client_secrets": ["new"]}"#)
+            .unwrap();
+        assert_eq!(
+            credentials.check_secret("old", "id").err().map(|r| r.code),
+            Some(7_000_215)
+        );
+        assert_ne!(
+            credentials.check_secret("new", "id").unwrap(),
+            format!("client_secret sha256:{}", fingerprint("old"))
+        );
+        assert!(credentials.patch(br#"{"client_secrets": [""]}"#).is_err());
+        assert!(credentials
+            .patch(br#"{"certificates": ["not pem"]}"#)
+            .is_err());
+        assert!(
+            credentials.patch(br#"{"secrets": ["x"]}"#).is_err(),
+            "unknown field"
+        );
+        assert!(
+            credentials.check_secret("new", "id").is_ok(),
+            "a bad patch changes nothing"
+        );
     }
 
     #[test]

@@ -63,26 +63,52 @@ pub enum FetchError {
     /// An answer past [`MAX_RESPONSE_BYTES`], read no further.
     #[error("token endpoint answer too large: {0}")]
     TooLarge(String),
+    /// The request could not be made: a credential file cannot be used now (the endpoint was not
+    /// asked).
+    #[error("{0}")]
+    Credential(String),
 }
 
 pub use crate::config::Audience;
 
-/// Where a client secret comes from: inline, or a file that is checked at each token request and
-/// re-read when it changed (a Kubernetes Secret updated in place, a rotated Entra ID secret), so a
-/// rotation needs no restart. The check is a `stat`: token requests come about once an hour.
+/// How the app proves itself at each token request: a client secret, inline or from a file that
+/// is checked at each token request and re-read when it changed (a Kubernetes Secret updated in
+/// place, a rotated Entra ID secret), so a rotation needs no restart; or a client assertion,
+/// signed with a certificate's key or read from a workload identity token file (`assertion.rs`).
+/// The checks are `stat`s: token requests come about once an hour.
 pub enum ClientSecretSource {
     /// `client_secret`.
     Inline(SecretString),
     /// `client_secret_file`.
     File(SecretFile),
+    /// `certificate_file` + `private_key_file`.
+    Certificate(super::assertion::CertificateCredential),
+    /// `federated_token_file`.
+    Federated(super::assertion::FederatedToken),
+}
+
+/// What a token request carries to authenticate the app.
+pub enum ClientAuth {
+    /// `client_secret`.
+    Secret(SecretString),
+    /// `client_assertion` (with `client_assertion_type` jwt-bearer).
+    Assertion(SecretString),
 }
 
 impl ClientSecretSource {
-    /// The secret to send now.
-    pub fn current(&self) -> SecretString {
+    /// What to send now, for `client_id` at `token_url` (an assertion names both).
+    pub fn current(&self, client_id: &str, token_url: &str) -> Result<ClientAuth, FetchError> {
         match self {
-            ClientSecretSource::Inline(secret) => secret.clone(),
-            ClientSecretSource::File(file) => file.current(),
+            ClientSecretSource::Inline(secret) => Ok(ClientAuth::Secret(secret.clone())),
+            ClientSecretSource::File(file) => Ok(ClientAuth::Secret(file.current())),
+            ClientSecretSource::Certificate(certificate) => certificate
+                .assertion(client_id, token_url)
+                .map(ClientAuth::Assertion)
+                .map_err(FetchError::Credential),
+            ClientSecretSource::Federated(token) => token
+                .current()
+                .map(ClientAuth::Assertion)
+                .map_err(|e| FetchError::Credential(e.to_string())),
         }
     }
 }
@@ -96,7 +122,7 @@ pub struct SecretFile {
 /// What tells a changed file from the one read: its identity, size and modification time. A
 /// Kubernetes Secret update swaps a symlink, which changes the identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
+pub(super) struct FileStamp {
     device: u64,
     inode: u64,
     len: u64,
@@ -104,7 +130,8 @@ struct FileStamp {
 }
 
 impl FileStamp {
-    fn of(path: &std::path::Path) -> Option<FileStamp> {
+    /// The file's stamp now; `None` when it cannot be read.
+    pub(super) fn of(path: &std::path::Path) -> Option<FileStamp> {
         let meta = std::fs::metadata(path).ok()?;
         #[cfg(unix)]
         let (device, inode) = {
@@ -184,7 +211,8 @@ pub struct Endpoint {
     pub url: String,
     /// The app registration.
     pub client_id: String,
-    /// Its secret, inline or from a file re-read when it changes.
+    /// How the app proves itself: a secret (inline or from a file re-read when it changes), a
+    /// certificate, or a federated token.
     pub client_secret: ClientSecretSource,
     /// What the token is for.
     pub audience: Audience,
@@ -206,12 +234,17 @@ impl Endpoint {
     }
 
     async fn exchange(&self, grant: &[(&str, &str)]) -> Result<Issued, FetchError> {
-        // Read per request: a rotated secret file is picked up at the next token request.
-        let secret = self.client_secret.current();
-        let mut form: Vec<(&str, &str)> = vec![
-            ("client_id", &self.client_id),
-            ("client_secret", secret.expose_secret()),
-        ];
+        // Read per request: a rotated secret, certificate or federated token is picked up at the
+        // next token request.
+        let auth = self.client_secret.current(&self.client_id, &self.url)?;
+        let mut form: Vec<(&str, &str)> = vec![("client_id", &self.client_id)];
+        match &auth {
+            ClientAuth::Secret(secret) => form.push(("client_secret", secret.expose_secret())),
+            ClientAuth::Assertion(assertion) => {
+                form.push(("client_assertion_type", super::assertion::JWT_BEARER));
+                form.push(("client_assertion", assertion.expose_secret()));
+            }
+        }
         form.extend_from_slice(grant);
         match &self.audience {
             Audience::Resource(resource) => form.push(("resource", resource)),
@@ -388,6 +421,7 @@ pub fn advice(status: u16, codes: &[u64]) -> Option<String> {
             700027 => return said(code, "the client assertion's signature or certificate is not accepted: upload the certificate to the app registration, or check the federated credential"),
             70008 | 700082 => return said(code, "the refresh token has expired: redo the App+User consent and replace refresh_token_file"),
             50076 | 50078 | 50079 => return said(code, "the user must sign in again with MFA: redo the App+User consent and replace refresh_token_file"),
+            70021 | 700211 | 700212 | 700213 => return said(code, "no federated credential of the app registration matches this token (issuer, subject, audience api://AzureADTokenExchange): check the federated credential names this cluster's OIDC issuer and service account"),
             50196 => return said(code, "Entra ID detected a request loop from this client: look for restarting pods or replicas refreshing together; pcgate backs off"),
             _ => {}
         }
@@ -463,6 +497,8 @@ mod tests {
         assert!(stale.contains("clock"), "{stale}");
         let consent = refusal(400, "invalid_grant", "70008");
         assert!(consent.contains("consent"), "{consent}");
+        let federated = refusal(400, "invalid_client", "70021");
+        assert!(federated.contains("federated credential"), "{federated}");
         let looping = refusal(400, "temporarily_unavailable", "50196");
         assert!(looping.contains("loop"), "{looping}");
         let throttled = parse_refusal(429, b"{}").to_string();

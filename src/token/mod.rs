@@ -3,6 +3,7 @@
 //! run at a time however many callers wait, backs off while the token endpoint fails, and keeps
 //! serving the old token until it really expires.
 
+pub mod assertion;
 pub mod endpoint;
 pub mod store;
 
@@ -71,6 +72,9 @@ pub enum SetupErrorKind {
     /// `client_secret_file` holds nothing but whitespace.
     #[error("client_secret_file {} is empty", .0.display())]
     SecretFileEmpty(PathBuf),
+    /// `certificate_file`, `private_key_file` or `federated_token_file` cannot be used.
+    #[error(transparent)]
+    CredentialFile(#[from] assertion::CredentialFileError),
     /// `refresh_token_file` exists but could not be read.
     #[error("refresh_token_file {} is not readable ({source})", path.display())]
     RefreshTokenUnreadable {
@@ -705,7 +709,7 @@ fn jittered(wait: Duration) -> Duration {
     wait.mul_f64(0.5 + fastrand::f64() / 2.0)
 }
 
-/// The token endpoint of a credential, its client secret read (from the file if so configured).
+/// The token endpoint of a credential, its secret, certificate or federated token read and checked.
 fn endpoint_for(app: &AppCredential, http: &reqwest::Client) -> Result<Endpoint, SetupErrorKind> {
     let client_secret = match &app.secret {
         ClientSecret::Inline(secret) => endpoint::ClientSecretSource::Inline(secret.clone()),
@@ -722,6 +726,16 @@ fn endpoint_for(app: &AppCredential, http: &reqwest::Client) -> Result<Endpoint,
                 }
             })?,
         ),
+        ClientSecret::Certificate {
+            certificate_file,
+            private_key_file,
+        } => endpoint::ClientSecretSource::Certificate(assertion::CertificateCredential::open(
+            certificate_file,
+            private_key_file,
+        )?),
+        ClientSecret::Federated(path) => {
+            endpoint::ClientSecretSource::Federated(assertion::FederatedToken::open(path)?)
+        }
     };
     Ok(Endpoint {
         client: http.clone(),
