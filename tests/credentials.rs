@@ -743,15 +743,22 @@ async fn a_rotated_refresh_token_that_cannot_be_saved_is_counted_kept_and_saved_
 
 /// Issue 15, item 1: a rotated `client_secret_file` is picked up at the next token request, with
 /// no restart. The sandbox refuses the old secret (as Entra does once it is deleted) and accepts
-/// the new one.
+/// the new one. Then a rotation as Entra ID runs it: a second secret is added to the app, the file
+/// gets it, the first is deleted; the next refresh uses the new secret and the old one is never
+/// sent again (the sandbox would refuse it).
 #[tokio::test]
 async fn a_rotated_client_secret_file_is_read_again_without_a_restart() {
-    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    // Short tokens: a refresh about every second, so "the next refresh" comes soon.
+    let sandbox = start_sandbox(sandbox_with_ttl(Duration::from_secs(2))).await;
     let dir = temp_dir("secret-rotation");
     let file = dir.join("client-secret");
     std::fs::write(&file, "an-old-secret-entra-deleted\n").unwrap();
     let mut config = sandbox.config();
+    // Both credentials read the one secret file, as in deploy/kubernetes.
     config.app_mut().secret = secret_from_file(&file);
+    config.app_mut().refresh_before = secs(1);
+    config.user_mut().app.secret = secret_from_file(&file);
+    config.user_mut().app.refresh_before = secs(1);
     let gateway = start_config(config).await;
     let url = gateway.url("/v1/invoices?size=1");
     assert_eq!(client().get(&url).send().await.unwrap().status(), 503);
@@ -765,6 +772,11 @@ async fn a_rotated_client_secret_file_is_read_again_without_a_restart() {
     let readyz = readyz.text().await.unwrap();
     assert!(
         readyz.contains("app (") && readyz.contains("invalid_client"),
+        "{readyz}"
+    );
+    // ...and what to do (AADSTS7000215, as the sandbox answers).
+    assert!(
+        readyz.contains("AADSTS7000215: the client secret is wrong"),
         "{readyz}"
     );
     assert!(!readyz.contains("an-old-secret"), "{readyz}");
@@ -786,5 +798,336 @@ async fn a_rotated_client_secret_file_is_read_again_without_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Entra ID's rotation: add a second secret to the app registration...
+    let (old, new) = (pcgate::sandbox::SANDBOX_CLIENT_SECRET, "the-second-secret");
+    sandbox.accept(json!({"client_secrets": [old, new]})).await;
+    // ...write it where the pod reads it (the kubelet swaps the file)...
+    replace_file(&file, &format!("{new}\n"));
+    let (old_sent, new_sent) = (
+        format!("client_secret sha256:{}", fingerprint(old)),
+        format!("client_secret sha256:{}", fingerprint(new)),
+    );
+    let deadline = Instant::now() + WAIT;
+    while !sandbox
+        .token_clients()
+        .await
+        .iter()
+        .any(|(c, _)| *c == new_sent)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the next refresh did not send the new secret: {:?}",
+            sandbox.token_clients().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...and delete the first. From here on the sandbox refuses it.
+    sandbox.accept(json!({"client_secrets": [new]})).await;
+    sandbox.reset_log().await;
+    // Several refreshes later, every call was served and every token request was answered 200:
+    // none carried the old secret.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        assert_eq!(client().get(&url).send().await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let clients = sandbox.token_clients().await;
+    assert!(clients.len() >= 2, "too few refreshes: {clients:?}");
+    assert!(
+        clients
+            .iter()
+            .all(|(c, status)| *c == new_sent && *status == 200),
+        "{clients:?}"
+    );
+    assert!(!clients.iter().any(|(c, _)| *c == old_sent));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The gateway config of the sandbox, its credentials (`app`, and `user` with a seeded
+/// refresh-token file in `dir`) authenticating with the certificate files given, on the ports
+/// given: nothing secret inline, so the printed config is the whole config.
+fn certificate_config(
+    sandbox: &TestSandbox,
+    dir: &std::path::Path,
+    (certificate_file, private_key_file): (&std::path::Path, &std::path::Path),
+    (listen, admin): (u16, u16),
+) -> pcgate::config::Config {
+    let refresh_file = dir.join("refresh-token");
+    std::fs::write(&refresh_file, SANDBOX_REFRESH_TOKEN).unwrap();
+    let mut config = sandbox.config();
+    config.server.listen = ([127, 0, 0, 1], listen).into();
+    config.server.admin_listen = ([127, 0, 0, 1], admin).into();
+    let certificate = pcgate::config::ClientSecret::Certificate {
+        certificate_file: certificate_file.to_owned(),
+        private_key_file: private_key_file.to_owned(),
+    };
+    config.app_mut().secret = certificate.clone();
+    let user = config.user_mut();
+    user.app.secret = certificate;
+    user.refresh_token = None;
+    user.refresh_token_file = Some(refresh_file);
+    config.validate().expect("test config is valid");
+    config
+}
+
+/// Writes a throwaway certificate and key into `dir` as `NAME.crt` / `NAME.key`.
+fn write_certificate(
+    dir: &std::path::Path,
+    name: &str,
+) -> (
+    pcgate::sandbox::ThrowawayCertificate,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    use secrecy::ExposeSecret;
+    let pair = pcgate::sandbox::throwaway_certificate(name).unwrap();
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert, &pair.certificate_pem).unwrap();
+    std::fs::write(&key, pair.private_key_pem.expose_secret()).unwrap();
+    (pair, cert, key)
+}
+
+/// Runs `pcgate run` on `config` (written to `dir`), calls the summary and /readyz, stops it;
+/// gives the summary's status and body, /readyz's, and everything the process logged.
+async fn run_binary(
+    config: &pcgate::config::Config,
+    dir: &std::path::Path,
+    name: &str,
+) -> ((u16, String), (u16, String), String) {
+    let config_file = dir.join(format!("{name}.toml"));
+    let log_file = dir.join(format!("{name}.log"));
+    let toml = config.to_toml();
+    assert!(!toml.contains("[redacted]"), "{toml}");
+    std::fs::write(&config_file, toml).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pcgate"))
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(&config_file)
+        .env("RUST_LOG", "debug")
+        .env_remove("PCGATE_CONFIG")
+        .env_remove("AZURE_FEDERATED_TOKEN_FILE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_file).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_healthz(config.server.admin_listen.port()).await;
+    let answer = |url: String| async move {
+        let response = client().get(url).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    let summary = answer(format!(
+        "http://{}/v1/invoices/summary",
+        config.server.listen
+    ))
+    .await;
+    let readyz = answer(format!("http://{}/readyz", config.server.admin_listen)).await;
+    terminate(child).await;
+    (summary, readyz, std::fs::read_to_string(&log_file).unwrap())
+}
+
+/// Issue 15, item 2, through the binary: a certificate credential's signed assertion is accepted
+/// by the sandbox (which trusts the certificate), and one signed by a key the app registration
+/// does not know is refused, the 503 and /readyz saying what to do. No key and no assertion
+/// reach the log.
+#[tokio::test]
+async fn a_certificate_credential_is_accepted_and_an_unknown_key_is_refused() {
+    let dir = temp_dir("certificate-credential");
+    let (trusted, trusted_cert, trusted_key) = write_certificate(&dir, "uploaded");
+    let (_, other_cert, other_key) = write_certificate(&dir, "not-uploaded");
+    let sandbox = start_sandbox(SandboxOptions {
+        client_certificates: vec![trusted.certificate_pem.clone()],
+        ..SandboxOptions::default()
+    })
+    .await;
+    let key_lines: Vec<String> = std::fs::read_to_string(&trusted_key)
+        .unwrap()
+        .lines()
+        .chain(
+            std::fs::read_to_string(&other_key)
+                .unwrap()
+                .lines()
+                .collect::<Vec<_>>(),
+        )
+        .filter(|line| !line.starts_with("-----"))
+        .map(str::to_owned)
+        .collect();
+
+    let config = certificate_config(
+        &sandbox,
+        &dir,
+        (&trusted_cert, &trusted_key),
+        (free_port(), free_port()),
+    );
+    let ((status, body), (ready, readyz), log) = run_binary(&config, &dir, "accepted").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ready, 200, "{readyz}");
+    let clients = sandbox.token_clients().await;
+    assert!(clients.len() >= 2, "both credentials: {clients:?}");
+    assert!(
+        clients
+            .iter()
+            .all(|(c, s)| c.starts_with("client_assertion x5t#S256:") && *s == 200),
+        "{clients:?}"
+    );
+    assert!(log.contains("certificate credential loaded"), "{log}");
+    for line in &key_lines {
+        assert!(!log.contains(line.as_str()), "a key line in the log");
+    }
+    assert!(!log.contains("eyJ"), "an assertion (a JWT) in the log");
+
+    sandbox.reset_log().await;
+    let config = certificate_config(
+        &sandbox,
+        &dir,
+        (&other_cert, &other_key),
+        (free_port(), free_port()),
+    );
+    let ((status, body), (ready, readyz), log) = run_binary(&config, &dir, "refused").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("AADSTS700027") && body.contains("upload the certificate"),
+        "{body}"
+    );
+    assert_eq!(ready, 503);
+    assert!(
+        readyz.contains("app (") && readyz.contains("700027"),
+        "{readyz}"
+    );
+    assert!(log.contains("upload the certificate"), "{log}");
+    let refused = sandbox.token_clients().await;
+    assert!(
+        !refused.is_empty() && refused.iter().all(|(_, s)| *s == 401),
+        "{refused:?}"
+    );
+    for text in [&log, &body, &readyz] {
+        assert!(!text.contains("eyJ"), "an assertion in {text}");
+        for line in &key_lines {
+            assert!(!text.contains(line.as_str()), "a key line in the output");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A certificate and a key that do not belong together, or a federated token file that is not
+/// there, stop the start naming the credential and the file.
+#[tokio::test]
+async fn certificate_and_token_files_that_cannot_work_fail_the_start_naming_the_file() {
+    let dir = temp_dir("credential-files");
+    let (_, cert_a, _) = write_certificate(&dir, "a");
+    let (_, _, key_b) = write_certificate(&dir, "b");
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let mut config = sandbox.config();
+    config.app_mut().secret = pcgate::config::ClientSecret::Certificate {
+        certificate_file: cert_a.clone(),
+        private_key_file: key_b.clone(),
+    };
+    let error = pcgate::Gateway::bind(on_loopback(config))
+        .await
+        .err()
+        .expect("start-up fails")
+        .to_string();
+    assert!(
+        error.contains("credential `app`")
+            && error.contains(&key_b.display().to_string())
+            && error.contains("is not the key of certificate_file"),
+        "{error}"
+    );
+    let mut config = sandbox.config();
+    let missing = dir.join("azure-identity-token");
+    config.app_mut().secret = pcgate::config::ClientSecret::Federated(missing.clone());
+    let error = pcgate::Gateway::bind(on_loopback(config))
+        .await
+        .err()
+        .expect("start-up fails")
+        .to_string();
+    assert!(
+        error.contains("credential `app`")
+            && error.contains(&missing.display().to_string())
+            && error.contains("azure.workload.identity/use"),
+        "{error}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Issue 15, item 3, through the binary as the AKS webhook sets it up: the config names no client
+/// id, tenant or secret; AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_AUTHORITY_HOST and
+/// AZURE_FEDERATED_TOKEN_FILE do. The token file's content is the assertion; when the kubelet
+/// rotates it, the next token request sends the new one (the sandbox, told to accept only the new
+/// token, saw it and answered 200).
+#[tokio::test]
+async fn a_workload_identity_token_file_that_changes_is_read_again() {
+    let (first, second) = ("eyJfirst.projected.token", "eyJsecond.projected.token");
+    let sandbox = start_sandbox(SandboxOptions {
+        token_ttl: Duration::from_secs(2),
+        federated_tokens: vec![first.to_owned()],
+        ..SandboxOptions::default()
+    })
+    .await;
+    let dir = temp_dir("workload-identity");
+    let token_file = dir.join("azure-identity-token");
+    replace_file(&token_file, first);
+    let (listen, admin) = (free_port(), free_port());
+    let config_file = dir.join("pcgate.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             [upstream]\nbase_url = \"{}\"\n\
+             [credentials.app]\ngrant = \"client_credentials\"\nrefresh_before = \"1s\"\n\
+             [[routes]]\nname = \"invoices\"\nmatch = \"GET /v1/invoices\"\ncredential = \"app\"\n",
+            sandbox.base_url
+        ),
+    )
+    .unwrap();
+    let log_file = dir.join("log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pcgate"))
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(&config_file)
+        .env("RUST_LOG", "debug")
+        .env_remove("PCGATE_CONFIG")
+        .env("AZURE_CLIENT_ID", pcgate::sandbox::SANDBOX_CLIENT_ID)
+        .env("AZURE_TENANT_ID", pcgate::sandbox::SANDBOX_TENANT)
+        .env("AZURE_AUTHORITY_HOST", format!("{}/", sandbox.base_url))
+        .env("AZURE_FEDERATED_TOKEN_FILE", &token_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_file).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_healthz(admin).await;
+    let url = format!("http://127.0.0.1:{listen}/v1/invoices?size=1");
+    assert_eq!(client().get(&url).send().await.unwrap().status(), 200);
+    let (first_sent, second_sent) = (
+        format!("federated sha256:{}", fingerprint(first)),
+        format!("federated sha256:{}", fingerprint(second)),
+    );
+    let clients = sandbox.token_clients().await;
+    assert!(
+        clients.iter().all(|(c, s)| *c == first_sent && *s == 200),
+        "{clients:?}"
+    );
+
+    // The kubelet rotates the projected token; Entra ID would take either until the first
+    // expires: the sandbox is stricter and takes only the new one from now on.
+    sandbox.accept(json!({"federated_tokens": [second]})).await;
+    replace_file(&token_file, second);
+    sandbox.reset_log().await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        assert_eq!(client().get(&url).send().await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    terminate(child).await;
+    let clients = sandbox.token_clients().await;
+    assert!(clients.len() >= 2, "too few refreshes: {clients:?}");
+    assert!(
+        clients.iter().all(|(c, s)| *c == second_sent && *s == 200),
+        "{clients:?}"
+    );
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    assert!(log.contains("federated_token_file changed"), "{log}");
+    assert!(!log.contains("eyJ"), "a token in the log: {log}");
     std::fs::remove_dir_all(dir).unwrap();
 }

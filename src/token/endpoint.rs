@@ -32,8 +32,8 @@ pub enum FetchError {
     /// The refresh token is no longer accepted.
     #[error("refresh token expired or revoked: re-consent needed ({0})")]
     InvalidGrant(String),
-    /// The client id or secret was refused.
-    #[error("client id or secret refused (invalid_client): {0}")]
+    /// The client id, secret or assertion was refused.
+    #[error("client id or credential refused (invalid_client): {0}")]
     InvalidClient(String),
     /// Any other refusal, with the endpoint's OAuth error code.
     #[error("token endpoint answered {status} {error}: {description}")]

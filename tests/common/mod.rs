@@ -285,6 +285,38 @@ impl TestSandbox {
         );
     }
 
+    /// Replaces what the sandbox's token endpoint accepts (`client_secrets`, `certificates`,
+    /// `federated_tokens`: each list given replaces its kind).
+    pub async fn accept(&self, update: serde_json::Value) {
+        let response = client()
+            .post(format!("{}/__sandbox/credentials", self.base_url))
+            .json(&update)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "credentials update refused: {}",
+            response.text().await.unwrap()
+        );
+    }
+
+    /// How the app authenticated at each recent token request (the log's `client` note), with
+    /// the answer's status.
+    pub async fn token_clients(&self) -> Vec<(String, u16)> {
+        self.recent("token")
+            .await
+            .iter()
+            .map(|r| {
+                (
+                    r["client"].as_str().unwrap_or_default().to_owned(),
+                    r["status"].as_u64().unwrap_or(0) as u16,
+                )
+            })
+            .collect()
+    }
+
     /// The sandbox's request log.
     pub async fn log(&self) -> serde_json::Value {
         client()

@@ -51,3 +51,31 @@ pub async fn terminate(mut child: Child) {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// Writes `text` to `path` as Kubernetes updates a mounted Secret and the kubelet a projected
+/// token: a new file renamed over the old, so a reader never sees it half-written.
+pub fn replace_file(path: &std::path::Path, text: &str) {
+    let temp = path.with_extension("new");
+    std::fs::write(&temp, text).unwrap();
+    std::fs::rename(&temp, path).unwrap();
+}
+
+/// The first 12 hex digits of SHA-256, as the sandbox's request log names a secret or token.
+pub fn fingerprint(value: &str) -> String {
+    use sha2::Digest;
+    super::hex(&sha2::Sha256::digest(value.as_bytes())[..6])
+}
+
+/// Waits (bounded by [`WAIT`]) for a child process to exit; kills it if it does not.
+pub async fn wait_exit(mut child: Child) -> std::process::Output {
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the child process did not exit");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.wait_with_output().unwrap()
+}
