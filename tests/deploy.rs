@@ -124,8 +124,8 @@ fn every_deploy_yaml_file_parses() {
             }
         }
     }
-    // configmap, deployment, kustomization, secret; alerts, alerts.test
-    assert!(count >= 6, "only {count} YAML files under deploy/");
+    // configmap, deployment, kustomization, secret, serviceaccount; alerts, alerts.test
+    assert!(count >= 7, "only {count} YAML files under deploy/");
 }
 
 #[test]
@@ -371,6 +371,67 @@ fn the_configmap_config_loads_with_the_shipped_route_table_and_mounted_files() {
             );
         }
     }
+}
+
+/// Issue 15, item 6: workload identity is the recommended setup the example shows. A credential
+/// with `federated_token_file` reads the token where the AKS webhook projects it, in a pod the
+/// webhook mutates (labelled `azure.workload.identity/use: "true"`) running as a service account
+/// annotated with that credential's client id, which kustomize applies; nothing of the pod's own
+/// is mounted over the webhook's path.
+#[test]
+fn the_example_recommends_workload_identity_as_the_webhook_sets_it_up() {
+    const WEBHOOK_TOKEN: &str = "/var/run/secrets/azure/tokens/azure-identity-token";
+    let config = pod_config();
+    let federated: Vec<(&String, &Path, &str)> = config
+        .credentials
+        .iter()
+        .filter_map(|(name, c)| {
+            let app = c.app()?;
+            Some((name, c.federated_token_file()?, app.client_id.as_str()))
+        })
+        .collect();
+    assert!(
+        !federated.is_empty(),
+        "no credential uses workload identity"
+    );
+    for (name, file, _) in &federated {
+        assert_eq!(
+            *file,
+            Path::new(WEBHOOK_TOKEN),
+            "credential {name}: not where the webhook projects the token"
+        );
+    }
+    let deployment = k8s("Deployment");
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(
+        pod["metadata"]["labels"]["azure.workload.identity/use"], "true",
+        "the webhook mutates only labelled pods"
+    );
+    let account = k8s("ServiceAccount");
+    assert_eq!(
+        pod["spec"]["serviceAccountName"], account["metadata"]["name"],
+        "the pod runs as the annotated service account"
+    );
+    for (name, _, client_id) in federated {
+        assert_eq!(
+            account["metadata"]["annotations"]["azure.workload.identity/client-id"], client_id,
+            "credential {name}: the service account names another app registration"
+        );
+    }
+    let pcgate = named(&pod["spec"]["initContainers"], "pcgate", "initContainers");
+    for mount in array(&pcgate["volumeMounts"], "volumeMounts") {
+        let path = str_of(&mount["mountPath"], "mountPath");
+        assert!(
+            !WEBHOOK_TOKEN.starts_with(path),
+            "{path} hides the webhook's token"
+        );
+    }
+    let kustomization = k8s("Kustomization");
+    let resources = array(&kustomization["resources"], "resources");
+    assert!(
+        resources.iter().any(|r| r == "serviceaccount.yaml"),
+        "kustomize must apply the service account"
+    );
 }
 
 #[test]
