@@ -145,6 +145,11 @@ fn main() -> ExitCode {
                         sandbox::SANDBOX_CLIENT_SECRET,
                         sandbox::SANDBOX_REFRESH_TOKEN
                     );
+                    println!(
+                        "  {} client certificate(s) trusted for signed assertions; POST \
+                         /__sandbox/credentials changes what the token endpoint accepts",
+                        args.client_certificates.len()
+                    );
                     sandbox.serve(shutdown_signal()).await;
                     ExitCode::SUCCESS
                 }

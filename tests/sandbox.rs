@@ -1083,3 +1083,76 @@ async fn head_answers_every_get_route_with_the_get_head_and_no_body() {
         .unwrap();
     assert_eq!(response.status(), 401);
 }
+
+/// Issue 15, item 5: `/__sandbox/credentials` replaces what the token endpoint accepts at run
+/// time (a secret rotated: the new accepted, the old refused), shows no secret, and refuses a bad
+/// body or method; a federated token configured is accepted as a client assertion.
+#[tokio::test]
+async fn what_the_token_endpoint_accepts_is_replaced_at_run_time() {
+    let h = start(SandboxOptions {
+        federated_tokens: vec!["eyJfederated".into()],
+        ..SandboxOptions::default()
+    })
+    .await;
+    let admin = format!("{}/__sandbox/credentials", h.base);
+    let token = |auth: &'static [(&'static str, &'static str)]| {
+        let mut form = vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", SANDBOX_CLIENT_ID),
+            ("resource", RESOURCE),
+        ];
+        form.extend_from_slice(auth);
+        let request = h.client.post(&h.token_url).form(&form);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    const OLD: &[(&str, &str)] = &[("client_secret", SANDBOX_CLIENT_SECRET)];
+    const NEW: &[(&str, &str)] = &[("client_secret", "rotated-secret")];
+    const FEDERATED: &[(&str, &str)] = &[
+        (
+            "client_assertion_type",
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ),
+        ("client_assertion", "eyJfederated"),
+    ];
+    assert_eq!((token(OLD).await, token(NEW).await), (200, 401));
+    assert_eq!(token(FEDERATED).await, 200);
+
+    let post = |body: &'static str| {
+        let request = h.client.post(&admin).body(body);
+        async move { request.send().await.unwrap() }
+    };
+    let added = post(r#"{"client_secrets": ["sandbox-client-secret", "rotated-secret"]}"#).await;
+    assert_eq!(added.status(), 200);
+    assert_eq!((token(OLD).await, token(NEW).await), (200, 200));
+    assert_eq!(
+        post(r#"{"client_secrets": ["rotated-secret"]}"#)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!((token(OLD).await, token(NEW).await), (401, 200));
+    assert_eq!(token(FEDERATED).await, 200, "other kinds stay as they were");
+
+    let shown = h.client.get(&admin).send().await.unwrap();
+    assert_eq!(shown.status(), 200);
+    let shown = shown.text().await.unwrap();
+    assert!(
+        !shown.contains("rotated-secret") && !shown.contains("eyJ"),
+        "{shown}"
+    );
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["client_secrets"], 1);
+    assert_eq!(shown["federated_tokens"], 1);
+
+    assert_eq!(
+        post(r#"{"certificates": ["not a certificate"]}"#)
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(post("{not json").await.status(), 400);
+    assert_eq!(token(NEW).await, 200, "a refused update changes nothing");
+    let put = h.client.put(&admin).send().await.unwrap();
+    assert_eq!(put.status(), 405);
+    assert_eq!(put.headers()["allow"], "GET, POST");
+}

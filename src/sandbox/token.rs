@@ -368,16 +368,15 @@ pub(super) async fn handle(
     request: http::Request<Incoming>,
     v2_path: bool,
 ) -> (Response, Option<String>) {
-    // `aud` of an assertion must be the URL it was sent to.
-    let audience = format!(
-        "http://{}{}",
-        request
-            .headers()
-            .get(header::HOST)
-            .and_then(|host| host.to_str().ok())
-            .unwrap_or_default(),
-        request.uri().path()
-    );
+    // `aud` of an assertion must be the URL it was sent to (HTTP/2 names the host in the URI).
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()))
+        .unwrap_or_default();
+    let audience = format!("http://{host}{}", request.uri().path());
     let mut note = None;
     let response = answer(state, request, v2_path, &audience, &mut note).await;
     (response, note)
