@@ -11,6 +11,7 @@
 
 mod credential;
 mod pattern;
+mod rate;
 mod url;
 
 pub use credential::{
@@ -18,6 +19,7 @@ pub use credential::{
     StaticCredential, UserCredential,
 };
 pub use pattern::{Pattern, PatternError, Patterns};
+pub use rate::RateLimit;
 pub use url::{BaseUrl, TokenUrl, UrlError};
 
 use std::collections::BTreeMap;
@@ -160,6 +162,9 @@ pub struct UpstreamConfig {
     /// The whole call's time limit, all retries included.
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
+    /// Calls per second (minute, hour) to the upstream, `"20/s"`; fleet-wide with `[shared]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
     /// Request headers forwarded beyond those Partner Center documents; not in the cache key
     /// unless also in `cache.key_headers`.
     pub forward_headers: Vec<String>,
@@ -372,6 +377,7 @@ impl Default for UpstreamConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
             deadline: DEFAULT_DEADLINE,
+            rate_limit: None,
             forward_headers: Vec::new(),
         }
     }
@@ -1167,6 +1173,42 @@ mod tests {
             let app = config.credentials["c"].app().expect("an app credential");
             assert!(matches!(&app.audience, Audience::Scope(s) if s.ends_with("/.default")));
             assert_eq!(config.credentials["c"].grant(), Grant::ClientCredentials);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn upstream_rate_limit_is_optional_parsed_and_named_when_bad() {
+        Jail::expect_with(|jail| {
+            let config = Config::from_toml(MINIMAL).map_err(|e| e.to_string())?;
+            assert_eq!(config.upstream.rate_limit, None, "no limit by default");
+            assert!(!config.to_toml().contains("rate_limit"));
+            let with = |rate: &str| {
+                Config::from_toml(&format!(
+                    "[upstream]\nbase_url = \"http://127.0.0.1:9100\"\nrate_limit = {rate}\n[[routes]]\nmatch = \"GET /v1/invoices\"\n"
+                ))
+            };
+            let config = with("\"20/s\"").map_err(|e| e.to_string())?;
+            let rate = config.upstream.rate_limit.expect("set");
+            assert_eq!((rate.count, rate.period), (20, Duration::from_secs(1)));
+            // It prints as it was written, and the printed config reloads.
+            let printed = config.to_toml();
+            assert!(printed.contains("rate_limit = \"20/s\""), "{printed}");
+            let reloaded = Config::from_toml(&printed).map_err(|e| e.to_string())?;
+            assert_eq!(reloaded.upstream.rate_limit, Some(rate));
+            for bad in ["\"20\"", "\"0/s\"", "\"20/d\"", "20"] {
+                let msg = message(with(bad));
+                assert!(msg.contains("upstream.rate_limit"), "{bad}: {msg}");
+            }
+            jail.set_env("PCGATE_UPSTREAM__RATE_LIMIT", "lots");
+            let msg = message(Config::from_toml(MINIMAL));
+            assert!(
+                msg.contains("upstream.rate_limit") && msg.contains("\"20/s\""),
+                "{msg}"
+            );
+            jail.set_env("PCGATE_UPSTREAM__RATE_LIMIT", "600/m");
+            let config = Config::from_toml(MINIMAL).map_err(|e| e.to_string())?;
+            assert_eq!(config.upstream.rate_limit.map(|r| r.count), Some(600));
             Ok(())
         });
     }

@@ -27,6 +27,9 @@
 //!     which also bounds the body streamed back.
 //!   - [`layer::credential`]: the token from the route's own [`token`] source; 401 → refresh,
 //!     replay once.
+//!   - [`layer::limit`]: one throttle budget: an upstream 429's `Retry-After` holds every later
+//!     upstream call, and `upstream.rate_limit` makes calls wait for their slot (fleet-wide
+//!     with `[shared]`); past the deadline, a 429 with `Retry-After`.
 //! - [`upstream`]: the pooled rustls client that sends the call on and streams the answer back.
 //!
 //! Around them: [`config`] (figment: defaults, TOML, `PCGATE_` env, parsed once into types that
@@ -159,7 +162,16 @@ impl Gateway {
             .filter(|r| r.cache_ttl.is_some())
             .map(|r| r.name().to_owned())
             .collect();
+        let limit = layer::limit::LimitLayer::new(
+            layer::limit::LimitSettings {
+                rate: config.upstream.rate_limit,
+                max_hold: config.retry.max_retry_after,
+                deadline: config.upstream.deadline,
+            },
+            &metrics,
+        );
         let parts = stack::Parts {
+            limit,
             cached_routes,
             observe,
             forward_headers,

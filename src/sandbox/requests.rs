@@ -78,6 +78,8 @@ pub struct Record {
     pub status: u16,
     /// Headers by lowercased name; repeated headers joined with `", "`.
     pub headers: BTreeMap<String, String>,
+    /// When it arrived, in Unix milliseconds (tests count calls per time window).
+    pub at_ms: u64,
 }
 
 impl Record {
@@ -101,6 +103,9 @@ impl Record {
             route: route.as_str(),
             status: 0,
             headers,
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         }
     }
 }
