@@ -466,6 +466,15 @@ fn catalog() -> Catalog {
         ),
         &m,
     );
+    // The limit layer registers its own families, every cause, origin and scope at zero.
+    let _limit = pcgate::layer::limit::LimitLayer::new(
+        pcgate::layer::limit::LimitSettings {
+            rate: None,
+            max_hold: std::time::Duration::from_secs(30),
+            deadline: std::time::Duration::from_secs(60),
+        },
+        &m,
+    );
     for result in ["ok", "error"] {
         m.token_refreshes
             .get_or_create(&TokenLabels {
