@@ -32,6 +32,8 @@ pub struct Parts {
     pub tokens: TokenSources,
     /// The response cache's in-process store.
     pub store: std::sync::Arc<MemoryStore>,
+    /// The fleet tier on Redis, when `[shared]` is configured.
+    pub shared: Option<crate::shared::Shared>,
     /// Retry policy and the call deadline.
     pub retry: RetrySettings,
     /// Where every layer counts what it does.
