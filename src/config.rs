@@ -12,6 +12,7 @@
 mod credential;
 mod pattern;
 mod rate;
+mod shared;
 mod url;
 
 pub use credential::{
@@ -20,6 +21,7 @@ pub use credential::{
 };
 pub use pattern::{Pattern, PatternError, Patterns};
 pub use rate::RateLimit;
+pub use shared::{RedisUrl, RedisUrlError, SharedConfig, DEFAULT_SHARED_TIMEOUT};
 pub use url::{BaseUrl, TokenUrl, UrlError};
 
 use std::collections::BTreeMap;
@@ -116,6 +118,9 @@ pub struct Config {
     pub tracking: TrackingConfig,
     /// Response cache bounds.
     pub cache: CacheConfig,
+    /// The fleet tier on Redis (DESIGN.md §6); absent: every process on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedConfig>,
     /// Retry policy for routes with `retry = true`.
     pub retry: RetryConfig,
     /// The route table: first match wins; a request no route matches gets 403.
@@ -506,6 +511,9 @@ impl Config {
         crate::layer::tracking::TrackingSettings::new(&self.tracking)
             .map_err(ConfigError::Invalid)?;
         self.header_lists()?;
+        if let Some(shared) = &self.shared {
+            shared.validate().map_err(ConfigError::Invalid)?;
+        }
         if self.cache.max_entry_bytes > self.cache.max_bytes {
             return fail("cache.max_entry_bytes is larger than cache.max_bytes".into());
         }
@@ -936,6 +944,78 @@ mod tests {
                 assert!(msg.contains(key), "{key}: {msg}");
                 assert!(!msg.contains("abc\n"), "a token in a message: {msg}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_shared_section_is_checked_and_its_password_never_printed() {
+        Jail::expect_with(|jail| {
+            let with =
+                |shared: &str| Config::from_toml(&format!("{MINIMAL}\n[shared]\n{shared}\n"));
+            let config =
+                with("redis_url = \"redis://:pa55w0rd-x@127.0.0.1:6379\"\nnamespace = \"contoso\"")
+                    .map_err(|e| e.to_string())?;
+            let shared = config.shared.as_ref().expect("a [shared] section");
+            assert_eq!(shared.timeout, DEFAULT_SHARED_TIMEOUT);
+            assert_eq!(shared.namespace, "contoso");
+            let printed = config.to_toml();
+            let debugged = format!("{config:?}");
+            for shown in [&printed, &debugged] {
+                assert!(!shown.contains("pa55w0rd-x"), "{shown}");
+            }
+            assert!(
+                printed.contains("[shared]") && printed.contains("redacted"),
+                "{printed}"
+            );
+            Config::from_toml(&printed).map_err(|e| e.to_string())?;
+            assert!(Config::from_toml(MINIMAL)
+                .map_err(|e| e.to_string())?
+                .shared
+                .is_none());
+            for (shared, key) in [
+                (
+                    "redis_url = \"redis://127.0.0.1\"\nnamespace = \"c\"\nttl = \"1s\"",
+                    "ttl",
+                ),
+                (
+                    "redis_url = \"http://127.0.0.1\"\nnamespace = \"c\"",
+                    "shared.redis_url",
+                ),
+                (
+                    "redis_url = \"redis://:pa55w0rd-x@\"\nnamespace = \"c\"",
+                    "shared.redis_url",
+                ),
+                ("namespace = \"c\"", "redis_url"),
+                ("redis_url = \"redis://127.0.0.1\"", "namespace"),
+                (
+                    "redis_url = \"redis://127.0.0.1\"\nnamespace = \"\"",
+                    "shared.namespace",
+                ),
+                (
+                    "redis_url = \"redis://127.0.0.1\"\nnamespace = \"a b:c\"",
+                    "shared.namespace",
+                ),
+                (
+                    "redis_url = \"redis://127.0.0.1\"\nnamespace = \"c\"\ntimeout = \"0s\"",
+                    "shared.timeout",
+                ),
+                (
+                    "redis_url = \"redis://127.0.0.1\"\nnamespace = \"c\"\ntimeout = \"1m\"",
+                    "shared.timeout",
+                ),
+            ] {
+                let msg = message(with(shared));
+                assert!(msg.contains(key), "{shared}: {msg}");
+                assert!(!msg.contains("pa55w0rd-x"), "{msg}");
+            }
+            // An environment override is the same key.
+            jail.set_env("PCGATE_SHARED__REDIS_URL", "rediss://redis.example:6380");
+            jail.set_env("PCGATE_SHARED__NAMESPACE", "fabrikam");
+            let config = Config::from_toml(MINIMAL).map_err(|e| e.to_string())?;
+            let shared = config.shared.expect("[shared] from the environment");
+            assert!(shared.redis_url.is_tls());
+            assert_eq!(shared.namespace, "fabrikam");
             Ok(())
         });
     }

@@ -34,7 +34,8 @@
 //!
 //! Around them: [`config`] (figment: defaults, TOML, `PCGATE_` env, parsed once into types that
 //! [`route`], [`upstream`] and [`token`] consume), [`admin`] (the admin port), [`body`] (the body
-//! type), [`shutdown`] (one stop signal for every listener), and [`sandbox`] (a local stand-in for
+//! type), [`shutdown`] (one stop signal for every listener), [`shared`] (the fleet tier's Redis
+//! handle: bounded operations, a breaker, locks, scripts, pub/sub), and [`sandbox`] (a local stand-in for
 //! Partner Center; [`demo`] runs it with the gateway).
 //!
 //! [`run`] is what `main` and the tests call; [`Gateway`] splits it into bind and serve so tests
@@ -56,6 +57,7 @@ pub mod metrics;
 pub mod route;
 pub mod sandbox;
 pub mod server;
+pub mod shared;
 pub mod shutdown;
 pub mod stack;
 pub mod token;
@@ -91,6 +93,9 @@ pub enum StartError {
     /// The route table could not be built (a route names a credential that is not configured).
     #[error(transparent)]
     Route(#[from] route::RouteError),
+    /// The shared tier's client could not be built.
+    #[error(transparent)]
+    Shared(#[from] shared::SetupError),
     /// The config was not validated and does not hold (a config built in code, say).
     #[error(transparent)]
     Config(#[from] config::ConfigError),
@@ -155,6 +160,16 @@ impl Gateway {
             config.cache.max_entry_bytes.as_u64(),
             &metrics,
         ));
+        // The fleet tier: a handle that connects in the background, so a Redis that is down
+        // now is no start-up error (DESIGN.md §6).
+        let shared = match &config.shared {
+            Some(shared) => Some(shared::Shared::connect(
+                shared,
+                config.upstream.ca_file.as_deref(),
+                &metrics,
+            )?),
+            None => None,
+        };
         let (forward_headers, key_headers) = config.header_lists()?;
         let cached_routes: Vec<String> = config
             .routes
@@ -177,6 +192,7 @@ impl Gateway {
             forward_headers,
             key_headers: key_headers.into(),
             store,
+            shared,
             retry,
             metrics,
             tracking,

@@ -33,6 +33,8 @@ pub struct Parts {
     pub tokens: TokenSources,
     /// The response cache's in-process store.
     pub store: std::sync::Arc<MemoryStore>,
+    /// The fleet tier on Redis, when `[shared]` is configured.
+    pub shared: Option<crate::shared::Shared>,
     /// Retry policy and the call deadline.
     pub retry: RetrySettings,
     /// The throttle budget: upstream 429 holds and `upstream.rate_limit` (fleet-wide with
