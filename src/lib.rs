@@ -185,6 +185,13 @@ impl Gateway {
             },
             &metrics,
         );
+        // With [shared], one hold and one rate for every sidecar of the namespace.
+        let limit = match &shared {
+            Some(shared) => limit.fleet(std::sync::Arc::new(shared::limit::FleetThrottle::new(
+                shared.clone(),
+            ))),
+            None => limit,
+        };
         let parts = stack::Parts {
             limit,
             cached_routes,

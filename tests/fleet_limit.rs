@@ -255,3 +255,212 @@ async fn calls_during_a_short_hold_wait_for_it_and_then_succeed() {
         );
     }
 }
+
+/// `[shared]` on `redis` in namespace `ns`, with `timeout` per operation.
+fn shared(redis: &TestRedis, ns: &str, timeout: Duration) -> pcgate::config::SharedConfig {
+    pcgate::config::SharedConfig {
+        redis_url: pcgate::config::RedisUrl::parse(&redis.url()).unwrap(),
+        namespace: ns.to_owned(),
+        timeout,
+    }
+}
+
+/// `n` gateways on the sandbox sharing `redis` (namespace `ns`), each with `rate`; each has made
+/// one call, so its tokens are fetched, and the log is empty.
+async fn fleet(
+    sandbox: &TestSandbox,
+    redis: &TestRedis,
+    ns: &str,
+    rate: Option<&str>,
+    n: usize,
+) -> Vec<TestGateway> {
+    let mut gateways = Vec::new();
+    for _ in 0..n {
+        let mut config = sandbox.config();
+        config.upstream.rate_limit = rate.map(|r| RateLimit::parse(r).unwrap());
+        config.shared = Some(shared(redis, ns, ms(250)));
+        gateways.push(start_config(config).await);
+    }
+    for gateway in &gateways {
+        let warm = client()
+            .get(gateway.url("/v1/invoices?size=1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(warm.status(), 200);
+    }
+    // The warm-up's slots are paid back before the measured calls.
+    tokio::time::sleep(ms(1100)).await;
+    sandbox.reset_log().await;
+    gateways
+}
+
+#[tokio::test]
+async fn a_429_seen_by_one_sidecar_defers_every_sidecars_calls_by_its_retry_after() {
+    let redis = start_redis();
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let gateways = fleet(&sandbox, &redis, "hold", None, 3).await;
+    sandbox
+        .faults(json!({"script": [429], "retry_after": "2"}))
+        .await;
+    // Sidecar 0 is throttled; retry waits the Retry-After and then succeeds.
+    let first = tokio::spawn({
+        let url = gateways[0].url("/v1/invoices?size=1&offset=100");
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
+    });
+    tokio::time::sleep(ms(300)).await;
+    // The hold is one key in Redis, expiring with the Retry-After.
+    let pttl: i64 = redis
+        .command(&["PTTL", "pcgate:hold:throttle:hold"])
+        .expect("redis answers")
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    assert!((1000..=2000).contains(&pttl), "hold PTTL {pttl}");
+    // The other sidecars' calls, sent during the hold, wait for it.
+    let started = Instant::now();
+    let statuses = distinct_calls(&[&gateways[1], &gateways[2]], 6).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered soon after the hold"
+    );
+    assert_eq!(first.await.unwrap(), 200);
+
+    let recent = sandbox.recent("invoices").await;
+    assert_eq!(recent.len(), 8, "one 429, its retry and six others");
+    assert_eq!(recent[0]["status"], 429);
+    let held_from = recent[0]["at_ms"].as_u64().unwrap();
+    for later in &recent[1..] {
+        let at = later["at_ms"].as_u64().unwrap();
+        assert!(
+            at >= held_from + 1900,
+            "a call reached the upstream {} ms into a 2 s hold",
+            at - held_from
+        );
+    }
+    for gateway in &gateways[1..] {
+        let (_, metrics) = scrape(gateway).await;
+        assert_eq!(
+            metrics["pcgate_throttle_holds_total{origin=\"fleet\"}"],
+            1.0
+        );
+        assert_eq!(
+            metrics["pcgate_throttle_holds_total{origin=\"upstream\"}"],
+            0.0
+        );
+        assert!(metrics["pcgate_throttle_waits_total{cause=\"hold\"}"] >= 1.0);
+    }
+    let (_, metrics) = scrape(&gateways[0]).await;
+    assert_eq!(
+        metrics["pcgate_throttle_holds_total{origin=\"upstream\"}"],
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn the_rate_limit_holds_across_three_sidecars_with_no_caller_error() {
+    let redis = start_redis();
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let gateways = fleet(&sandbox, &redis, "rate", Some("5/s"), 3).await;
+    let all: Vec<&TestGateway> = gateways.iter().collect();
+    let statuses = distinct_calls(&all, 30).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let at = arrivals(&sandbox, "invoices").await;
+    assert_eq!(at.len(), 30);
+    // One budget for the three: no second holds more than burst + rate (three limiters of their
+    // own would have let 15 through at once).
+    let most = most_in_window(&at, 1000);
+    assert!(
+        most <= 10,
+        "{most} upstream calls within one second: {at:?}"
+    );
+    let span = at.iter().max().unwrap() - at.iter().min().unwrap();
+    assert!(span >= 4500, "30 calls at 5/s spread over only {span} ms");
+    let mut fleet_slots = 0.0;
+    for gateway in &gateways {
+        let (_, metrics) = scrape(gateway).await;
+        fleet_slots += metrics["pcgate_rate_limit_slots_total{scope=\"fleet\"}"];
+        assert_eq!(
+            metrics["pcgate_throttle_refused_total{cause=\"rate_limit\"}"],
+            0.0
+        );
+    }
+    assert_eq!(
+        fleet_slots, 33.0,
+        "every slot, the warm-up's included, from the fleet"
+    );
+}
+
+#[tokio::test]
+async fn redis_frozen_or_killed_means_the_local_limiter_and_no_caller_error() {
+    let mut redis = start_redis();
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let mut config = sandbox.config();
+    config.upstream.rate_limit = Some(RateLimit::parse("50/s").unwrap());
+    config.shared = Some(shared(&redis, "down", ms(100)));
+    // A 20 s Retry-After is past a 5 s deadline: not retried, and the hold outlasts callers.
+    config.upstream.attempt_timeout = secs(5);
+    config.upstream.deadline = secs(5);
+    let gateway = start_config(config).await;
+    let get = |i: usize| {
+        let url = gateway.url(&format!("/v1/invoices?size=1&offset={i}"));
+        async move {
+            let started = Instant::now();
+            let response = tokio::time::timeout(WAIT, client().get(url).send())
+                .await
+                .expect("answered")
+                .unwrap();
+            (response.status().as_u16(), started.elapsed())
+        }
+    };
+    assert_eq!(get(0).await.0, 200);
+    let (_, before) = scrape(&gateway).await;
+    assert_eq!(
+        before["pcgate_rate_limit_slots_total{scope=\"fleet\"}"],
+        1.0
+    );
+
+    redis.freeze();
+    for i in 1..6 {
+        let (status, took) = get(i).await;
+        assert_eq!(status, 200, "frozen Redis: call {i}");
+        assert!(
+            took < Duration::from_secs(2),
+            "frozen Redis: call {i} took {took:?}"
+        );
+    }
+    redis.thaw();
+    redis.kill();
+    for i in 6..11 {
+        let (status, took) = get(i).await;
+        assert_eq!(status, 200, "Redis killed: call {i}");
+        assert!(
+            took < Duration::from_secs(2),
+            "Redis killed: call {i} took {took:?}"
+        );
+    }
+    let (_, after) = scrape(&gateway).await;
+    assert_eq!(
+        after["pcgate_rate_limit_slots_total{scope=\"local\"}"],
+        10.0
+    );
+    assert_eq!(after["pcgate_rate_limit_slots_total{scope=\"fleet\"}"], 1.0);
+    // An upstream 429 still holds this sidecar while Redis is away.
+    sandbox
+        .faults(json!({"script": [429], "retry_after": "20"}))
+        .await;
+    let (status, _) = get(100).await;
+    assert_eq!(
+        status, 429,
+        "the upstream's own 429 (20 s is past the deadline's retry)"
+    );
+    let (status, took) = get(101).await;
+    assert_eq!(status, 429);
+    assert!(took < Duration::from_secs(2));
+    assert_eq!(
+        sandbox.count("invoices").await,
+        12,
+        "the held call did not go upstream"
+    );
+}

@@ -16,6 +16,7 @@
 //! never see each other's entries.
 
 pub mod breaker;
+pub mod limit;
 
 use std::path::Path;
 use std::sync::Arc;

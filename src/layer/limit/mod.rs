@@ -150,7 +150,7 @@ struct LimitMetrics {
     wait_seconds: Family<CauseLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
     /// `pcgate_throttle_refused_total{cause}`: calls answered 429 by pcgate.
     refused: Family<CauseLabel, Counter>,
-    /// `pcgate_throttle_holds_total{origin}`: holds begun or lengthened.
+    /// `pcgate_throttle_holds_total{origin}`: holds begun (or lengthened by an upstream 429).
     holds: Family<OriginLabel, Counter>,
     /// `pcgate_throttle_held_seconds_total`: hold time begun from this process's 429s.
     held_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
@@ -351,6 +351,17 @@ impl Throttle {
                     }
                     self.wait(ThrottleCause::RateLimit, wait, deadline).await?;
                     slotted = true;
+                    // Another sidecar may have been throttled while this one waited for its
+                    // slot: ask for the hold alone once more before going.
+                    if !wait.is_zero() {
+                        if let Some(fleet) = &self.fleet {
+                            if let Some(FleetAnswer::Held(left)) =
+                                fleet.admit(None, deadline.remaining()).await
+                            {
+                                self.extend_hold(left, HoldOrigin::Fleet);
+                            }
+                        }
+                    }
                 }
                 Some(FleetAnswer::Refused(wait)) => {
                     return Err(self.refuse(ThrottleCause::RateLimit, wait))
@@ -441,21 +452,26 @@ impl Throttle {
         }
     }
 
-    /// Lengthens the local hold to `left` from now (a longer one stays); the time added.
+    /// Lengthens the local hold to `left` from now (a longer one stays); the time added. A hold
+    /// is counted when it begins, and when an upstream 429 lengthens it (the fleet's answers
+    /// to concurrent calls differ by their round trips, which is no new hold).
     fn extend_hold(&self, left: Duration, origin: HoldOrigin) -> Duration {
         let now = Instant::now();
         let until = now + left;
         let mut held = self.held_until.lock().unwrap_or_else(|e| e.into_inner());
-        let current = held.filter(|at| *at > now).unwrap_or(now);
+        let in_force = held.filter(|at| *at > now);
+        let current = in_force.unwrap_or(now);
         if until <= current {
             return Duration::ZERO;
         }
         *held = Some(until);
         drop(held);
-        self.metrics
-            .holds
-            .get_or_create(&OriginLabel { origin })
-            .inc();
+        if in_force.is_none() || origin == HoldOrigin::Upstream {
+            self.metrics
+                .holds
+                .get_or_create(&OriginLabel { origin })
+                .inc();
+        }
         until - current
     }
 

@@ -301,6 +301,8 @@ async fn the_fleet_decides_holds_and_slots_and_the_local_limiter_stands_in_when_
         Some(FleetAnswer::Held(Duration::from_secs(2))),
         // Asked again after it: the slot is 300 ms away.
         Some(FleetAnswer::Go(Duration::from_millis(300))),
+        // After waiting for the slot, the hold alone is asked once more: none.
+        Some(FleetAnswer::Go(Duration::ZERO)),
         // Next call: the fleet's slot is past the deadline.
         Some(FleetAnswer::Refused(Duration::from_secs(9))),
         // Then the fleet cannot answer: the local limiter (1/s, fresh) lets it go at once.
@@ -332,11 +334,13 @@ async fn the_fleet_decides_holds_and_slots_and_the_local_limiter_stands_in_when_
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert_eq!(upstream.times().len(), 2);
     let asked = fleet.asked.lock().unwrap().clone();
-    assert_eq!(asked.len(), 4);
-    assert!(asked.iter().all(|(rate, _)| rate.is_some()));
+    assert_eq!(asked.len(), 5);
+    let with_rate: Vec<bool> = asked.iter().map(|(rate, _)| rate.is_some()).collect();
+    assert_eq!(with_rate, [true, true, false, true, true]);
     // Each question carries what the caller can still wait.
     assert_eq!(asked[0].1, Duration::from_secs(5));
     assert_eq!(asked[1].1, Duration::from_secs(3));
+    assert_eq!(asked[2].1, Duration::from_millis(2700));
     let m = &layer.throttle.metrics;
     assert_eq!(
         m.holds
@@ -362,6 +366,27 @@ async fn the_fleet_decides_holds_and_slots_and_the_local_limiter_stands_in_when_
             .get(),
         1
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fleet_hold_that_began_while_a_call_waited_for_its_slot_is_waited_out_too() {
+    let fleet = fake_fleet(vec![
+        Some(FleetAnswer::Go(Duration::from_secs(1))),
+        // Meanwhile another sidecar was throttled for 2 s.
+        Some(FleetAnswer::Held(Duration::from_secs(2))),
+    ]);
+    let upstream = Upstream::new(&[200], "1");
+    let layer = LimitLayer::new(settings(Some("1/s")), &Metrics::new()).fleet(fleet.clone());
+    let mut service = layer.layer(upstream.clone());
+    let started = Instant::now();
+    assert_eq!(
+        call(&mut service, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(upstream.times()[0] - started, Duration::from_secs(3));
 }
 
 #[tokio::test(start_paused = true)]
