@@ -649,6 +649,21 @@ impl Config {
                 }
             }
         }
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.key_file.is_none()) {
+            let rotating: Vec<&str> = self
+                .credentials
+                .iter()
+                .filter(|(_, c)| c.grant() == Grant::RefreshToken)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            if !rotating.is_empty() {
+                warnings.push(format!(
+                    "[shared] (namespace {}) has no key_file: the refresh tokens of {} are not shared, so sidecars holding the same one rotate it apart and all but one lose it; set shared.key_file to a 32-byte key file (`openssl rand -hex 32`), the same on every sidecar",
+                    shared.namespace,
+                    rotating.join(", ")
+                ));
+            }
+        }
         warnings
     }
 
@@ -1038,6 +1053,41 @@ mod tests {
                 "{MINIMAL}\n[server]\nlisten = \"127.0.0.2:8080\"\n"
             ))
             .map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn shared_without_a_key_file_warns_that_refresh_tokens_rotate_apart() {
+        Jail::expect_with(|_jail| {
+            let config = |shared_extra: &str, grant: &str| {
+                let credential = match grant {
+                    "refresh_token" => "[credentials.user]\ngrant = \"refresh_token\"\ntoken_url = \"https://login.example/t/oauth2/token\"\nclient_id = \"id\"\nclient_secret = \"s\"\nrefresh_token = \"r\"\n",
+                    _ => "[credentials.user]\ngrant = \"client_credentials\"\ntoken_url = \"https://login.example/t/oauth2/token\"\nclient_id = \"id\"\nclient_secret = \"s\"\n",
+                };
+                Config::from_toml(&format!(
+                    "{credential}[shared]\nredis_url = \"redis://127.0.0.1:6379\"\nnamespace = \"contoso\"\n{shared_extra}\n[[routes]]\nmatch = \"GET /a\"\ncredential = \"user\"\n"
+                ))
+                .map_err(|e| e.to_string())
+            };
+            let warnings = config("", "refresh_token")?.warnings().join("\n");
+            assert!(
+                warnings.contains("key_file") && warnings.contains("user"),
+                "{warnings}"
+            );
+            let keyed = config(
+                "key_file = \"/run/secrets/pcgate/shared-key\"",
+                "refresh_token",
+            )?;
+            assert!(keyed.warnings().is_empty(), "{:?}", keyed.warnings());
+            assert_eq!(
+                keyed.shared.as_ref().and_then(|s| s.key_file.as_deref()),
+                Some(Path::new("/run/secrets/pcgate/shared-key"))
+            );
+            assert!(keyed.to_toml().contains("key_file"));
+            // App-only credentials never share anything: nothing to warn about.
+            let app = config("", "client_credentials")?;
+            assert!(app.warnings().is_empty(), "{:?}", app.warnings());
             Ok(())
         });
     }

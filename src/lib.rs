@@ -96,6 +96,9 @@ pub enum StartError {
     /// The shared tier's client could not be built.
     #[error(transparent)]
     Shared(#[from] shared::SetupError),
+    /// `shared.key_file` could not be read or holds no key.
+    #[error(transparent)]
+    SharedKey(#[from] shared::tokens::KeyFileError),
     /// The config was not validated and does not hold (a config built in code, say).
     #[error(transparent)]
     Config(#[from] config::ConfigError),
@@ -185,6 +188,22 @@ impl Gateway {
             },
             &metrics,
         );
+        // With [shared] and shared.key_file, App+User refresh tokens rotate once for the fleet.
+        if let (Some(handle), Some(key_file)) = (
+            &shared,
+            config.shared.as_ref().and_then(|s| s.key_file.as_deref()),
+        ) {
+            let key = shared::tokens::SealKey::read(key_file)?;
+            let shares = shared::tokens::TokenShares::new(
+                handle.clone(),
+                key,
+                shared::tokens::ShareMetrics::register(&metrics),
+            );
+            let sharing = tokens.share_refresh_tokens(&shares);
+            if !sharing.is_empty() {
+                tracing::info!(credentials = ?sharing, "refresh tokens are shared with the fleet");
+            }
+        }
         // With [shared], one hold and one rate for every sidecar of the namespace.
         let limit = match &shared {
             Some(shared) => limit.fleet(std::sync::Arc::new(shared::limit::FleetThrottle::new(

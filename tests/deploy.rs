@@ -475,6 +475,8 @@ fn catalog() -> Catalog {
         },
         &m,
     );
+    // Shared refresh tokens: every outcome of each sharing credential at zero.
+    pcgate::shared::tokens::ShareMetrics::register(&m).prime("c");
     for result in ["ok", "error"] {
         m.token_refreshes
             .get_or_create(&TokenLabels {

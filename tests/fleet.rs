@@ -14,6 +14,7 @@ fn shared_config(url: &str, namespace: &str) -> SharedConfig {
         redis_url: RedisUrl::parse(url).expect("a valid Redis URL"),
         namespace: namespace.to_owned(),
         timeout: ms(50),
+        key_file: None,
     }
 }
 

@@ -262,6 +262,7 @@ fn shared(redis: &TestRedis, ns: &str, timeout: Duration) -> pcgate::config::Sha
         redis_url: pcgate::config::RedisUrl::parse(&redis.url()).unwrap(),
         namespace: ns.to_owned(),
         timeout,
+        key_file: None,
     }
 }
 
@@ -463,4 +464,288 @@ async fn redis_frozen_or_killed_means_the_local_limiter_and_no_caller_error() {
         12,
         "the held call did not go upstream"
     );
+}
+
+/// A 32-byte key file (hex) in `dir`.
+fn key_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("shared-key");
+    std::fs::write(&path, format!("{}\n", "5a".repeat(32))).unwrap();
+    path
+}
+
+/// A gateway whose `user` credential starts from `refresh_token_file` (seeded with the
+/// sandbox's first refresh token) and shares it through `redis` with `key_file`.
+async fn sharing_gateway(
+    sandbox: &TestSandbox,
+    redis: &TestRedis,
+    dir: &std::path::Path,
+    name: &str,
+    key_file: Option<&std::path::Path>,
+) -> (TestGateway, std::path::PathBuf) {
+    let file = dir.join(format!("refresh-token-{name}"));
+    std::fs::write(
+        &file,
+        format!("{}\n", pcgate::sandbox::SANDBOX_REFRESH_TOKEN),
+    )
+    .unwrap();
+    let mut config = sandbox.config();
+    config.user_mut().refresh_token = None;
+    config.user_mut().refresh_token_file = Some(file.clone());
+    let mut shared = shared(redis, "tokens", ms(250));
+    shared.key_file = key_file.map(std::path::Path::to_owned);
+    config.shared = Some(shared);
+    (start_config(config).await, file)
+}
+
+/// `GET path` (an App+User route) on each gateway at once; the statuses.
+async fn user_calls(gateways: &[&TestGateway], path: &str) -> Vec<u16> {
+    let calls: Vec<_> = gateways
+        .iter()
+        .map(|g| {
+            let url = g.url(path);
+            tokio::spawn(async move { client().get(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for call in calls {
+        statuses.push(tokio::time::timeout(WAIT, call).await.unwrap().unwrap());
+    }
+    statuses
+}
+
+/// Every value in `redis`, as one string (hashes by field and value).
+async fn every_value(redis: &TestRedis) -> String {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut all = String::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let value: Vec<Vec<u8>> = match kind.as_str() {
+            "hash" => redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "string" => vec![redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap()],
+            _ => Vec::new(),
+        };
+        all.push_str(&key);
+        for part in value {
+            all.push(' ');
+            all.push_str(&String::from_utf8_lossy(&part));
+        }
+        all.push('\n');
+    }
+    all
+}
+
+#[tokio::test]
+async fn two_sidecars_rotating_one_refresh_token_concurrently_end_with_one_valid_chain() {
+    let redis = start_redis();
+    // Tokens live 2 s: each sidecar's refresher rotates the refresh token about every second.
+    let sandbox = start_sandbox(SandboxOptions {
+        token_ttl: secs(2),
+        ..SandboxOptions::default()
+    })
+    .await;
+    let dir = temp_dir("shared-refresh");
+    let key = key_file(&dir);
+    let (a, file_a) = sharing_gateway(&sandbox, &redis, &dir, "a", Some(&key)).await;
+    let (b, file_b) = sharing_gateway(&sandbox, &redis, &dir, "b", Some(&key)).await;
+    // Both start from the same refresh token and need an App+User token at once.
+    assert_eq!(
+        user_calls(&[&a, &b], "/v1/invoices/summaries").await,
+        [200, 200]
+    );
+    let list: serde_json::Value = client()
+        .get(a.url("/v1/invoices?size=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let invoice = format!("/v1/invoices/{}", list["items"][0]["id"].as_str().unwrap());
+    // Five seconds of App+User calls on both while both keep rotating.
+    let until = Instant::now() + secs(5);
+    while Instant::now() < until {
+        assert_eq!(user_calls(&[&a, &b], &invoice).await, [200, 200]);
+        tokio::time::sleep(ms(200)).await;
+    }
+    // No refresh was ever refused: nobody presented a refresh token the other had used.
+    let statuses: Vec<u64> = sandbox
+        .recent("token")
+        .await
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "token answers {statuses:?}"
+    );
+    let mut stored = 0.0;
+    let mut adopted = 0.0;
+    for gateway in [&a, &b] {
+        let (_, metrics) = scrape(gateway).await;
+        let outcome = |o: &str| {
+            metrics[&format!(
+                "pcgate_shared_token_refreshes_total{{credential=\"user\",outcome=\"{o}\"}}"
+            )]
+        };
+        stored += outcome("stored");
+        adopted += outcome("adopted");
+        assert_eq!(outcome("conflict"), 0.0);
+        assert_eq!(outcome("unavailable"), 0.0);
+        assert_eq!(
+            metrics["pcgate_requests_total{route=\"invoice\",status=\"5xx\"}"],
+            0.0
+        );
+    }
+    // Each sidecar rotated several times, each time from the token the other had stored.
+    assert!(stored >= 6.0, "{stored} rotations stored");
+    assert!(adopted >= 4.0, "{adopted} tokens taken up from the other");
+    // Each file holds the token its sidecar last rotated to; the chain goes on from the newest.
+    let (ta, tb) = (
+        std::fs::read_to_string(&file_a).unwrap(),
+        std::fs::read_to_string(&file_b).unwrap(),
+    );
+    assert!(ta.starts_with("sbx-refresh-") && tb.starts_with("sbx-refresh-"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn without_a_key_file_sidecars_rotate_apart_and_the_second_loses_its_token() {
+    // The control for the test above: the same two sidecars, not sharing.
+    let redis = start_redis();
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let dir = temp_dir("unshared-refresh");
+    let (a, _) = sharing_gateway(&sandbox, &redis, &dir, "a", None).await;
+    let (b, _) = sharing_gateway(&sandbox, &redis, &dir, "b", None).await;
+    let mut statuses = user_calls(&[&a, &b], "/v1/invoices/summaries").await;
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [200, 503],
+        "one of them presented a used refresh token"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_refresh_token_in_redis_is_sealed_and_no_access_token_is_there() {
+    let redis = start_redis();
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let dir = temp_dir("sealed-refresh");
+    let key = key_file(&dir);
+    let (a, file_a) = sharing_gateway(&sandbox, &redis, &dir, "a", Some(&key)).await;
+    assert_eq!(user_calls(&[&a], "/v1/invoices/summaries").await, [200]);
+    // And an app-only call, so an app-only access token exists too.
+    let app = client()
+        .get(a.url("/v1/invoices/summary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(app.status(), 200);
+    let rotated = std::fs::read_to_string(&file_a).unwrap().trim().to_owned();
+    assert!(rotated.starts_with("sbx-refresh-"), "{rotated}");
+    let everything = every_value(&redis).await;
+    assert!(
+        everything.contains("pcgate:tokens:token:user"),
+        "the record is there: {everything}"
+    );
+    assert!(
+        !everything.contains(&rotated),
+        "the refresh token is in Redis in clear"
+    );
+    let suffix = rotated.trim_start_matches("sbx-refresh-");
+    assert!(
+        !everything.contains(suffix),
+        "part of the refresh token is in Redis"
+    );
+    // No token of any kind in clear: sandbox tokens all start with `sbx-`.
+    assert!(!everything.contains("sbx-"), "{everything}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_sidecar_that_lost_its_lock_cannot_roll_the_shared_refresh_token_back() {
+    use pcgate::shared::tokens::{SealKey, Stored, TokenShares};
+    use secrecy::{ExposeSecret, SecretString};
+    let redis = start_redis();
+    let config = shared(&redis, "cas", ms(250));
+    let share = |metrics: &pcgate::metrics::Metrics| {
+        let handle = pcgate::shared::Shared::connect(&config, None, metrics).unwrap();
+        TokenShares::new(
+            handle,
+            SealKey::from_bytes(&[3; 32]),
+            pcgate::shared::tokens::ShareMetrics::register(metrics),
+        )
+        .for_credential("user")
+    };
+    let (ma, mb) = (
+        pcgate::metrics::Metrics::new(),
+        pcgate::metrics::Metrics::new(),
+    );
+    let (a, b) = (share(&ma), share(&mb));
+    // A takes the lock and stalls past its expiry, holding generation 0.
+    let lease = a.lock().await.expect("the lock is free");
+    assert_eq!(a.read().await.unwrap().map(|(g, _)| g), None);
+    // B rotates meanwhile and stores generation 1.
+    let newer = SecretString::from("rotated-by-b".to_owned());
+    assert_eq!(b.store(&newer).await.unwrap(), Stored::Written(1));
+    // A, late, tries to store its own from generation 0: refused, and generation 1 stays.
+    let older = SecretString::from("rotated-by-a".to_owned());
+    assert_eq!(a.store(&older).await.unwrap(), Stored::Conflict(1));
+    let (generation, token) = a.read().await.unwrap().expect("the record");
+    assert_eq!(generation, 1);
+    assert_eq!(token.expose_secret(), "rotated-by-b");
+    // Once A takes up generation 1 it may store generation 2.
+    a.adopt(generation);
+    assert_eq!(a.store(&older).await.unwrap(), Stored::Written(2));
+    assert_eq!(
+        b.read().await.unwrap().unwrap().1.expose_secret(),
+        "rotated-by-a"
+    );
+    a.release(&lease).await;
+    let text = ma.encode();
+    assert!(
+        text.contains(
+            "pcgate_shared_token_refreshes_total{credential=\"user\",outcome=\"conflict\"} 1"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_key_file_stops_the_start_naming_the_file_never_its_content() {
+    let redis = start_redis();
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let dir = temp_dir("bad-key");
+    let key = dir.join("shared-key");
+    std::fs::write(&key, "hunter2-not-a-key\n").unwrap();
+    let mut config = sandbox.config();
+    let mut shared = shared(&redis, "badkey", ms(250));
+    shared.key_file = Some(key.clone());
+    config.shared = Some(shared);
+    let error = match pcgate::Gateway::bind(on_loopback(config)).await {
+        Ok(_) => panic!("a gateway started with a malformed key file"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains(&key.display().to_string()), "{error}");
+    assert!(error.contains("openssl rand -hex 32"), "{error}");
+    assert!(!error.contains("hunter2"), "{error}");
+    let _ = std::fs::remove_dir_all(dir);
 }

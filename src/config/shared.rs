@@ -24,6 +24,10 @@ pub struct SharedConfig {
     /// Per Redis operation; past it the operation counts as a miss.
     #[serde(with = "humantime_serde", default = "default_timeout")]
     pub timeout: Duration,
+    /// A secret file holding the 32-byte key (64 hex digits or base64) that encrypts the
+    /// App+User refresh tokens shared in Redis; unset: refresh tokens are not shared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 fn default_timeout() -> Duration {

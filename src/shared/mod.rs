@@ -17,6 +17,7 @@
 
 pub mod breaker;
 pub mod limit;
+pub mod tokens;
 
 use std::path::Path;
 use std::sync::Arc;
