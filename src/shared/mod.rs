@@ -403,6 +403,12 @@ impl Shared {
         self.0.breaker.state()
     }
 
+    /// Whether Redis answered the last operation: a caller that already paid one timeout on
+    /// this call can skip the next operation when it did not, so a call pays at most one.
+    pub fn answering(&self) -> bool {
+        self.0.breaker.answering()
+    }
+
     /// `pcgate:{namespace}:{kind}:{rest}`.
     pub fn key(&self, kind: &str, rest: &str) -> String {
         format!("pcgate:{}:{kind}:{rest}", self.0.namespace)
