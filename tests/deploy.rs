@@ -458,6 +458,8 @@ fn catalog() -> Catalog {
     m.coalesced
         .get_or_create(&RouteLabel { route: route() })
         .inc();
+    // The shared tier ([shared]) registers its own families, every label at zero.
+    let _shared = pcgate::shared::SharedMetrics::register(&m);
     // The retry layer registers its own families, every reason at zero.
     let _retry = pcgate::layer::retry::RetryLayer::new(
         pcgate::layer::retry::RetrySettings::new(
@@ -645,6 +647,7 @@ fn every_alert_has_severity_summary_runbook_and_queries_real_metrics() {
         "PcgateRetryBudgetExhausted",
         "PcgateCacheHitRatioLow",
         "PcgateRefreshTokenNotSaved",
+        "PcgateSharedTierDown",
     ] {
         assert!(alerts.contains(expected), "alerts.yml has no {expected}");
     }

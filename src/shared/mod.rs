@@ -200,7 +200,8 @@ pub struct SharedMetrics {
 }
 
 impl SharedMetrics {
-    fn register(metrics: &Metrics) -> SharedMetrics {
+    /// Registers the families in `metrics`, every label value at zero.
+    pub fn register(metrics: &Metrics) -> SharedMetrics {
         let m = SharedMetrics::default();
         for result in Lookup::ALL {
             let _ = m.lookups.get_or_create(&ResultLabel {
