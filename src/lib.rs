@@ -173,6 +173,16 @@ impl Gateway {
             )?),
             None => None,
         };
+        // With the fleet tier, the cache's store is two-tiered: moka, then Redis.
+        let cache: std::sync::Arc<dyn layer::cache::Storage> = match &shared {
+            Some(shared) => std::sync::Arc::new(layer::cache::TieredStore::new(
+                store.clone(),
+                shared.clone(),
+                store.max_entry_bytes(),
+                config.upstream.attempt_timeout,
+            )),
+            None => store.clone(),
+        };
         let (forward_headers, key_headers) = config.header_lists()?;
         let cached_routes: Vec<String> = config
             .routes
@@ -218,6 +228,7 @@ impl Gateway {
             forward_headers,
             key_headers: key_headers.into(),
             store,
+            cache,
             shared,
             retry,
             metrics,
@@ -272,6 +283,7 @@ impl Gateway {
             hosts: host::HostRule::new(&config.server.admin_hosts),
             credentials: parts.routes.credentials().into(),
             store: parts.store.clone(),
+            cache: parts.cache.clone(),
             metrics: parts.metrics.clone(),
         };
         // Hop-by-hop headers belong to the caller's connection: they go as the request enters,

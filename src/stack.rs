@@ -33,6 +33,8 @@ pub struct Parts {
     pub tokens: TokenSources,
     /// The response cache's in-process store.
     pub store: std::sync::Arc<MemoryStore>,
+    /// What the cache layer stores into: `store`, or `store` in front of Redis with `[shared]`.
+    pub cache: std::sync::Arc<dyn crate::layer::cache::Storage>,
     /// The fleet tier on Redis, when `[shared]` is configured.
     pub shared: Option<crate::shared::Shared>,
     /// Retry policy and the call deadline.
@@ -91,7 +93,7 @@ pub fn build(
         // on a miss it takes the key's lock, so identical misses make one fetch, stored once.
         .layer(
             CacheLayer::new(
-                parts.store.clone(),
+                parts.cache.clone(),
                 parts.store.max_entry_bytes(),
                 parts.metrics.clone(),
                 parts.retry.deadline,

@@ -95,6 +95,11 @@ impl Breaker {
         }
     }
 
+    /// Whether the last operation answered (no failure since the last success).
+    pub fn answering(&self) -> bool {
+        self.failures.load(Ordering::Acquire) == 0
+    }
+
     /// The current state.
     pub fn state(&self) -> BreakerState {
         match (

@@ -202,7 +202,8 @@ pub struct SharedMetrics {
 }
 
 impl SharedMetrics {
-    fn register(metrics: &Metrics) -> SharedMetrics {
+    /// Registers the families in `metrics`, every label value at zero.
+    pub fn register(metrics: &Metrics) -> SharedMetrics {
         let m = SharedMetrics::default();
         for result in Lookup::ALL {
             let _ = m.lookups.get_or_create(&ResultLabel {
@@ -403,6 +404,12 @@ impl Shared {
     /// The breaker's state now.
     pub fn breaker_state(&self) -> breaker::BreakerState {
         self.0.breaker.state()
+    }
+
+    /// Whether Redis answered the last operation: a caller that already paid one timeout on
+    /// this call can skip the next operation when it did not, so a call pays at most one.
+    pub fn answering(&self) -> bool {
+        self.0.breaker.answering()
     }
 
     /// `pcgate:{namespace}:{kind}:{rest}`.
