@@ -233,7 +233,8 @@ struct Throttle {
     /// The local hold: no upstream call before this.
     held_until: Mutex<Option<Instant>>,
     epoch: Instant,
-    fleet: Option<Arc<dyn Fleet>>,
+    /// The shared tier's throttle, when `[shared]` is configured.
+    fleet: std::sync::OnceLock<Arc<dyn Fleet>>,
     metrics: LimitMetrics,
 }
 
@@ -253,7 +254,7 @@ impl LimitLayer {
                 tat: Mutex::new(0),
                 held_until: Mutex::new(None),
                 epoch: Instant::now(),
-                fleet: None,
+                fleet: std::sync::OnceLock::new(),
                 metrics: LimitMetrics::register(metrics),
             }),
         }
@@ -261,9 +262,9 @@ impl LimitLayer {
 
     /// Asks `fleet` first (the shared tier); the local hold and limiter stand in when it cannot
     /// answer.
-    pub fn fleet(mut self, fleet: Arc<dyn Fleet>) -> LimitLayer {
-        if let Some(throttle) = Arc::get_mut(&mut self.throttle) {
-            throttle.fleet = Some(fleet);
+    pub fn fleet(self, fleet: Arc<dyn Fleet>) -> LimitLayer {
+        if self.throttle.fleet.set(fleet).is_err() {
+            tracing::warn!("the limit layer already has a fleet throttle: the first one stays");
         }
         self
     }
@@ -333,7 +334,7 @@ impl Throttle {
             if slotted {
                 return Ok(());
             }
-            let answer = match &self.fleet {
+            let answer = match self.fleet.get() {
                 Some(fleet) if !asked_fleet || self.gcra.is_some() => {
                     fleet.admit(self.gcra, deadline.remaining()).await
                 }
@@ -354,7 +355,7 @@ impl Throttle {
                     // Another sidecar may have been throttled while this one waited for its
                     // slot: ask for the hold alone once more before going.
                     if !wait.is_zero() {
-                        if let Some(fleet) = &self.fleet {
+                        if let Some(fleet) = self.fleet.get() {
                             if let Some(FleetAnswer::Held(left)) =
                                 fleet.admit(None, deadline.remaining()).await
                             {
@@ -487,7 +488,7 @@ impl Throttle {
             hold_ms = hold.as_millis() as u64,
             "the upstream throttled a call (429 with Retry-After): holding upstream calls until it passes"
         );
-        if let Some(fleet) = &self.fleet {
+        if let Some(fleet) = self.fleet.get() {
             // Off the caller's path: the answer it already has goes back now.
             let fleet = fleet.clone();
             tokio::spawn(async move {
