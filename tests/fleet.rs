@@ -454,3 +454,61 @@ async fn when_the_owner_dies_holding_the_lock_one_waiter_takes_over() {
     assert_eq!((took_over, filled), (1.0, 1.0));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_claim_after_another_sidecars_fill_landed_reads_it_instead_of_fetching_again() {
+    use pcgate::layer::cache::{Claim, Entry, Key, MemoryStore, Storage, TieredStore, Windows};
+    use std::sync::Arc;
+    let redis = start_redis();
+    let sidecar = || {
+        let metrics = Metrics::new();
+        let shared =
+            Shared::connect(&shared_config(&redis.url(), "claim"), None, &metrics).unwrap();
+        let memory = Arc::new(MemoryStore::new(1 << 20, 1 << 16, &metrics));
+        TieredStore::new(memory, shared, 1 << 16, secs(5))
+    };
+    let (a, b) = (sidecar(), sidecar());
+    let request = http::Request::get(SUMMARY)
+        .body(pcgate::body::empty())
+        .unwrap();
+    let key = Key::of(&request, &[]);
+    let entry = Arc::new(Entry {
+        response: pcgate::body::Buffered {
+            status: http::StatusCode::OK,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"{}"),
+        },
+        stored_at: std::time::SystemTime::now(),
+        initial_age: Duration::ZERO,
+        windows: Windows {
+            ttl: secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+        },
+        vary: Arc::from([]),
+        variant: None,
+    });
+    // b looks the key up before a's fill lands: a miss.
+    assert!(b.get(&key).await.unwrap().is_none());
+    assert_eq!(a.claim(&key).await.unwrap(), Claim::Owner);
+    assert_eq!(b.claim(&key).await.unwrap(), Claim::Busy);
+    a.put(key.clone(), entry).await.unwrap();
+    // a's fill lands in Redis and its lock goes (bounded wait).
+    let started = Instant::now();
+    while !redis.keys("pcgate:claim:lock:*").is_empty() {
+        assert!(
+            started.elapsed() < WAIT,
+            "the owner's lock was never released"
+        );
+        tokio::time::sleep(ms(10)).await;
+    }
+    // b's claim now finds the fill rather than taking the free lock and fetching again.
+    assert_eq!(b.claim(&key).await.unwrap(), Claim::Stored);
+    assert!(redis.keys("pcgate:claim:lock:*").is_empty());
+    let local = b
+        .get_local(&key)
+        .await
+        .unwrap()
+        .expect("copied into b's own tier");
+    assert_eq!(local.response.body, "{}");
+}

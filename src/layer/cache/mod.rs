@@ -693,6 +693,17 @@ impl Call {
                     store.waited(Waited::TookOver);
                     return Fleet::Fetch;
                 }
+                Claim::Stored => {
+                    // The claim copied the fill into this process's tier.
+                    if let Some((entry, _, _)) = self.stored_fresh(selecting, Tier::Local).await {
+                        if waited {
+                            store.waited(Waited::Filled);
+                        }
+                        return Fleet::Filled(entry);
+                    }
+                    // Stored but not fresh (a stale copy): fetch, alone.
+                    return Fleet::Fetch;
+                }
                 Claim::Busy => {}
             }
             waited = true;

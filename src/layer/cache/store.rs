@@ -96,6 +96,8 @@ pub enum Claim {
     Owner,
     /// Another process is fetching: wait, re-reading the store, and claim again.
     Busy,
+    /// Another process's fill landed since the caller's lookup: read the store again.
+    Stored,
     /// No fleet to coordinate with now (no shared tier, or it does not answer): fetch alone.
     Alone,
 }

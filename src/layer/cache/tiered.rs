@@ -18,7 +18,8 @@
 //!   A sidecar that lost its subscription drops its whole L1 when it resubscribes, since it may
 //!   have missed a purge.
 //! - `claim`: a Redis lock per key (`SET NX PX` with an owner token, held for
-//!   `upstream.attempt_timeout`), released by compare-and-delete after the L2 write; when its
+//!   `upstream.attempt_timeout`, in one script that first checks whether the key's record landed
+//!   since the caller's lookup), released by compare-and-delete after the L2 write; when its
 //!   owner dies, the lock expires and the one waiter whose `SET NX` wins takes over.
 //!
 //! A fill that was in flight when a purge ran may still land in L1 (as without the fleet
@@ -53,6 +54,18 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 1
 ";
 
+/// Takes the key's lock, unless its record is already there (a fill that landed between the
+/// caller's lookup and now): 2 stored, 1 taken, 0 held by another owner.
+const CLAIM: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 2
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
+";
+
 /// What the background writer does.
 enum Write {
     /// Write the record, then release the key's lease if the fetch held one.
@@ -79,6 +92,7 @@ struct Inner {
     /// Fleet locks held by this process's fetches, by the key they fetch.
     leases: Mutex<HashMap<Key, Lease>>,
     put: redis::Script,
+    claim: redis::Script,
     clock: Clock,
     generation_key: String,
 }
@@ -102,6 +116,7 @@ impl TieredStore {
             hold,
             leases: Mutex::default(),
             put: redis::Script::new(PUT),
+            claim: redis::Script::new(CLAIM),
             clock: Clock::default(),
         });
         let (writes, mut queue) = mpsc::channel(WRITE_QUEUE);
@@ -353,13 +368,37 @@ impl Storage for TieredStore {
         }
         Either::Right(Box::pin(async move {
             let lock = inner.shared.key("lock", &digest(&key));
-            Ok(match inner.shared.try_lock(&lock, inner.hold).await {
-                Ok(Some(lease)) => {
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            let mut invocation = inner.claim.key(&lock);
+            invocation.key(inner.entry_key(&key)).arg(&token).arg(
+                u64::try_from(inner.hold.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            );
+            let claimed = match inner.shared.script::<i64>(Op::Lock, &invocation).await {
+                // Filled since this caller's lookup: read it (a record of an older generation
+                // is no fill: then the lock is taken as usual).
+                Ok(2) => {
+                    if inner.lookup(&key).await.is_some() {
+                        return Ok(Claim::Stored);
+                    }
+                    inner
+                        .shared
+                        .try_lock(&lock, inner.hold)
+                        .await
+                        .map(|lease| lease.map(|l| l.token))
+                }
+                Ok(1) => Ok(Some(token)),
+                Ok(_) => Ok(None),
+                Err(unavailable) => Err(unavailable),
+            };
+            Ok(match claimed {
+                Ok(Some(token)) => {
                     inner
                         .leases
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(key, lease);
+                        .insert(key, Lease { key: lock, token });
                     Claim::Owner
                 }
                 Ok(None) => Claim::Busy,
