@@ -22,8 +22,10 @@ pub struct Admin {
     /// The token sources some route uses (the route table's own handles): readiness waits for
     /// these.
     pub credentials: Arc<[TokenSource]>,
-    /// The response cache (purge, size gauges).
+    /// The response cache's first tier (size gauges).
     pub store: Arc<MemoryStore>,
+    /// What purges go to: the first tier, or with `[shared]` every sidecar of the namespace.
+    pub cache: Arc<dyn Storage>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
 }
@@ -138,7 +140,7 @@ impl Admin {
             }
         }
         let scope = prefix.clone().map_or(Purge::All, Purge::Under);
-        let purged = match self.store.purge(scope).await {
+        let purged = match self.cache.purge(scope).await {
             Ok(purged) => purged,
             Err(error) => {
                 return problem(

@@ -11,6 +11,8 @@
 
 mod credential;
 mod pattern;
+mod rate;
+mod shared;
 mod url;
 
 pub use credential::{
@@ -19,6 +21,8 @@ pub use credential::{
     FEDERATED_TOKEN_ENV, TENANT_ENV,
 };
 pub use pattern::{Pattern, PatternError, Patterns};
+pub use rate::RateLimit;
+pub use shared::{RedisUrl, RedisUrlError, SharedConfig, DEFAULT_SHARED_TIMEOUT};
 pub use url::{BaseUrl, TokenUrl, UrlError};
 
 use std::collections::BTreeMap;
@@ -115,6 +119,9 @@ pub struct Config {
     pub tracking: TrackingConfig,
     /// Response cache bounds.
     pub cache: CacheConfig,
+    /// The fleet tier on Redis (DESIGN.md §6); absent: every process on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedConfig>,
     /// Retry policy for routes with `retry = true`.
     pub retry: RetryConfig,
     /// The route table: first match wins; a request no route matches gets 403.
@@ -161,6 +168,9 @@ pub struct UpstreamConfig {
     /// The whole call's time limit, all retries included.
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
+    /// Calls per second (minute, hour) to the upstream, `"20/s"`; fleet-wide with `[shared]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
     /// Request headers forwarded beyond those Partner Center documents; not in the cache key
     /// unless also in `cache.key_headers`.
     pub forward_headers: Vec<String>,
@@ -373,6 +383,7 @@ impl Default for UpstreamConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
             deadline: DEFAULT_DEADLINE,
+            rate_limit: None,
             forward_headers: Vec::new(),
         }
     }
@@ -501,6 +512,9 @@ impl Config {
         crate::layer::tracking::TrackingSettings::new(&self.tracking)
             .map_err(ConfigError::Invalid)?;
         self.header_lists()?;
+        if let Some(shared) = &self.shared {
+            shared.validate().map_err(ConfigError::Invalid)?;
+        }
         if self.cache.max_entry_bytes > self.cache.max_bytes {
             return fail("cache.max_entry_bytes is larger than cache.max_bytes".into());
         }
@@ -634,6 +648,21 @@ impl Config {
                         "credentials.{name}.token_url {url} is http:// off loopback: the client secret and tokens would cross the network in clear text; use https://"
                     ));
                 }
+            }
+        }
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.key_file.is_none()) {
+            let rotating: Vec<&str> = self
+                .credentials
+                .iter()
+                .filter(|(_, c)| c.grant() == Grant::RefreshToken)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            if !rotating.is_empty() {
+                warnings.push(format!(
+                    "[shared] (namespace {}) has no key_file: the refresh tokens of {} are not shared, so sidecars holding the same one rotate it apart and all but one lose it; set shared.key_file to a 32-byte key file (`openssl rand -hex 32`), the same on every sidecar",
+                    shared.namespace,
+                    rotating.join(", ")
+                ));
             }
         }
         warnings
@@ -936,6 +965,78 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_section_is_checked_and_its_password_never_printed() {
+        Jail::expect_with(|jail| {
+            let with =
+                |shared: &str| Config::from_toml(&format!("{MINIMAL}\n[shared]\n{shared}\n"));
+            let config =
+                with("redis_url = \"redis://:pa55w0rd-x@127.0.0.1:6379\"\nnamespace = \"contoso\"")
+                    .map_err(|e| e.to_string())?;
+            let shared = config.shared.as_ref().expect("a [shared] section");
+            assert_eq!(shared.timeout, DEFAULT_SHARED_TIMEOUT);
+            assert_eq!(shared.namespace, "contoso");
+            let printed = config.to_toml();
+            let debugged = format!("{config:?}");
+            for shown in [&printed, &debugged] {
+                assert!(!shown.contains("pa55w0rd-x"), "{shown}");
+            }
+            assert!(
+                printed.contains("[shared]") && printed.contains("redacted"),
+                "{printed}"
+            );
+            Config::from_toml(&printed).map_err(|e| e.to_string())?;
+            assert!(Config::from_toml(MINIMAL)
+                .map_err(|e| e.to_string())?
+                .shared
+                .is_none());
+            for (shared, key) in [
+                (
+                    "redis_url = \"redis://127.0.0.1\"\nnamespace = \"c\"\nttl = \"1s\"",
+                    "ttl",
+                ),
+                (
+                    "redis_url = \"http://127.0.0.1\"\nnamespace = \"c\"",
+                    "shared.redis_url",
+                ),
+                (
+                    "redis_url = \"redis://:pa55w0rd-x@\"\nnamespace = \"c\"",
+                    "shared.redis_url",
+                ),
+                ("namespace = \"c\"", "redis_url"),
+                ("redis_url = \"redis://127.0.0.1\"", "namespace"),
+                (
+                    "redis_url = \"redis://127.0.0.1\"\nnamespace = \"\"",
+                    "shared.namespace",
+                ),
+                (
+                    "redis_url = \"redis://127.0.0.1\"\nnamespace = \"a b:c\"",
+                    "shared.namespace",
+                ),
+                (
+                    "redis_url = \"redis://127.0.0.1\"\nnamespace = \"c\"\ntimeout = \"0s\"",
+                    "shared.timeout",
+                ),
+                (
+                    "redis_url = \"redis://127.0.0.1\"\nnamespace = \"c\"\ntimeout = \"1m\"",
+                    "shared.timeout",
+                ),
+            ] {
+                let msg = message(with(shared));
+                assert!(msg.contains(key), "{shared}: {msg}");
+                assert!(!msg.contains("pa55w0rd-x"), "{msg}");
+            }
+            // An environment override is the same key.
+            jail.set_env("PCGATE_SHARED__REDIS_URL", "rediss://redis.example:6380");
+            jail.set_env("PCGATE_SHARED__NAMESPACE", "fabrikam");
+            let config = Config::from_toml(MINIMAL).map_err(|e| e.to_string())?;
+            let shared = config.shared.expect("[shared] from the environment");
+            assert!(shared.redis_url.is_tls());
+            assert_eq!(shared.namespace, "fabrikam");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn listening_off_loopback_needs_keys_or_an_explicit_opt_in() {
         Jail::expect_with(|_jail| {
             let key = "0".repeat(64);
@@ -953,6 +1054,41 @@ mod tests {
                 "{MINIMAL}\n[server]\nlisten = \"127.0.0.2:8080\"\n"
             ))
             .map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn shared_without_a_key_file_warns_that_refresh_tokens_rotate_apart() {
+        Jail::expect_with(|_jail| {
+            let config = |shared_extra: &str, grant: &str| {
+                let credential = match grant {
+                    "refresh_token" => "[credentials.user]\ngrant = \"refresh_token\"\ntoken_url = \"https://login.example/t/oauth2/token\"\nclient_id = \"id\"\nclient_secret = \"s\"\nrefresh_token = \"r\"\n",
+                    _ => "[credentials.user]\ngrant = \"client_credentials\"\ntoken_url = \"https://login.example/t/oauth2/token\"\nclient_id = \"id\"\nclient_secret = \"s\"\n",
+                };
+                Config::from_toml(&format!(
+                    "{credential}[shared]\nredis_url = \"redis://127.0.0.1:6379\"\nnamespace = \"contoso\"\n{shared_extra}\n[[routes]]\nmatch = \"GET /a\"\ncredential = \"user\"\n"
+                ))
+                .map_err(|e| e.to_string())
+            };
+            let warnings = config("", "refresh_token")?.warnings().join("\n");
+            assert!(
+                warnings.contains("key_file") && warnings.contains("user"),
+                "{warnings}"
+            );
+            let keyed = config(
+                "key_file = \"/run/secrets/pcgate/shared-key\"",
+                "refresh_token",
+            )?;
+            assert!(keyed.warnings().is_empty(), "{:?}", keyed.warnings());
+            assert_eq!(
+                keyed.shared.as_ref().and_then(|s| s.key_file.as_deref()),
+                Some(Path::new("/run/secrets/pcgate/shared-key"))
+            );
+            assert!(keyed.to_toml().contains("key_file"));
+            // App-only credentials never share anything: nothing to warn about.
+            let app = config("", "client_credentials")?;
+            assert!(app.warnings().is_empty(), "{:?}", app.warnings());
             Ok(())
         });
     }
@@ -1281,6 +1417,42 @@ mod tests {
                 printed.contains("client_id = \"mine\"") && printed.contains("wi-tenant"),
                 "{printed}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn upstream_rate_limit_is_optional_parsed_and_named_when_bad() {
+        Jail::expect_with(|jail| {
+            let config = Config::from_toml(MINIMAL).map_err(|e| e.to_string())?;
+            assert_eq!(config.upstream.rate_limit, None, "no limit by default");
+            assert!(!config.to_toml().contains("rate_limit"));
+            let with = |rate: &str| {
+                Config::from_toml(&format!(
+                    "[upstream]\nbase_url = \"http://127.0.0.1:9100\"\nrate_limit = {rate}\n[[routes]]\nmatch = \"GET /v1/invoices\"\n"
+                ))
+            };
+            let config = with("\"20/s\"").map_err(|e| e.to_string())?;
+            let rate = config.upstream.rate_limit.expect("set");
+            assert_eq!((rate.count, rate.period), (20, Duration::from_secs(1)));
+            // It prints as it was written, and the printed config reloads.
+            let printed = config.to_toml();
+            assert!(printed.contains("rate_limit = \"20/s\""), "{printed}");
+            let reloaded = Config::from_toml(&printed).map_err(|e| e.to_string())?;
+            assert_eq!(reloaded.upstream.rate_limit, Some(rate));
+            for bad in ["\"20\"", "\"0/s\"", "\"20/d\"", "20"] {
+                let msg = message(with(bad));
+                assert!(msg.contains("upstream.rate_limit"), "{bad}: {msg}");
+            }
+            jail.set_env("PCGATE_UPSTREAM__RATE_LIMIT", "lots");
+            let msg = message(Config::from_toml(MINIMAL));
+            assert!(
+                msg.contains("upstream.rate_limit") && msg.contains("\"20/s\""),
+                "{msg}"
+            );
+            jail.set_env("PCGATE_UPSTREAM__RATE_LIMIT", "600/m");
+            let config = Config::from_toml(MINIMAL).map_err(|e| e.to_string())?;
+            assert_eq!(config.upstream.rate_limit.map(|r| r.count), Some(600));
             Ok(())
         });
     }

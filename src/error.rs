@@ -155,6 +155,65 @@ impl Problem for UpstreamBodyError {
     }
 }
 
+/// What made pcgate answer 429 itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ThrottleCause {
+    /// The call's slot under `upstream.rate_limit` lay past its deadline.
+    RateLimit,
+    /// The upstream's `Retry-After` hold lasts past the call's deadline.
+    Hold,
+}
+
+impl ThrottleCause {
+    /// Every cause, for exporting each at zero.
+    pub const ALL: [ThrottleCause; 2] = [ThrottleCause::RateLimit, ThrottleCause::Hold];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThrottleCause::RateLimit => "rate_limit",
+            ThrottleCause::Hold => "hold",
+        }
+    }
+}
+
+/// The call could not reach the upstream before its deadline: over `upstream.rate_limit`, or
+/// under a hold the upstream's 429 asked for (429, with `Retry-After`).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", match .cause {
+    ThrottleCause::RateLimit => format!(
+        "over upstream.rate_limit: the next upstream slot is {} away, past this call's deadline; try again later",
+        humantime::format_duration(*.retry_after)
+    ),
+    ThrottleCause::Hold => format!(
+        "the upstream is throttling this partner (429 with Retry-After): calls are held for {} more, past this call's deadline; try again later",
+        humantime::format_duration(*.retry_after)
+    ),
+})]
+pub struct Throttled {
+    /// Which limit it was.
+    pub cause: ThrottleCause,
+    /// How long until a call could go (rounded up to whole seconds in `Retry-After`).
+    pub retry_after: std::time::Duration,
+}
+
+impl Problem for Throttled {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::TOO_MANY_REQUESTS
+    }
+
+    fn error_name(&self) -> &'static str {
+        match self.cause {
+            ThrottleCause::RateLimit => "RateLimited",
+            ThrottleCause::Hold => "Throttled",
+        }
+    }
+
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        Some(self.retry_after)
+    }
+}
+
 /// An error that knows the answer pcgate gives for it: each error type says its own status and
 /// Partner Center-style `errorName` ([`crate::layer::rescue`] finds it in the cause chain).
 pub trait Problem: std::error::Error {
@@ -162,11 +221,27 @@ pub trait Problem: std::error::Error {
     fn status(&self) -> StatusCode;
     /// The `errorName` of the answer.
     fn error_name(&self) -> &'static str;
+    /// When the caller may try again (`Retry-After`, in whole seconds rounded up), if it is known.
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The Partner Center-shaped answer for `error`.
 pub fn respond(error: &dyn Problem) -> Response {
-    problem(error.status(), error.error_name(), &error.to_string())
+    let mut response = problem(error.status(), error.error_name(), &error.to_string());
+    if let Some(wait) = error.retry_after() {
+        set_retry_after(&mut response, wait);
+    }
+    response
+}
+
+/// `Retry-After: <seconds>`, rounded up and at least 1 (RFC 9110 §10.2.3 has whole seconds only).
+pub fn set_retry_after(response: &mut Response, wait: std::time::Duration) {
+    let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
 }
 
 /// The first error of type `T` in `error`'s cause chain (`error` itself included), so a wrapper

@@ -27,11 +27,15 @@
 //!     which also bounds the body streamed back.
 //!   - [`layer::credential`]: the token from the route's own [`token`] source; 401 → refresh,
 //!     replay once.
+//!   - [`layer::limit`]: one throttle budget: an upstream 429's `Retry-After` holds every later
+//!     upstream call, and `upstream.rate_limit` makes calls wait for their slot (fleet-wide
+//!     with `[shared]`); past the deadline, a 429 with `Retry-After`.
 //! - [`upstream`]: the pooled rustls client that sends the call on and streams the answer back.
 //!
 //! Around them: [`config`] (figment: defaults, TOML, `PCGATE_` env, parsed once into types that
 //! [`route`], [`upstream`] and [`token`] consume), [`admin`] (the admin port), [`body`] (the body
-//! type), [`shutdown`] (one stop signal for every listener), and [`sandbox`] (a local stand-in for
+//! type), [`shutdown`] (one stop signal for every listener), [`shared`] (the fleet tier's Redis
+//! handle: bounded operations, a breaker, locks, scripts, pub/sub), and [`sandbox`] (a local stand-in for
 //! Partner Center; [`demo`] runs it with the gateway).
 //!
 //! [`run`] is what `main` and the tests call; [`Gateway`] splits it into bind and serve so tests
@@ -53,6 +57,7 @@ pub mod metrics;
 pub mod route;
 pub mod sandbox;
 pub mod server;
+pub mod shared;
 pub mod shutdown;
 pub mod stack;
 pub mod token;
@@ -88,6 +93,12 @@ pub enum StartError {
     /// The route table could not be built (a route names a credential that is not configured).
     #[error(transparent)]
     Route(#[from] route::RouteError),
+    /// The shared tier's client could not be built.
+    #[error(transparent)]
+    Shared(#[from] shared::SetupError),
+    /// `shared.key_file` could not be read or holds no key.
+    #[error(transparent)]
+    SharedKey(#[from] shared::tokens::KeyFileError),
     /// The config was not validated and does not hold (a config built in code, say).
     #[error(transparent)]
     Config(#[from] config::ConfigError),
@@ -152,6 +163,26 @@ impl Gateway {
             config.cache.max_entry_bytes.as_u64(),
             &metrics,
         ));
+        // The fleet tier: a handle that connects in the background, so a Redis that is down
+        // now is no start-up error (DESIGN.md §6).
+        let shared = match &config.shared {
+            Some(shared) => Some(shared::Shared::connect(
+                shared,
+                config.upstream.ca_file.as_deref(),
+                &metrics,
+            )?),
+            None => None,
+        };
+        // With the fleet tier, the cache's store is two-tiered: moka, then Redis.
+        let cache: std::sync::Arc<dyn layer::cache::Storage> = match &shared {
+            Some(shared) => std::sync::Arc::new(layer::cache::TieredStore::new(
+                store.clone(),
+                shared.clone(),
+                store.max_entry_bytes(),
+                config.upstream.attempt_timeout,
+            )),
+            None => store.clone(),
+        };
         let (forward_headers, key_headers) = config.header_lists()?;
         let cached_routes: Vec<String> = config
             .routes
@@ -159,12 +190,46 @@ impl Gateway {
             .filter(|r| r.cache_ttl.is_some())
             .map(|r| r.name().to_owned())
             .collect();
+        let limit = layer::limit::LimitLayer::new(
+            layer::limit::LimitSettings {
+                rate: config.upstream.rate_limit,
+                max_hold: config.retry.max_retry_after,
+                deadline: config.upstream.deadline,
+            },
+            &metrics,
+        );
+        // With [shared] and shared.key_file, App+User refresh tokens rotate once for the fleet.
+        if let (Some(handle), Some(key_file)) = (
+            &shared,
+            config.shared.as_ref().and_then(|s| s.key_file.as_deref()),
+        ) {
+            let key = shared::tokens::SealKey::read(key_file)?;
+            let shares = shared::tokens::TokenShares::new(
+                handle.clone(),
+                key,
+                shared::tokens::ShareMetrics::register(&metrics),
+            );
+            let sharing = tokens.share_refresh_tokens(&shares);
+            if !sharing.is_empty() {
+                tracing::info!(credentials = ?sharing, "refresh tokens are shared with the fleet");
+            }
+        }
+        // With [shared], one hold and one rate for every sidecar of the namespace.
+        let limit = match &shared {
+            Some(shared) => limit.fleet(std::sync::Arc::new(shared::limit::FleetThrottle::new(
+                shared.clone(),
+            ))),
+            None => limit,
+        };
         let parts = stack::Parts {
+            limit,
             cached_routes,
             observe,
             forward_headers,
             key_headers: key_headers.into(),
             store,
+            cache,
+            shared,
             retry,
             metrics,
             tracking,
@@ -218,6 +283,7 @@ impl Gateway {
             hosts: host::HostRule::new(&config.server.admin_hosts),
             credentials: parts.routes.credentials().into(),
             store: parts.store.clone(),
+            cache: parts.cache.clone(),
             metrics: parts.metrics.clone(),
         };
         // Hop-by-hop headers belong to the caller's connection: they go as the request enters,

@@ -8,6 +8,7 @@ use crate::layer::access::AccessLayer;
 use crate::layer::cache::{CacheLayer, MemoryStore};
 use crate::layer::coalesce::CoalesceLayer;
 use crate::layer::credential::CredentialLayer;
+use crate::layer::limit::LimitLayer;
 use crate::layer::observe::ObserveLayer;
 use crate::layer::rescue::RescueLayer;
 use crate::layer::retry::{RetryLayer, RetrySettings};
@@ -32,8 +33,15 @@ pub struct Parts {
     pub tokens: TokenSources,
     /// The response cache's in-process store.
     pub store: std::sync::Arc<MemoryStore>,
+    /// What the cache layer stores into: `store`, or `store` in front of Redis with `[shared]`.
+    pub cache: std::sync::Arc<dyn crate::layer::cache::Storage>,
+    /// The fleet tier on Redis, when `[shared]` is configured.
+    pub shared: Option<crate::shared::Shared>,
     /// Retry policy and the call deadline.
     pub retry: RetrySettings,
+    /// The throttle budget: upstream 429 holds and `upstream.rate_limit` (fleet-wide with
+    /// `[shared]`).
+    pub limit: LimitLayer,
     /// Where every layer counts what it does.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Tracking header settings.
@@ -85,7 +93,7 @@ pub fn build(
         // on a miss it takes the key's lock, so identical misses make one fetch, stored once.
         .layer(
             CacheLayer::new(
-                parts.store.clone(),
+                parts.cache.clone(),
                 parts.store.max_entry_bytes(),
                 parts.metrics.clone(),
                 parts.retry.deadline,
@@ -111,7 +119,11 @@ pub fn build(
         // The deadline and the retries wrap every attempt, inside the cache and coalescing so a
         // shared or stored answer is the one that came after retrying.
         .layer(RetryLayer::new(parts.retry, &parts.metrics))
-        // Innermost but the client: every attempt, and the 401 replay, carries a current token.
+        // Every attempt, and the 401 replay, carries a current token.
         .layer(CredentialLayer::new())
+        // Right above the client, so every request that reaches the upstream (retries and 401
+        // replays included) waits out a 429's hold and takes a rate-limit slot, within the
+        // call's deadline; a token request is not an API call and is not counted.
+        .layer(parts.limit)
         .service(parts.upstream)
 }

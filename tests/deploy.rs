@@ -336,6 +336,12 @@ fn the_configmap_config_loads_with_the_shipped_route_table_and_mounted_files() {
         key
     };
 
+    // The key that seals the shared refresh token: a read-only Secret item in the container.
+    if let Some(file) = config.shared.as_ref().and_then(|s| s.key_file.as_deref()) {
+        let (_, volume, read_only) = holder("pcgate", file);
+        assert!(read_only, "shared.key_file: mount secrets read-only");
+        secret_key_at(&volume, file);
+    }
     assert!(!config.credentials.is_empty());
     for (name, credential) in &config.credentials {
         if let Some(file) = credential.client_secret_file() {
@@ -519,6 +525,8 @@ fn catalog() -> Catalog {
     m.coalesced
         .get_or_create(&RouteLabel { route: route() })
         .inc();
+    // The shared tier ([shared]) registers its own families, every label at zero.
+    let _shared = pcgate::shared::SharedMetrics::register(&m);
     // The retry layer registers its own families, every reason at zero.
     let _retry = pcgate::layer::retry::RetryLayer::new(
         pcgate::layer::retry::RetrySettings::new(
@@ -527,6 +535,17 @@ fn catalog() -> Catalog {
         ),
         &m,
     );
+    // The limit layer registers its own families, every cause, origin and scope at zero.
+    let _limit = pcgate::layer::limit::LimitLayer::new(
+        pcgate::layer::limit::LimitSettings {
+            rate: None,
+            max_hold: std::time::Duration::from_secs(30),
+            deadline: std::time::Duration::from_secs(60),
+        },
+        &m,
+    );
+    // Shared refresh tokens: every outcome of each sharing credential at zero.
+    pcgate::shared::tokens::ShareMetrics::register(&m).prime("c");
     for result in ["ok", "error"] {
         m.token_refreshes
             .get_or_create(&TokenLabels {
@@ -706,6 +725,7 @@ fn every_alert_has_severity_summary_runbook_and_queries_real_metrics() {
         "PcgateRetryBudgetExhausted",
         "PcgateCacheHitRatioLow",
         "PcgateRefreshTokenNotSaved",
+        "PcgateSharedTierDown",
     ] {
         assert!(alerts.contains(expected), "alerts.yml has no {expected}");
     }
@@ -800,4 +820,73 @@ fn the_dashboard_has_the_panels_and_queries_only_real_metrics() {
     let shown = families(&mut used.iter());
     let missing: Vec<_> = exported.difference(&shown).collect();
     assert!(missing.is_empty(), "metrics on no panel: {missing:?}");
+}
+
+#[test]
+fn the_sidecars_share_the_tenants_redis_with_the_password_from_the_secret() {
+    let config = pod_config();
+    let shared = config.shared.as_ref().expect("the ConfigMap's [shared]");
+    assert!(!shared.namespace.is_empty());
+    // The ConfigMap holds no password: the URL with one comes from the Secret.
+    let url = url::Url::parse(&shared.redis_url.to_string()).expect("a URL");
+    assert_eq!(url.password(), None, "no password in the ConfigMap");
+    let secret = k8s("Secret");
+    let secret_name = str_of(&secret["metadata"]["name"], "Secret name");
+    let deployment = k8s("Deployment");
+    let pcgate = named(
+        &deployment["spec"]["template"]["spec"]["initContainers"],
+        "pcgate",
+        "initContainers",
+    );
+    let env = named(&pcgate["env"], "PCGATE_SHARED__REDIS_URL", "pcgate env");
+    let from = &env["valueFrom"]["secretKeyRef"];
+    assert_eq!(from["name"], secret_name);
+    let key = str_of(&from["key"], "secretKeyRef key");
+    let secret_url = url::Url::parse(str_of(&secret["stringData"][key], key)).expect("a URL");
+    // The Secret's URL and the ConfigMap's name the same Service, the one redis.yaml defines.
+    let service = k8s("Service");
+    let port = array(&service["spec"]["ports"], "ports")[0]["port"]
+        .as_u64()
+        .unwrap();
+    for url in [&url, &secret_url] {
+        assert_eq!(
+            url.host_str(),
+            service["metadata"]["name"].as_str(),
+            "{url}"
+        );
+        assert_eq!(
+            url.port_or_known_default().map(u64::from),
+            Some(port),
+            "{url}"
+        );
+    }
+    // The Service selects the Redis pods, which take the password from the same Secret and keep
+    // nothing on disk.
+    let redis = k8s("StatefulSet");
+    let labels = &redis["spec"]["template"]["metadata"]["labels"];
+    for (label, value) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(
+            &labels[label], value,
+            "the Service does not select the Redis pods"
+        );
+    }
+    let container = &array(
+        &redis["spec"]["template"]["spec"]["containers"],
+        "containers",
+    )[0];
+    let args: Vec<&str> = array(&container["args"], "args")
+        .iter()
+        .map(|a| str_of(a, "arg"))
+        .collect();
+    for pair in [["--save", ""], ["--appendonly", "no"]] {
+        assert!(args.windows(2).any(|w| w == pair), "{args:?}");
+    }
+    let password = named(&container["env"], "REDIS_PASSWORD", "redis env");
+    assert_eq!(password["valueFrom"]["secretKeyRef"]["name"], secret_name);
+    let password_key = str_of(&password["valueFrom"]["secretKeyRef"]["key"], "key");
+    assert!(secret["stringData"][password_key].is_string());
+    let kustomization = k8s("Kustomization");
+    assert!(array(&kustomization["resources"], "resources")
+        .iter()
+        .any(|r| r == "redis.yaml"));
 }

@@ -44,10 +44,16 @@ async fn a_trace_level_run_logs_no_secret() {
     assert!(!toml.contains("[redacted]"), "{toml}");
     std::fs::write(&config_file, toml).unwrap();
 
+    // The fleet tier, with a password in its URL (from the environment, as in Kubernetes) that
+    // this Redis does not expect: every Redis operation fails, and its errors are logged.
+    let redis = start_redis();
+    let redis_url = format!("redis://:redis-pa55word@127.0.0.1:{}", redis.port);
     let child = Command::new(env!("CARGO_BIN_EXE_pcgate"))
         .args(["--log-format", "text", "run", "--config"])
         .arg(&config_file)
         .env("RUST_LOG", "trace")
+        .env("PCGATE_SHARED__REDIS_URL", &redis_url)
+        .env("PCGATE_SHARED__NAMESPACE", "secrets")
         .env_remove("PCGATE_CONFIG")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_file).unwrap())
@@ -78,10 +84,15 @@ async fn a_trace_level_run_logs_no_secret() {
         "the run did not refresh tokens"
     );
     assert!(log.contains("TRACE"), "the run did not log at trace level");
+    assert!(
+        log.contains("shared tier"),
+        "the run did not use the shared tier"
+    );
     let mut secrets = vec![
         SANDBOX_CLIENT_SECRET.to_owned(),
         SANDBOX_REFRESH_TOKEN.to_owned(),
         "callers-secret-key".to_owned(),
+        "redis-pa55word".to_owned(),
         std::fs::read_to_string(&refresh_file)
             .unwrap()
             .trim()

@@ -5,6 +5,7 @@ pub mod access;
 pub mod cache;
 pub mod coalesce;
 pub mod credential;
+pub mod limit;
 pub mod observe;
 pub mod rescue;
 pub mod retry;

@@ -17,8 +17,8 @@ use pin_project_lite::pin_project;
 use crate::body::{BoxError, Request, Response};
 use crate::deadline::DeadlineExceeded;
 use crate::error::{
-    problem, AccessError, BadTrackingHeader, ClientBodyError, CredentialError, Problem,
-    UpstreamBodyError,
+    problem, set_retry_after, AccessError, BadTrackingHeader, ClientBodyError, CredentialError,
+    Problem, Throttled, UpstreamBodyError,
 };
 use crate::upstream::UpstreamError;
 
@@ -127,21 +127,33 @@ pub fn error_response(error: &(dyn std::error::Error + Send + Sync + 'static)) -
     } else {
         tracing::debug!(%status, error = %error, "call refused");
     }
-    problem(status, name, &error.to_string())
+    let mut response = problem(status, name, &error.to_string());
+    if let Some(wait) = known_cause(error).and_then(|known| known.retry_after()) {
+        set_retry_after(&mut response, wait);
+    }
+    response
 }
 
 /// The status and name of the first error in the cause chain that knows its own.
 fn classify(error: &(dyn std::error::Error + 'static)) -> (StatusCode, &'static str) {
+    match known_cause(error) {
+        Some(known) => (known.status(), known.error_name()),
+        None => (StatusCode::INTERNAL_SERVER_ERROR, "GatewayError"),
+    }
+}
+
+/// The first error in the cause chain that knows its own answer.
+fn known_cause<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a dyn Problem> {
     let mut next = Some(error);
     while let Some(cause) = next {
         // A shared fetch's error (a lock waiter's, a coalesced caller's) names the original as
         // its source, so it needs no case of its own.
         if let Some(known) = known_problem(cause) {
-            return (known.status(), known.error_name());
+            return Some(known);
         }
         next = cause.source();
     }
-    (StatusCode::INTERNAL_SERVER_ERROR, "GatewayError")
+    None
 }
 
 /// `error` as a [`Problem`], if it is one of the stack's error types.
@@ -158,6 +170,7 @@ fn known_problem<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a
         .or_else(|| as_problem::<CredentialError>(error))
         .or_else(|| as_problem::<UpstreamError>(error))
         .or_else(|| as_problem::<UpstreamBodyError>(error))
+        .or_else(|| as_problem::<Throttled>(error))
 }
 
 #[cfg(test)]
@@ -220,5 +233,23 @@ mod tests {
             classify(&std::fmt::Error),
             (StatusCode::INTERNAL_SERVER_ERROR, "GatewayError")
         );
+    }
+
+    #[test]
+    fn a_throttled_call_gets_429_with_retry_after_in_whole_seconds_through_any_wrapper() {
+        /// A wrapper that names its cause, as a shared fetch's error does.
+        #[derive(Debug, thiserror::Error)]
+        #[error("shared: {0}")]
+        struct Shared(#[source] Throttled);
+        let wrapped = Shared(Throttled {
+            cause: crate::error::ThrottleCause::Hold,
+            retry_after: std::time::Duration::from_millis(2200),
+        });
+        let response = error_response(&wrapped);
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[http::header::RETRY_AFTER], "3");
+        // Errors that know no wait get no Retry-After.
+        let response = error_response(&ClientBodyError);
+        assert!(!response.headers().contains_key(http::header::RETRY_AFTER));
     }
 }

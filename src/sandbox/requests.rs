@@ -83,6 +83,8 @@ pub struct Record {
     /// sha256:<12 hex>`); a fingerprint, never the secret or assertion.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// When it arrived, in Unix milliseconds (tests count calls per time window).
+    pub at_ms: u64,
 }
 
 impl Record {
@@ -107,6 +109,9 @@ impl Record {
             status: 0,
             headers,
             client: None,
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         }
     }
 }

@@ -191,6 +191,8 @@ enum Kind {
         file: Option<PathBuf>,
         /// `current` is not in `file` yet: its write failed and is being retried.
         unsaved: AtomicBool,
+        /// With `[shared]` and `shared.key_file`: the fleet's copy of the refresh token.
+        shared: std::sync::OnceLock<Arc<crate::shared::tokens::SharedRefreshToken>>,
     },
     /// Tests: a token endpoint that answers at once, counting its requests.
     #[cfg(test)]
@@ -279,6 +281,7 @@ impl TokenSource {
                         current: Mutex::new(current),
                         file,
                         unsaved: AtomicBool::new(false),
+                        shared: std::sync::OnceLock::new(),
                     },
                     user.app.refresh_before,
                 )
@@ -547,6 +550,20 @@ impl TokenSource {
     }
 
     async fn fetch(&self) -> Result<endpoint::Issued, FetchError> {
+        if let Kind::RefreshToken {
+            endpoint,
+            current,
+            file,
+            shared,
+            ..
+        } = &self.inner.kind
+        {
+            if let Some(share) = shared.get() {
+                return self
+                    .fetch_shared(share, endpoint, current, file.as_deref())
+                    .await;
+            }
+        }
         match &self.inner.kind {
             Kind::Static(_) => Err(FetchError::BadResponse(
                 "a static token is never fetched".into(),
@@ -571,6 +588,92 @@ impl TokenSource {
                 Ok(issued)
             }
         }
+    }
+
+    /// The refresh grant with the fleet (see [`crate::shared::tokens`]): under the credential's
+    /// Redis lock, take up a newer refresh token another sidecar stored, refresh with it, and
+    /// store the rotated one for the others (a generation compare-and-swap). Redis away: the
+    /// token this sidecar holds, as without `[shared]`. Called with the refresh lock held.
+    async fn fetch_shared(
+        &self,
+        share: &crate::shared::tokens::SharedRefreshToken,
+        endpoint: &Endpoint,
+        current: &Mutex<SecretString>,
+        file: Option<&std::path::Path>,
+    ) -> Result<endpoint::Issued, FetchError> {
+        use crate::shared::tokens::{ShareOutcome, Stored};
+        let lease = share.lock().await;
+        let outcome = async {
+            let held = || current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            // Takes up the fleet's token if it is another than the one held; whether it did.
+            let take_up = |found: Result<Option<(u64, SecretString)>, _>| -> bool {
+                match found {
+                    Ok(Some((generation, token)))
+                        if generation != share.generation()
+                            || token.expose_secret() != held().expose_secret() =>
+                    {
+                        *current.lock().unwrap_or_else(|e| e.into_inner()) = token;
+                        share.adopt(generation);
+                        tracing::info!(
+                            credential = %self.inner.name,
+                            generation,
+                            "took up the refresh token another sidecar rotated"
+                        );
+                        true
+                    }
+                    Ok(_) => false,
+                    Err(_) => {
+                        share.count(ShareOutcome::Unavailable);
+                        false
+                    }
+                }
+            };
+            let mine = held();
+            let took_up = take_up(share.read().await);
+            let issued = match endpoint.refresh(&held()).await {
+                // Another sidecar may have rotated it without the lock (Redis was away, or the
+                // lock wait ran out): if the fleet holds another token now, try that one once;
+                // if the one taken up was refused, the one held before it.
+                Err(FetchError::InvalidGrant(reason)) => {
+                    if !take_up(share.read().await) {
+                        if !took_up || mine.expose_secret() == held().expose_secret() {
+                            return Err(FetchError::InvalidGrant(reason));
+                        }
+                        *current.lock().unwrap_or_else(|e| e.into_inner()) = mine;
+                    }
+                    endpoint.refresh(&held()).await?
+                }
+                other => other?,
+            };
+            if let Some(rotated) = &issued.refresh_token {
+                *current.lock().unwrap_or_else(|e| e.into_inner()) = rotated.clone();
+                match share.store(rotated).await {
+                    Ok(Stored::Written(_)) => {}
+                    Ok(Stored::Conflict(found)) => tracing::warn!(
+                        credential = %self.inner.name,
+                        found,
+                        "another sidecar stored a newer refresh token meanwhile: ours is not stored"
+                    ),
+                    Err(error) => {
+                        share.count(ShareOutcome::Unavailable);
+                        tracing::warn!(
+                            credential = %self.inner.name,
+                            error = %error,
+                            "the rotated refresh token could not be shared; it is kept here and in refresh_token_file"
+                        );
+                    }
+                }
+                if let Some(path) = file {
+                    self.save(path, rotated.clone()).await;
+                }
+            }
+            Ok(issued)
+        }
+        .await;
+        if let Some(lease) = lease {
+            share.release(&lease).await;
+        }
+        outcome
     }
 
     /// Writes a rotated refresh token to `path`; called with the refresh lock held, so writes
@@ -753,6 +856,21 @@ pub struct TokenSources {
 }
 
 impl TokenSources {
+    /// Shares every `refresh_token` credential's refresh token through the fleet (see
+    /// [`crate::shared::tokens`]); the names of those that now share. App-only and static
+    /// credentials never do.
+    pub fn share_refresh_tokens(&self, shares: &crate::shared::tokens::TokenShares) -> Vec<String> {
+        let mut sharing = Vec::new();
+        for (name, source) in self.sources.iter() {
+            if let Kind::RefreshToken { shared, .. } = &source.inner.kind {
+                if shared.set(Arc::new(shares.for_credential(name))).is_ok() {
+                    sharing.push(name.clone());
+                }
+            }
+        }
+        sharing
+    }
+
     /// Sets up one source per `[credentials.NAME]`.
     pub fn new(
         credentials: &BTreeMap<String, CredentialConfig>,

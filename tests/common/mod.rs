@@ -6,8 +6,9 @@ mod h2c;
 mod metrics;
 mod process;
 mod raw;
+mod redis;
 #[allow(unused_imports)]
-pub use {configs::*, h2c::*, metrics::*, process::*, raw::*};
+pub use {configs::*, h2c::*, metrics::*, process::*, raw::*, redis::*};
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -140,6 +140,16 @@ impl Key {
         self.0.len()
     }
 
+    /// The key's text (a shared store digests it into its own key, and keeps it in the record).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A key from its text, as [`Key::as_str`] gave it (a record read back from a shared store).
+    pub fn from_text(text: &str) -> Key {
+        Key(text.into())
+    }
+
     /// Whether it is empty (never, for a real request).
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

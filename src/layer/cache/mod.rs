@@ -34,16 +34,21 @@
 mod key;
 mod lock;
 mod policy;
+mod record;
 mod status;
 mod store;
+mod tiered;
 
 pub use key::{shareable, Key, KEYED_HEADERS, MS_CONTINUATION_TOKEN, MS_CONTRACT_VERSION};
 pub use lock::SharedError;
 pub use policy::{initial_age, vary, Directives, NotStored, Vary, Windows};
+pub use record::{decode as decode_record, encode as encode_record, Decoded, RecordError};
 pub use status::{CacheStatus, CacheStatusHeader, Detail, Forward, Ttl, CACHE_STATUS};
 pub use store::{
-    Clock, Entry, MemoryStore, Purge, Storage, StorageError, StoreFuture, ENTRY_OVERHEAD,
+    Claim, Clock, Entry, MemoryStore, Purge, Storage, StorageError, StoreFuture, Waited,
+    ENTRY_OVERHEAD,
 };
+pub use tiered::TieredStore;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -369,6 +374,28 @@ async fn invalidate(store: &dyn Storage, deadline: &Deadline, paths: Vec<String>
     }
 }
 
+/// Which tiers a re-read asks.
+#[derive(Clone, Copy)]
+enum Tier {
+    /// This process's own (a writer of this process just stored there): no remote work.
+    Local,
+    /// Every tier (another process's fetch stores remotely).
+    Any,
+}
+
+/// How often a caller waiting on another process's fetch re-reads the store.
+const FLEET_POLL: Duration = Duration::from_millis(20);
+
+/// What [`Call::fleet_claim`] came to.
+enum Fleet {
+    /// This process fetches.
+    Fetch,
+    /// Another process's fetch stored this.
+    Filled(Arc<Entry>),
+    /// The call's deadline passed while waiting.
+    TimedOut,
+}
+
 /// What a stored entry is to a call.
 enum Judged {
     /// Fresh: this answer.
@@ -544,23 +571,40 @@ impl Call {
                 Locked::Write(permit) => {
                     // A writer that let go between this call's lookup and now stored its answer.
                     let selecting = selecting(&request);
-                    if let Some((entry, age, left)) = self.stored_fresh(selecting).await {
+                    if let Some((entry, age, left)) =
+                        self.stored_fresh(selecting, Tier::Local).await
+                    {
                         permit.release(LockStatus::Done);
                         return Ok(self.answer_from(&entry, age, CacheStatusHeader::hit(left)));
                     }
-                    return self.write(inner, request, Some(permit), fallback).await;
+                    // This process's writer; another sidecar may be fetching the key already.
+                    match self.fleet_claim(selecting).await {
+                        Fleet::Fetch => {}
+                        Fleet::Filled(entry) => {
+                            permit.release(LockStatus::Done);
+                            self.coalesced();
+                            let age = entry.age(self.shared.clock.now());
+                            let header = CacheStatusHeader::forwarded(self.fwd(), true);
+                            return Ok(self.answer_from(&entry, age, header));
+                        }
+                        Fleet::TimedOut => {
+                            permit.release(LockStatus::TimedOut);
+                            return self.settle(Err(self.deadline.exceeded().into()), fallback);
+                        }
+                    }
+                    let lock_key = self.lock_key.clone();
+                    let store = self.shared.store.clone();
+                    let answer = self.write(inner, request, Some(permit), fallback).await;
+                    // A fetch that stored nothing lets go of the key's fleet lock here (a put
+                    // already released it after its shared write).
+                    store.unclaim(&lock_key);
+                    return answer;
                 }
                 Locked::Read(read) => read,
             };
             if !waited {
                 waited = true;
-                self.shared
-                    .metrics
-                    .coalesced
-                    .get_or_create(&RouteLabel {
-                        route: self.route.clone(),
-                    })
-                    .inc();
+                self.coalesced();
             }
             let status = match read.wait(&self.deadline).await {
                 Ok(status) => status,
@@ -569,7 +613,7 @@ impl Call {
             match status {
                 LockStatus::Done => {
                     let selecting = selecting(&request);
-                    if let Some(entry) = self.reread(selecting).await {
+                    if let Some(entry) = self.reread(selecting, Tier::Local).await {
                         let age = entry.age(self.shared.clock.now());
                         let stored = self.asks != Asks::NoStore;
                         let header = CacheStatusHeader::forwarded(self.fwd(), stored);
@@ -605,15 +649,90 @@ impl Call {
         }
     }
 
+    /// Counts this call as answered by another call's fetch.
+    fn coalesced(&self) {
+        self.shared
+            .metrics
+            .coalesced
+            .get_or_create(&RouteLabel {
+                route: self.route.clone(),
+            })
+            .inc();
+    }
+
+    /// Whether this process's writer fetches, or another process's fetch answers it: the
+    /// store's claim on the key; while another process holds it, the store is re-read every
+    /// [`FLEET_POLL`] within the call's deadline, and the claim asked again (so when that
+    /// process dies, its claim lapses and one waiter, the one whose claim wins, takes over).
+    async fn fleet_claim(&self, selecting: Selecting<'_>) -> Fleet {
+        let store = &self.shared.store;
+        let mut waited = false;
+        loop {
+            let claim = match self.deadline.run(store.claim(&self.lock_key)).await {
+                Ok(Ok(claim)) => claim,
+                Ok(Err(_)) => Claim::Alone,
+                Err(_) => {
+                    store.waited(Waited::TimedOut);
+                    return Fleet::TimedOut;
+                }
+            };
+            match claim {
+                Claim::Alone if waited => {
+                    store.waited(Waited::Abandoned);
+                    return Fleet::Fetch;
+                }
+                Claim::Alone => return Fleet::Fetch,
+                Claim::Owner if !waited => return Fleet::Fetch,
+                Claim::Owner => {
+                    // The owner may have stored its answer just before its claim lapsed.
+                    if let Some((entry, _, _)) = self.stored_fresh(selecting, Tier::Any).await {
+                        store.unclaim(&self.lock_key);
+                        store.waited(Waited::Filled);
+                        return Fleet::Filled(entry);
+                    }
+                    store.waited(Waited::TookOver);
+                    return Fleet::Fetch;
+                }
+                Claim::Stored => {
+                    // The claim copied the fill into this process's tier.
+                    if let Some((entry, _, _)) = self.stored_fresh(selecting, Tier::Local).await {
+                        if waited {
+                            store.waited(Waited::Filled);
+                        }
+                        return Fleet::Filled(entry);
+                    }
+                    // Stored but not fresh (a stale copy): fetch, alone.
+                    return Fleet::Fetch;
+                }
+                Claim::Busy => {}
+            }
+            waited = true;
+            if self
+                .deadline
+                .run(tokio::time::sleep(FLEET_POLL))
+                .await
+                .is_err()
+            {
+                store.waited(Waited::TimedOut);
+                return Fleet::TimedOut;
+            }
+            if let Some((entry, _, _)) = self.stored_fresh(selecting, Tier::Any).await {
+                store.waited(Waited::Filled);
+                return Fleet::Filled(entry);
+            }
+        }
+    }
+
     /// A fresh stored entry, its age and time left, for a caller that takes stored answers.
     async fn stored_fresh(
         &self,
         selecting: Selecting<'_>,
+        tier: Tier,
     ) -> Option<(Arc<Entry>, Duration, Duration)> {
         if !self.asks.takes_stored() {
             return None;
         }
-        let entry = self.reread(selecting).await?;
+        let entry = self.reread(selecting, tier).await?;
         let age = entry.age(self.shared.clock.now());
         match policy::freshness(&entry.windows, age) {
             Freshness::Fresh { left } => Some((entry, age, left)),
@@ -623,11 +742,16 @@ impl Call {
 
     /// The stored entry for this request (its variant, when the key's answer varies), if the
     /// store has one (a failed or late read is none).
-    async fn reread(&self, selecting: Selecting<'_>) -> Option<Arc<Entry>> {
-        let found = self.awaited(self.shared.store.get(&self.key)).await;
+    async fn reread(&self, selecting: Selecting<'_>, tier: Tier) -> Option<Arc<Entry>> {
+        let store = &self.shared.store;
+        let get = |key: &Key| match tier {
+            Tier::Local => store.get_local(key),
+            Tier::Any => store.get(key),
+        };
+        let found = self.awaited(get(&self.key)).await;
         match self.select(found, selecting) {
             Ok(found) => found,
-            Err(variant) => self.awaited(self.shared.store.get(&variant)).await,
+            Err(variant) => self.awaited(get(&variant)).await,
         }
     }
 

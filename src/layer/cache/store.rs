@@ -88,6 +88,33 @@ impl Purge {
     }
 }
 
+/// What a store says to a caller about to fetch a key it missed (fleet-wide coalescing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This caller fetches: the store holds the key's fleet lock for it until its `put` (or
+    /// [`Storage::unclaim`]).
+    Owner,
+    /// Another process is fetching: wait, re-reading the store, and claim again.
+    Busy,
+    /// Another process's fill landed since the caller's lookup: read the store again.
+    Stored,
+    /// No fleet to coordinate with now (no shared tier, or it does not answer): fetch alone.
+    Alone,
+}
+
+/// How a wait on another process's fetch ended (counted by a shared store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// The answer arrived in the store.
+    Filled,
+    /// The other process's claim lapsed and this caller took it over.
+    TookOver,
+    /// The caller's deadline passed first.
+    TimedOut,
+    /// The shared tier stopped answering: the caller fetched alone.
+    Abandoned,
+}
+
 /// The cache's storage: one small interface, so a shared tier can sit behind it.
 pub trait Storage: Send + Sync + 'static {
     /// The entry for `key`, usable or not (the cache layer judges it).
@@ -96,6 +123,20 @@ pub trait Storage: Send + Sync + 'static {
     fn put(&self, key: Key, entry: Arc<Entry>) -> StoreFuture<()>;
     /// Removes what `scope` covers; returns how many entries went.
     fn purge(&self, scope: Purge) -> StoreFuture<u64>;
+    /// The entry for `key` in this process's own tier only (what its own writer just stored),
+    /// with no remote work; a store of one tier has only that.
+    fn get_local(&self, key: &Key) -> StoreFuture<Option<Arc<Entry>>> {
+        self.get(key)
+    }
+    /// Asks to be the one process that fetches `key` (a store shared by processes holds a lock
+    /// for it); a store of one process has nobody to ask.
+    fn claim(&self, _key: &Key) -> StoreFuture<Claim> {
+        Either::Left(future::ready(Ok(Claim::Alone)))
+    }
+    /// Lets go of a claim whose fetch stored nothing under `key`.
+    fn unclaim(&self, _key: &Key) {}
+    /// Notes how a wait on another process's fetch ended.
+    fn waited(&self, _outcome: Waited) {}
 }
 
 /// The wall clock, advanced by tokio's: the wall time when the clock was made plus tokio's
