@@ -6,7 +6,8 @@
 #
 # Measures, for each mode:
 #   - upstream calls: KEYS distinct summary keys, each asked of all three gateways at once
-#     (3 x KEYS calls, 30 in flight), counted by the sandbox;
+#     (3 x KEYS calls, 30 in flight), counted by the sandbox, and the Redis operations that failed
+#     or took longer than shared.timeout meanwhile (each such call goes on alone, by design);
 #   - the latency of a miss (a fresh key each call, one at a time, on one gateway): median and p90
 #     of SAMPLES calls, sandbox latency included;
 #   - the latency of a hit in the gateway's own cache (the same key SAMPLES times).
@@ -87,6 +88,12 @@ TOML
   for i in 0 1 2; do wait_for "http://127.0.0.1:1929$i/healthz"; done
 }
 
+# The sum over the three gateways of a counter family's series (0 without [shared]).
+family_sum() {
+  for i in 0 1 2; do curl -s "http://127.0.0.1:1929$i/metrics"; done \
+    | awk -v name="$1" 'index($0, name) == 1 { sum += $NF } END { print sum + 0 }'
+}
+
 upstream_calls() { curl -s "http://$SANDBOX/__sandbox/requests" | sed -E 's/.*"summary":([0-9]+).*/\1/; s/^[^0-9].*/0/'; }
 
 # Prints "median p90" in milliseconds of SAMPLES curl timings of URL (with {n} replaced by the index).
@@ -97,8 +104,8 @@ timings() {
   done | sort -n | awk '{ t[NR] = $1 * 1000 } END { printf "%.2f %.2f\n", t[int(NR * 0.5)], t[int(NR * 0.9)] }'
 }
 
-echo "| tier | upstream calls for $KEYS keys x 3 gateways | miss latency median / p90 (ms) | own-cache hit median / p90 (ms) |"
-echo "| --- | --- | --- | --- |"
+echo "| tier | upstream calls for $KEYS keys x 3 gateways | Redis operations failed or past shared.timeout | miss latency median / p90 (ms) | own-cache hit median / p90 (ms) |"
+echo "| --- | --- | --- | --- | --- |"
 for mode in off on; do
   start_gateways "$mode" "$$-$mode"
   curl -s -o /dev/null -X DELETE "http://$SANDBOX/__sandbox/requests"
@@ -106,9 +113,10 @@ for mode in off on; do
     for i in 0 1 2; do echo "http://127.0.0.1:1828$i/v1/invoices/summary?bench=$mode-$k"; done
   done | xargs -P 30 -n 1 curl -s -o /dev/null
   calls=$(upstream_calls)
+  errors=$(family_sum pcgate_shared_errors_total)
   read -r miss_p50 miss_p90 < <(timings "http://127.0.0.1:18280/v1/invoices/summary?miss=$mode-{n}")
   curl -s -o /dev/null "http://127.0.0.1:18280/v1/invoices/summary?hit=$mode"
   read -r hit_p50 hit_p90 < <(timings "http://127.0.0.1:18280/v1/invoices/summary?hit=$mode")
-  echo "| $mode | $calls | $miss_p50 / $miss_p90 | $hit_p50 / $hit_p90 |"
+  echo "| $mode | $calls | $errors | $miss_p50 / $miss_p90 | $hit_p50 / $hit_p90 |"
   stop_gateways
 done

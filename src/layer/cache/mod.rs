@@ -1600,6 +1600,134 @@ mod tests {
         }
     }
 
+    /// A store shared with another process that holds the key's claim until `lapses` (never:
+    /// `None`), and stores its own answer at `fills` (never: `None`).
+    struct FleetStore {
+        memory: MemoryStore,
+        started: Instant,
+        lapses: Option<Duration>,
+        fills: Option<Duration>,
+        waits: Mutex<Vec<Waited>>,
+    }
+
+    impl FleetStore {
+        fn new(lapses: Option<Duration>, fills: Option<Duration>) -> Arc<FleetStore> {
+            Arc::new(FleetStore {
+                memory: MemoryStore::new(1 << 20, 1 << 16, &Metrics::new()),
+                started: Instant::now(),
+                lapses,
+                fills,
+                waits: Mutex::default(),
+            })
+        }
+
+        fn past(&self, at: Option<Duration>) -> bool {
+            at.is_some_and(|at| self.started.elapsed() >= at)
+        }
+    }
+
+    impl Storage for FleetStore {
+        fn get(&self, key: &Key) -> StoreFuture<Option<Arc<Entry>>> {
+            if self.past(self.fills) {
+                let theirs = Arc::new(Entry {
+                    response: Buffered {
+                        status: http::StatusCode::OK,
+                        headers: HeaderMap::new(),
+                        body: bytes::Bytes::from_static(b"the other process's answer"),
+                    },
+                    stored_at: std::time::SystemTime::now(),
+                    initial_age: Duration::ZERO,
+                    windows: Windows {
+                        ttl: MINUTE,
+                        stale_while_revalidate: Duration::ZERO,
+                        stale_if_error: Duration::ZERO,
+                    },
+                    vary: Arc::from([]),
+                    variant: None,
+                });
+                return Either::Left(future::ready(Ok(Some(theirs))));
+            }
+            self.memory.get(key)
+        }
+
+        fn put(&self, key: Key, entry: Arc<Entry>) -> StoreFuture<()> {
+            self.memory.put(key, entry)
+        }
+
+        fn purge(&self, scope: Purge) -> StoreFuture<u64> {
+            self.memory.purge(scope)
+        }
+
+        fn claim(&self, _key: &Key) -> StoreFuture<Claim> {
+            let claim = if self.past(self.lapses) {
+                Claim::Owner
+            } else {
+                Claim::Busy
+            };
+            Either::Left(future::ready(Ok(claim)))
+        }
+
+        fn waited(&self, outcome: Waited) {
+            self.waits.lock().unwrap().push(outcome);
+        }
+    }
+
+    fn fleet_harness(
+        store: Arc<FleetStore>,
+    ) -> (
+        Cache<
+            impl Service<Request, Response = Response, Error = BoxError, Future: Send> + Clone + Send,
+        >,
+        Arc<AtomicUsize>,
+    ) {
+        let (inner, calls) = upstream(|n| future::ready(Ok(text(200, format!("answer {n}")))));
+        let service =
+            CacheLayer::new(store, 1 << 16, Arc::new(Metrics::new()), MINUTE).layer(inner);
+        (service, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_another_process_fetches_callers_wait_for_its_fill_within_their_deadline() {
+        // It stores its answer at 3 s: five callers here make no upstream call and get it.
+        let store = FleetStore::new(None, Some(Duration::from_secs(3)));
+        let (service, calls) = fleet_harness(store.clone());
+        let started = Instant::now();
+        let answers =
+            futures_util::future::join_all((0..5).map(|_| send(&service, summary()))).await;
+        for answer in answers {
+            let (status, _, body) = answer.unwrap();
+            assert_eq!((status, body.as_str()), (200, "the other process's answer"));
+        }
+        assert!(started.elapsed() >= Duration::from_secs(3));
+        assert!(started.elapsed() < Duration::from_secs(3) + 2 * FLEET_POLL);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        // This process's writer waited once; its own waiters queued on the local lock.
+        assert_eq!(*store.waits.lock().unwrap(), [Waited::Filled]);
+
+        // It never fills nor lets go: the callers are released at their own deadline.
+        let store = FleetStore::new(None, None);
+        let (service, calls) = fleet_harness(store.clone());
+        let started = Instant::now();
+        let error = send(&service, with_deadline(summary(), Duration::from_secs(10)))
+            .await
+            .unwrap_err();
+        assert!(find_cause::<DeadlineExceeded>(&*error).is_some(), "{error}");
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        assert_eq!(*store.waits.lock().unwrap(), [Waited::TimedOut]);
+
+        // Its claim lapses at 2 s with nothing stored (it died): this process takes over, once.
+        let store = FleetStore::new(Some(Duration::from_secs(2)), None);
+        let (service, calls) = fleet_harness(store.clone());
+        let answers =
+            futures_util::future::join_all((0..5).map(|_| send(&service, summary()))).await;
+        for answer in answers {
+            assert_eq!(answer.unwrap().2, "answer 1");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(*store.waits.lock().unwrap(), [Waited::TookOver]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_body_that_stalls_late_is_cut_at_the_calls_deadline_not_after_it() {
         // Headers at 0.8 x the deadline, then nothing: the body read must not start a count of

@@ -23,7 +23,9 @@
 //!   owner dies, the lock expires and the one waiter whose `SET NX` wins takes over.
 //!
 //! A fill that was in flight when a purge ran may still land in L1 (as without the fleet
-//! tier); in L2 it lands only if this process had not yet seen the new generation.
+//! tier); in L2 it lands only if this process had not yet seen the new generation. A sidecar
+//! that started while Redis was down hears no purge until its first subscription: what it
+//! cached before then lives out its TTL.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
