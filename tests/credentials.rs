@@ -1131,3 +1131,72 @@ async fn a_workload_identity_token_file_that_changes_is_read_again() {
     assert!(!log.contains("eyJ"), "a token in the log: {log}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The AKS webhook's variables come from the environment, not the reviewed config file: an
+/// `AZURE_AUTHORITY_HOST` in clear text off loopback, or an `AZURE_TENANT_ID` that is not one
+/// path segment, would send the federated token elsewhere. Both `check-config` and `run` refuse
+/// such a workload identity credential with exit 64 and a message naming the variable.
+#[tokio::test]
+async fn webhook_variables_that_would_send_the_token_elsewhere_stop_check_config_and_run() {
+    let dir = temp_dir("webhook-variables");
+    let token_file = dir.join("azure-identity-token");
+    replace_file(&token_file, "eyJprojected.token");
+    let config_file = dir.join("pcgate.toml");
+    std::fs::write(
+        &config_file,
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [credentials.app]\ngrant = \"client_credentials\"\n\
+         [[routes]]\nname = \"invoices\"\nmatch = \"GET /v1/invoices\"\ncredential = \"app\"\n",
+    )
+    .unwrap();
+    let cases = [
+        (
+            "AZURE_AUTHORITY_HOST",
+            "http://login.pcgate-test.invalid/",
+            "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        ),
+        (
+            "AZURE_TENANT_ID",
+            "https://login.microsoftonline.com/",
+            "evil.example/x?",
+        ),
+    ];
+    for (variable, authority, tenant) in cases {
+        for command in ["check-config", "run"] {
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pcgate"))
+                .args(["--log-format", "text", command, "--config"])
+                .arg(&config_file)
+                .env_remove("PCGATE_CONFIG")
+                .env("AZURE_CLIENT_ID", "wi-client")
+                .env("AZURE_TENANT_ID", tenant)
+                .env("AZURE_AUTHORITY_HOST", authority)
+                .env("AZURE_FEDERATED_TOKEN_FILE", &token_file)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + WAIT;
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("pcgate {command} did not exit");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let output = child.wait_with_output().unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert_eq!(output.status.code(), Some(64), "{command}: {said}");
+            assert!(
+                said.contains("credentials.app") && said.contains(variable),
+                "{command}: {said}"
+            );
+            assert!(!said.contains("eyJ"), "{command}: {said}");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
