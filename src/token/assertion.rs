@@ -59,6 +59,39 @@ impl CredentialFileError {
     }
 }
 
+/// `path`, at most [`MAX_CREDENTIAL_FILE_BYTES`](super::endpoint::MAX_CREDENTIAL_FILE_BYTES).
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, CredentialFileError> {
+    super::endpoint::read_file_capped(path)
+        .map_err(|e| CredentialFileError::unreadable(key, path, &e))
+}
+
+/// Whether a file's mode lets every user of the host read, write or run it (`o+rwx`). A group
+/// bit is fine: Kubernetes mounts Secrets 0440 with the pod's `fsGroup`.
+pub fn world_accessible(mode: u32) -> bool {
+    mode & 0o007 != 0
+}
+
+/// Warns (once, as the credential is opened) when `private_key_file` is world-accessible.
+fn warn_if_world_accessible(private_key_file: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(meta) = std::fs::metadata(private_key_file) {
+            let mode = meta.permissions().mode();
+            if world_accessible(mode) {
+                tracing::warn!(
+                    file = %private_key_file.display(),
+                    mode = %format!("{:04o}", mode & 0o7777),
+                    "private_key_file is accessible to every user on this host: chmod 600 (or \
+                     440 with a group); on Kubernetes set the Secret volume's defaultMode to 0440"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = private_key_file;
+}
+
 /// A certificate and its key, loaded and checked to belong together.
 struct Loaded {
     /// base64url SHA-1 of the certificate's DER (`x5t`).
@@ -89,8 +122,7 @@ pub fn thumbprints(der: &[u8]) -> (String, String, String) {
 fn load(certificate_file: &Path, private_key_file: &Path) -> Result<Loaded, CredentialFileError> {
     const CERT: &str = "certificate_file";
     const KEY: &str = "private_key_file";
-    let cert_pem = std::fs::read(certificate_file)
-        .map_err(|e| CredentialFileError::unreadable(CERT, certificate_file, &e))?;
+    let cert_pem = read(CERT, certificate_file)?;
     // The PEM parser's errors can quote a line of the file: none of them is shown.
     let cert = CertificateDer::from_pem_slice(&cert_pem).map_err(|_| {
         CredentialFileError::new(
@@ -99,8 +131,7 @@ fn load(certificate_file: &Path, private_key_file: &Path) -> Result<Loaded, Cred
             "holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
         )
     })?;
-    let key_pem = std::fs::read(private_key_file)
-        .map_err(|e| CredentialFileError::unreadable(KEY, private_key_file, &e))?;
+    let key_pem = read(KEY, private_key_file)?;
     let not_rsa = || {
         CredentialFileError::new(
             KEY,
@@ -177,6 +208,7 @@ impl CertificateCredential {
             FileStamp::of(private_key_file),
         );
         let loaded = load(certificate_file, private_key_file)?;
+        warn_if_world_accessible(private_key_file);
         tracing::info!(
             file = %certificate_file.display(),
             thumbprint = %loaded.thumbprint_hex,
@@ -297,7 +329,7 @@ impl FederatedToken {
 
 fn read_token(path: &Path) -> Result<SecretString, CredentialFileError> {
     const KEY: &str = "federated_token_file";
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = super::endpoint::read_capped_text(path).map_err(|e| {
         let mut error = CredentialFileError::unreadable(KEY, path, &e);
         if e.kind() == std::io::ErrorKind::NotFound {
             error.problem.push_str(
@@ -476,6 +508,70 @@ mod tests {
     }
 
     #[test]
+    fn only_a_key_file_every_user_can_reach_is_world_accessible() {
+        for mode in [
+            0o600, 0o400, 0o440, 0o640, 0o660, 0o100600, 0o100440, 0o120640,
+        ] {
+            assert!(!world_accessible(mode), "{mode:o}");
+        }
+        for mode in [0o644, 0o604, 0o602, 0o601, 0o666, 0o777, 0o100644, 0o100444] {
+            assert!(world_accessible(mode), "{mode:o}");
+        }
+    }
+
+    /// A credential file past 64 KiB is the wrong file (or a device): refused, naming the key
+    /// and the cap, for each kind of file; one at the cap is read.
+    #[test]
+    fn credential_files_past_the_cap_are_refused() {
+        use super::super::endpoint::{SecretFile, MAX_CREDENTIAL_FILE_BYTES};
+        let dir = dir("cap");
+        let (cert, key, cert_pem) = write_pair(&dir, "a");
+        let big = dir.join("big");
+        let max = MAX_CREDENTIAL_FILE_BYTES as usize;
+        std::fs::write(&big, "x".repeat(max + 1)).unwrap();
+        let error = FederatedToken::open(&big).err().expect("too large");
+        assert!(
+            error.key == "federated_token_file" && error.to_string().contains("64 KiB"),
+            "{error}"
+        );
+        let error = SecretFile::open(&big).err().expect("too large");
+        assert!(error.to_string().contains("64 KiB"), "{error}");
+        let error = CertificateCredential::open(&big, &key).err().unwrap();
+        assert!(
+            error.key == "certificate_file" && error.to_string().contains("64 KiB"),
+            "{error}"
+        );
+        // A valid key followed by padding past the cap.
+        let padded = dir.join("padded.key");
+        let key_pem = std::fs::read_to_string(&key).unwrap();
+        std::fs::write(&padded, format!("{key_pem}{}", "\n".repeat(max))).unwrap();
+        let error = CertificateCredential::open(&cert, &padded).err().unwrap();
+        assert!(
+            error.key == "private_key_file" && error.to_string().contains("64 KiB"),
+            "{error}"
+        );
+        // At the cap exactly: read.
+        std::fs::write(
+            &padded,
+            format!("{key_pem}{}", "\n".repeat(max - key_pem.len())),
+        )
+        .unwrap();
+        CertificateCredential::open(&cert, &padded).unwrap();
+        std::fs::write(&big, "x".repeat(max)).unwrap();
+        assert_eq!(
+            FederatedToken::open(&big)
+                .unwrap()
+                .current()
+                .unwrap()
+                .expose_secret()
+                .len(),
+            max
+        );
+        assert!(!cert_pem.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn a_federated_token_is_read_for_every_request() {
         let dir = dir("federated");
         let file = dir.join("token");
@@ -491,6 +587,11 @@ mod tests {
         assert_eq!(token.current().unwrap().expose_secret(), "eyJ.first.token");
         std::fs::write(&file, "eyJ.second.token").unwrap();
         assert_eq!(token.current().unwrap().expose_secret(), "eyJ.second.token");
+        // Read for every request, not only when the file looks changed: a token of the same
+        // length written in place with the mtime put back (same inode, size and mtime) is the
+        // one sent next.
+        super::super::endpoint::tests::rewrite_keeping_mtime(&file, "eyJ.thirds.token");
+        assert_eq!(token.current().unwrap().expose_secret(), "eyJ.thirds.token");
         std::fs::remove_file(&file).unwrap();
         let error = token.current().unwrap_err().to_string();
         assert!(
