@@ -1069,8 +1069,8 @@ mod tests {
             assert!(message(load()).contains("http:// off loopback"));
             // A local sandbox on loopback is fine, over http:// too.
             for (host, url) in [
-                ("http://127.0.0.1:9100", "http://127.0.0.1:9100/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/token"),
-                ("https://login.microsoftonline.us/", "https://login.microsoftonline.us/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/token"),
+                ("http://127.0.0.1:9100", "http://127.0.0.1:9100/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token"),
+                ("https://login.microsoftonline.us/", "https://login.microsoftonline.us/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token"),
             ] {
                 jail.set_env(AUTHORITY_HOST_ENV, host);
                 let config = load().map_err(|e| e.to_string())?;
@@ -1103,7 +1103,7 @@ mod tests {
             let app = config.credentials["c"].app().expect("an app credential");
             assert_eq!(
                 app.token_url.as_str(),
-                "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/token"
+                "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
             );
             Ok(())
         });
@@ -1374,10 +1374,29 @@ mod tests {
                 ))
             );
             assert_eq!(app.client_id, "wi-client");
+            // Federated credentials are documented on the v2 endpoint: a token URL made from the
+            // variables with no resource or scope asks v2 for the Partner Center scope.
+            assert_eq!(
+                app.token_url.as_str(),
+                "https://login.microsoftonline.com/wi-tenant/oauth2/v2.0/token"
+            );
+            assert_eq!(
+                app.audience,
+                Audience::Scope("https://api.partnercenter.microsoft.com/.default".into())
+            );
+            // A resource asked for keeps the v1 endpoint; a token_url written keeps its default
+            // audience, the v1 resource.
+            let config = with("resource = \"https://api.partnercenter.microsoft.com\"")
+                .map_err(|e| e.to_string())?;
+            let app = config.credentials["c"].app().expect("an app credential");
             assert_eq!(
                 app.token_url.as_str(),
                 "https://login.microsoftonline.com/wi-tenant/oauth2/token"
             );
+            let config = with("token_url = \"https://login.example/t/oauth2/token\"")
+                .map_err(|e| e.to_string())?;
+            let app = config.credentials["c"].app().expect("an app credential");
+            assert_eq!(app.audience, Audience::Resource(DEFAULT_RESOURCE.into()));
             // The config wins over the variables; a v2 scope gets the v2 endpoint; the authority
             // can be another cloud's.
             jail.set_env(AUTHORITY_HOST_ENV, "https://login.microsoftonline.us");

@@ -440,6 +440,14 @@ fn the_example_recommends_workload_identity_as_the_webhook_sets_it_up() {
             Path::new(WEBHOOK_TOKEN),
             "credential {name}: not where the webhook projects the token"
         );
+        // Microsoft documents federated credentials on the v2.0 endpoint (a scope, not a
+        // resource), as pcgate defaults them when the token URL comes from the environment.
+        let app = config.credentials[*name].app().expect("an app credential");
+        assert!(
+            app.token_url.as_str().ends_with("/oauth2/v2.0/token")
+                && matches!(&app.audience, pcgate::config::Audience::Scope(s) if s.ends_with("/.default")),
+            "credential {name}: workload identity on the v2 endpoint with a .default scope"
+        );
     }
     let deployment = k8s("Deployment");
     let pod = &deployment["spec"]["template"];

@@ -179,6 +179,9 @@ pub const TENANT_ENV: &str = "AZURE_TENANT_ID";
 pub const AUTHORITY_HOST_ENV: &str = "AZURE_AUTHORITY_HOST";
 /// The authority when `AZURE_AUTHORITY_HOST` is unset (the public cloud).
 pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com/";
+/// The v2 scope of the Partner Center API: what a workload identity credential whose token URL
+/// comes from the environment asks for when it names neither `resource` nor `scope`.
+pub const DEFAULT_SCOPE: &str = "https://api.partnercenter.microsoft.com/.default";
 
 /// How the app proves itself at the token endpoint. (Named for the first kind it had.)
 #[derive(Debug, Clone)]
@@ -461,6 +464,13 @@ impl AppCredential {
             (Some(_), Some(_)) => return Err(CredentialError::TwoAudiences),
             (None, Some(scope)) => Audience::Scope(scope.clone()),
             (Some(resource), None) => Audience::Resource(resource.clone()),
+            // Microsoft documents federated credentials on the v2.0 endpoint only ("Microsoft
+            // identity platform and the OAuth 2.0 client credentials flow", third case: access
+            // token request with a federated credential), and the Azure SDKs' workload identity
+            // credentials ask there: so does a token URL pcgate makes from AZURE_TENANT_ID.
+            (None, None) if federated && fields.token_url.is_none() => {
+                Audience::Scope(DEFAULT_SCOPE.to_owned())
+            }
             (None, None) => Audience::Resource(DEFAULT_RESOURCE.to_owned()),
         };
         // Only workload identity reads the webhook's variables: another credential in the same
