@@ -641,11 +641,19 @@ impl Config {
                 self.upstream.base_url
             ));
         }
+        // Only a `token_url` written in the config gets here: one made from AZURE_AUTHORITY_HOST
+        // is refused as the config is read when it is clear text off loopback.
         for (name, credential) in &self.credentials {
-            if let Some(url) = credential.app().map(|app| &app.token_url) {
-                if url.is_clear_text_off_loopback() {
+            if let Some(app) = credential.app() {
+                if app.token_url.is_clear_text_off_loopback() {
+                    let tokens = match credential.grant() {
+                        Grant::RefreshToken => "the refresh token and the access tokens",
+                        _ => "the access tokens",
+                    };
                     warnings.push(format!(
-                        "credentials.{name}.token_url {url} is http:// off loopback: the client secret and tokens would cross the network in clear text; use https://"
+                        "credentials.{name}.token_url {} is http:// off loopback: {} and {tokens} would cross the network in clear text; use https://",
+                        app.token_url,
+                        app.secret.sent_as()
                     ));
                 }
             }
@@ -1122,7 +1130,117 @@ mod tests {
             let warnings = loud.warnings().join("\n");
             assert!(warnings.contains("upstream.base_url"), "{warnings}");
             assert!(warnings.contains("credentials.app.token_url"), "{warnings}");
+            assert!(
+                warnings.contains("the client secret and the access tokens"),
+                "{warnings}"
+            );
             assert!(!warnings.contains("s\""), "{warnings}");
+
+            // The warning says what would travel: the secret, the assertion or the federated
+            // token, and a refresh token on the refresh_token grant.
+            let url = "token_url = \"http://login.example/t/oauth2/token\"\nclient_id = \"id\"\n";
+            for (grant, keys, travels) in [
+                (
+                    "client_credentials",
+                    "certificate_file = \"c\"\nprivate_key_file = \"k\"",
+                    "the signed client assertion and the access tokens",
+                ),
+                (
+                    "client_credentials",
+                    "federated_token_file = \"/t\"",
+                    "the federated token (the client assertion) and the access tokens",
+                ),
+                (
+                    "refresh_token",
+                    "client_secret_file = \"/s\"\nrefresh_token_file = \"/r\"",
+                    "the client secret and the refresh token and the access tokens",
+                ),
+            ] {
+                let config = Config::from_toml(&format!(
+                    "{MINIMAL}credential = \"c\"\n[credentials.c]\ngrant = \"{grant}\"\n{url}{keys}\n"
+                ))
+                .map_err(|e| e.to_string())?;
+                let warnings = config.warnings().join("\n");
+                assert!(
+                    warnings.contains("credentials.c.token_url") && warnings.contains(travels),
+                    "{keys}: {warnings}"
+                );
+                assert!(
+                    !warnings.contains("client secret") || travels.contains("client secret"),
+                    "{warnings}"
+                );
+            }
+            Ok(())
+        });
+    }
+
+    /// The webhook's variables come from the environment, not the reviewed config: a tenant that
+    /// is not one path segment, or an authority in clear text off loopback (where the federated
+    /// token would go), is refused naming the variable, not made into a token URL.
+    #[test]
+    fn workload_identity_refuses_an_authority_or_tenant_that_would_send_the_token_elsewhere() {
+        Jail::expect_with(|jail| {
+            let load = || {
+                Config::from_toml(&format!(
+                    "{MINIMAL}\n[credentials.c]\ngrant = \"client_credentials\"\nclient_id = \"id\"\nfederated_token_file = \"/t\"\n"
+                ))
+            };
+            jail.set_env(TENANT_ENV, "72f988bf-86f1-41af-91ab-2d7cd011db47");
+            for host in [
+                "http://login.evil.example",
+                "http://login.evil.example:80/",
+                "ftp://login.example",
+                "https://user@login.evil.example/",
+                "https://login.example/?x=1",
+                "not a url",
+            ] {
+                jail.set_env(AUTHORITY_HOST_ENV, host);
+                let msg = message(load());
+                assert!(
+                    msg.contains("credentials.c") && msg.contains(AUTHORITY_HOST_ENV),
+                    "{host}: {msg}"
+                );
+            }
+            jail.set_env(AUTHORITY_HOST_ENV, "http://login.evil.example");
+            assert!(message(load()).contains("http:// off loopback"));
+            // A local sandbox on loopback is fine, over http:// too.
+            for (host, url) in [
+                ("http://127.0.0.1:9100", "http://127.0.0.1:9100/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token"),
+                ("https://login.microsoftonline.us/", "https://login.microsoftonline.us/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token"),
+            ] {
+                jail.set_env(AUTHORITY_HOST_ENV, host);
+                let config = load().map_err(|e| e.to_string())?;
+                let app = config.credentials["c"].app().expect("an app credential");
+                assert_eq!(app.token_url.as_str(), url);
+            }
+
+            jail.set_env(AUTHORITY_HOST_ENV, "https://login.microsoftonline.com/");
+            for tenant in [
+                "evil.example/x",
+                "t?x=1",
+                "t#x",
+                "user@evil.example",
+                "con toso",
+                "t\tx",
+                "..",
+                "t%2Fx",
+            ] {
+                jail.set_env(TENANT_ENV, tenant);
+                let msg = message(load());
+                assert!(
+                    msg.contains("credentials.c")
+                        && msg.contains(TENANT_ENV)
+                        && msg.contains("GUID"),
+                    "{tenant:?}: {msg}"
+                );
+            }
+            jail.set_env(TENANT_ENV, "contoso.onmicrosoft.com");
+            let config = load().map_err(|e| e.to_string())?;
+            let app = config.credentials["c"].app().expect("an app credential");
+            assert_eq!(
+                app.token_url.as_str(),
+                "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+            );
             Ok(())
         });
     }
@@ -1392,10 +1510,29 @@ mod tests {
                 ))
             );
             assert_eq!(app.client_id, "wi-client");
+            // Federated credentials are documented on the v2 endpoint: a token URL made from the
+            // variables with no resource or scope asks v2 for the Partner Center scope.
+            assert_eq!(
+                app.token_url.as_str(),
+                "https://login.microsoftonline.com/wi-tenant/oauth2/v2.0/token"
+            );
+            assert_eq!(
+                app.audience,
+                Audience::Scope("https://api.partnercenter.microsoft.com/.default".into())
+            );
+            // A resource asked for keeps the v1 endpoint; a token_url written keeps its default
+            // audience, the v1 resource.
+            let config = with("resource = \"https://api.partnercenter.microsoft.com\"")
+                .map_err(|e| e.to_string())?;
+            let app = config.credentials["c"].app().expect("an app credential");
             assert_eq!(
                 app.token_url.as_str(),
                 "https://login.microsoftonline.com/wi-tenant/oauth2/token"
             );
+            let config = with("token_url = \"https://login.example/t/oauth2/token\"")
+                .map_err(|e| e.to_string())?;
+            let app = config.credentials["c"].app().expect("an app credential");
+            assert_eq!(app.audience, Audience::Resource(DEFAULT_RESOURCE.into()));
             // The config wins over the variables; a v2 scope gets the v2 endpoint; the authority
             // can be another cloud's.
             jail.set_env(AUTHORITY_HOST_ENV, "https://login.microsoftonline.us");

@@ -1131,3 +1131,164 @@ async fn a_workload_identity_token_file_that_changes_is_read_again() {
     assert!(!log.contains("eyJ"), "a token in the log: {log}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The AKS webhook's variables come from the environment, not the reviewed config file: an
+/// `AZURE_AUTHORITY_HOST` in clear text off loopback, or an `AZURE_TENANT_ID` that is not one
+/// path segment, would send the federated token elsewhere. Both `check-config` and `run` refuse
+/// such a workload identity credential with exit 64 and a message naming the variable.
+#[tokio::test]
+async fn webhook_variables_that_would_send_the_token_elsewhere_stop_check_config_and_run() {
+    let dir = temp_dir("webhook-variables");
+    let token_file = dir.join("azure-identity-token");
+    replace_file(&token_file, "eyJprojected.token");
+    let config_file = dir.join("pcgate.toml");
+    std::fs::write(
+        &config_file,
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [credentials.app]\ngrant = \"client_credentials\"\n\
+         [[routes]]\nname = \"invoices\"\nmatch = \"GET /v1/invoices\"\ncredential = \"app\"\n",
+    )
+    .unwrap();
+    let cases = [
+        (
+            "AZURE_AUTHORITY_HOST",
+            "http://login.pcgate-test.invalid/",
+            "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        ),
+        (
+            "AZURE_TENANT_ID",
+            "https://login.microsoftonline.com/",
+            "evil.example/x?",
+        ),
+    ];
+    for (variable, authority, tenant) in cases {
+        for command in ["check-config", "run"] {
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pcgate"))
+                .args(["--log-format", "text", command, "--config"])
+                .arg(&config_file)
+                .env_remove("PCGATE_CONFIG")
+                .env("AZURE_CLIENT_ID", "wi-client")
+                .env("AZURE_TENANT_ID", tenant)
+                .env("AZURE_AUTHORITY_HOST", authority)
+                .env("AZURE_FEDERATED_TOKEN_FILE", &token_file)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + WAIT;
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("pcgate {command} did not exit");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let output = child.wait_with_output().unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert_eq!(output.status.code(), Some(64), "{command}: {said}");
+            assert!(
+                said.contains("credentials.app") && said.contains(variable),
+                "{command}: {said}"
+            );
+            assert!(!said.contains("eyJ"), "{command}: {said}");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The sandbox checks an assertion's `aud` against its own token URL, as Entra ID checks its
+/// own: an assertion made out to another host is refused even when the request's Host header
+/// names that host; one made out to the sandbox is accepted over HTTP/1.1 and HTTP/2 alike.
+#[tokio::test]
+async fn the_sandbox_takes_an_assertions_aud_from_its_own_address_not_the_host_header() {
+    use secrecy::ExposeSecret;
+    let dir = temp_dir("sandbox-aud");
+    let (pair, _, _) = write_certificate(&dir, "uploaded");
+    let sandbox = start_sandbox(SandboxOptions {
+        client_certificates: vec![pair.certificate_pem.clone()],
+        ..SandboxOptions::default()
+    })
+    .await;
+    let der = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(pair.certificate_pem.as_bytes()).unwrap()
+    };
+    let key =
+        jsonwebtoken::EncodingKey::from_rsa_pem(pair.private_key_pem.expose_secret().as_bytes())
+            .unwrap();
+    let sign = |aud: &str, jti: &str| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::PS256);
+        header.x5t_s256 = Some(pcgate::token::assertion::thumbprints(der.as_ref()).1);
+        let claims = json!({
+            "aud": aud, "iss": pcgate::sandbox::SANDBOX_CLIENT_ID,
+            "sub": pcgate::sandbox::SANDBOX_CLIENT_ID, "exp": now + 600, "nbf": now,
+            "iat": now, "jti": jti,
+        });
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    };
+    let post = |client: reqwest::Client, assertion: String, host: Option<&'static str>| {
+        let url = sandbox.token_url.clone();
+        async move {
+            let mut request = client.post(url).form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", pcgate::sandbox::SANDBOX_CLIENT_ID),
+                (
+                    "client_assertion_type",
+                    pcgate::token::assertion::JWT_BEARER,
+                ),
+                ("client_assertion", assertion.as_str()),
+                ("resource", "https://api.partnercenter.microsoft.com"),
+            ]);
+            if let Some(host) = host {
+                request = request.header("host", host);
+            }
+            let response = request.send().await.unwrap();
+            (
+                response.status().as_u16(),
+                response.version(),
+                response.text().await.unwrap(),
+            )
+        }
+    };
+    let elsewhere = format!(
+        "http://login.example/{}/oauth2/token",
+        pcgate::sandbox::SANDBOX_TENANT
+    );
+    let (status, _, body) = post(
+        client(),
+        sign(&elsewhere, "elsewhere"),
+        Some("login.example"),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.contains("700027") && body.contains("audience"),
+        "{body}"
+    );
+
+    let (status, version, body) = post(client(), sign(&sandbox.token_url, "h1"), None).await;
+    assert_eq!(
+        (status, version),
+        (200, reqwest::Version::HTTP_11),
+        "{body}"
+    );
+    let h2 = reqwest::Client::builder()
+        .use_preconfigured_tls(pcgate::upstream::tls_config(None).unwrap())
+        .http2_prior_knowledge()
+        .no_proxy()
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    let (status, version, body) = post(h2, sign(&sandbox.token_url, "h2"), None).await;
+    assert_eq!((status, version), (200, reqwest::Version::HTTP_2), "{body}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -86,6 +86,46 @@ fn pod_config() -> Config {
     Config::from_toml(text).unwrap_or_else(|e| panic!("the ConfigMap's pcgate.toml: {e}"))
 }
 
+/// A path as a container sees it, by components: `/var/run` is `/run` (a symlink to it in the
+/// images pcgate ships on and in most others), `.` parts dropped.
+fn container_path(path: &str) -> PathBuf {
+    let path = Path::new(path);
+    let path = match path.strip_prefix("/var/run") {
+        Ok(rest) => Path::new("/run").join(rest),
+        Err(_) => path.to_owned(),
+    };
+    path.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
+/// Whether `path` is `dir` or lies under it, compared by path components (so `/etc/pcgate.toml`
+/// is not under `/etc/pc`, and `/var/run/secrets/x` is under `/run/secrets`).
+fn is_within(path: &str, dir: &str) -> bool {
+    container_path(path).starts_with(container_path(dir))
+}
+
+#[test]
+fn paths_are_compared_by_component_with_var_run_as_run() {
+    assert!(is_within("/etc/pcgate/pcgate.toml", "/etc/pcgate"));
+    assert!(is_within("/etc/pcgate/pcgate.toml", "/etc/pcgate/"));
+    assert!(is_within("/etc/pcgate", "/etc/pcgate"));
+    assert!(!is_within("/etc/pcgate.toml", "/etc/pc"));
+    assert!(!is_within("/etc/pcgate/pcgate.toml", "/etc/pc"));
+    assert!(is_within(
+        "/var/run/secrets/azure/tokens/azure-identity-token",
+        "/run/secrets/azure"
+    ));
+    assert!(is_within(
+        "/run/secrets/pcgate/client-secret",
+        "/var/run/secrets"
+    ));
+    assert!(!is_within(
+        "/var/run/secrets/azure/tokens/azure-identity-token",
+        "/var/run/secrets/az"
+    ));
+}
+
 /// A Kubernetes memory quantity (`64Mi`, `1Gi`, `512M`) in bytes.
 fn quantity_bytes(quantity: &str) -> u64 {
     let units = [
@@ -166,7 +206,7 @@ fn the_deployment_runs_pcgate_as_a_native_sidecar() {
     // The config file comes from the ConfigMap.
     let mount = array(&pcgate["volumeMounts"], "pcgate volumeMounts")
         .iter()
-        .find(|m| config_path.starts_with(str_of(&m["mountPath"], "mountPath")))
+        .find(|m| is_within(config_path, str_of(&m["mountPath"], "mountPath")))
         .expect("a volume mounted over the config path");
     let volume = named(
         &spec["volumes"],
@@ -406,6 +446,14 @@ fn the_example_recommends_workload_identity_as_the_webhook_sets_it_up() {
             Path::new(WEBHOOK_TOKEN),
             "credential {name}: not where the webhook projects the token"
         );
+        // Microsoft documents federated credentials on the v2.0 endpoint (a scope, not a
+        // resource), as pcgate defaults them when the token URL comes from the environment.
+        let app = config.credentials[*name].app().expect("an app credential");
+        assert!(
+            app.token_url.as_str().ends_with("/oauth2/v2.0/token")
+                && matches!(&app.audience, pcgate::config::Audience::Scope(s) if s.ends_with("/.default")),
+            "credential {name}: workload identity on the v2 endpoint with a .default scope"
+        );
     }
     let deployment = k8s("Deployment");
     let pod = &deployment["spec"]["template"];
@@ -428,10 +476,40 @@ fn the_example_recommends_workload_identity_as_the_webhook_sets_it_up() {
     for mount in array(&pcgate["volumeMounts"], "volumeMounts") {
         let path = str_of(&mount["mountPath"], "mountPath");
         assert!(
-            !WEBHOOK_TOKEN.starts_with(path),
+            !is_within(WEBHOOK_TOKEN, path),
             "{path} hides the webhook's token"
         );
     }
+    // The webhook puts the token and the AZURE_* variables in every container it is not told to
+    // skip; with that token any container could get the partner's app token from Entra ID itself.
+    // So every container and init container but pcgate is skipped.
+    let skipped: BTreeSet<&str> = str_of(
+        &pod["metadata"]["annotations"]["azure.workload.identity/skip-containers"],
+        "the pod annotation azure.workload.identity/skip-containers",
+    )
+    .split(';')
+    .map(str::trim)
+    .filter(|name| !name.is_empty())
+    .collect();
+    let spec = &pod["spec"];
+    let containers = array(&spec["initContainers"], "initContainers")
+        .iter()
+        .chain(array(&spec["containers"], "containers"));
+    let mut others = 0;
+    for container in containers {
+        let name = str_of(&container["name"], "container name");
+        if name == "pcgate" {
+            assert!(!skipped.contains(name), "pcgate needs the webhook's token");
+        } else {
+            others += 1;
+            assert!(
+                skipped.contains(name),
+                "container {name} would get the webhook's token: list it in \
+                 azure.workload.identity/skip-containers"
+            );
+        }
+    }
+    assert!(others >= 2, "the billing app and the seed step");
     let kustomization = k8s("Kustomization");
     let resources = array(&kustomization["resources"], "resources");
     assert!(

@@ -141,6 +141,18 @@ pub enum CredentialError {
     /// `AZURE_TENANT_ID` / `AZURE_AUTHORITY_HOST` do not make a token URL.
     #[error("the token URL made from {TENANT_ENV} and {AUTHORITY_HOST_ENV} is not valid: {0}")]
     BadAuthority(String),
+    /// `AZURE_AUTHORITY_HOST` is not an `https://` authority (or `http://` on loopback).
+    #[error(
+        "{AUTHORITY_HOST_ENV} {0:?} {1}: the federated token would be sent there; set it to \
+         https://login.microsoftonline.com/ (or your cloud's authority), or set `token_url`"
+    )]
+    BadAuthorityHost(String, &'static str),
+    /// `AZURE_TENANT_ID` is not a tenant id or domain name.
+    #[error(
+        "{TENANT_ENV} {0:?} is not a tenant: use its id (a GUID) or a domain name such as \
+         contoso.onmicrosoft.com (letters, digits, `-`, `.`, `_`; no `/ ? # @` or whitespace)"
+    )]
+    BadTenant(String),
     /// Both `resource` and `scope`.
     #[error("set `resource` (v1 token endpoint) or `scope` (v2), not both")]
     TwoAudiences,
@@ -167,6 +179,9 @@ pub const TENANT_ENV: &str = "AZURE_TENANT_ID";
 pub const AUTHORITY_HOST_ENV: &str = "AZURE_AUTHORITY_HOST";
 /// The authority when `AZURE_AUTHORITY_HOST` is unset (the public cloud).
 pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com/";
+/// The v2 scope of the Partner Center API: what a workload identity credential whose token URL
+/// comes from the environment asks for when it names neither `resource` nor `scope`.
+pub const DEFAULT_SCOPE: &str = "https://api.partnercenter.microsoft.com/.default";
 
 /// How the app proves itself at the token endpoint. (Named for the first kind it had.)
 #[derive(Debug, Clone)]
@@ -186,6 +201,17 @@ pub enum ClientSecret {
     /// `federated_token_file` (workload identity): the file's content is the client assertion,
     /// read for every token request.
     Federated(PathBuf),
+}
+
+impl ClientSecret {
+    /// What a token request sends to prove the app, in words (for warnings).
+    pub fn sent_as(&self) -> &'static str {
+        match self {
+            ClientSecret::Inline(_) | ClientSecret::File(_) => "the client secret",
+            ClientSecret::Certificate { .. } => "the signed client assertion",
+            ClientSecret::Federated(_) => "the federated token (the client assertion)",
+        }
+    }
 }
 
 /// The audience of the tokens asked for.
@@ -374,12 +400,52 @@ fn client_auth(fields: &AppFields) -> Result<ClientSecret, CredentialError> {
     }
 }
 
+/// Checks `AZURE_TENANT_ID`: a tenant id (GUID) or a domain name goes into the token URL's path
+/// as one segment, so nothing that could end the segment or the path (`/ ? # @`, `%`, `..`,
+/// whitespace) is taken.
+fn check_tenant(tenant: &str) -> Result<(), CredentialError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_');
+    if tenant.is_empty() || !tenant.chars().all(allowed) || tenant.chars().all(|c| c == '.') {
+        return Err(CredentialError::BadTenant(tenant.to_owned()));
+    }
+    Ok(())
+}
+
+/// Checks `AZURE_AUTHORITY_HOST`: the federated token goes there, so `https://` (or `http://` to
+/// loopback, for a local sandbox), with no user info, query or fragment. It comes from the
+/// environment, not the reviewed config file, so clear text off this host is refused, not
+/// warned about as a configured `token_url` is.
+fn check_authority_host(host: &str) -> Result<(), CredentialError> {
+    let bad = |why: &'static str| Err(CredentialError::BadAuthorityHost(host.to_owned(), why));
+    let Ok(uri) = host.parse::<http::Uri>() else {
+        return bad("is not a URL");
+    };
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if uri.host().is_some_and(super::url::is_loopback_host) => {}
+        Some("http") => return bad("is http:// off loopback (clear text)"),
+        _ => return bad("must start with https://"),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return bad("has no host");
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return bad("must not hold user info (`@`)");
+    }
+    if uri.query().is_some() || host.contains('#') {
+        return bad("must not have a query or fragment");
+    }
+    Ok(())
+}
+
 /// The v1 (or, for a `scope`, v2) token endpoint of `AZURE_TENANT_ID` at `AZURE_AUTHORITY_HOST`.
 fn token_url_from_env(audience: &Audience) -> Result<Option<TokenUrl>, CredentialError> {
     let Some(tenant) = env(TENANT_ENV) else {
         return Ok(None);
     };
+    check_tenant(&tenant)?;
     let host = env(AUTHORITY_HOST_ENV).unwrap_or_else(|| DEFAULT_AUTHORITY_HOST.to_owned());
+    check_authority_host(&host)?;
     let path = match audience {
         Audience::Resource(_) => "oauth2/token",
         Audience::Scope(_) => "oauth2/v2.0/token",
@@ -398,6 +464,13 @@ impl AppCredential {
             (Some(_), Some(_)) => return Err(CredentialError::TwoAudiences),
             (None, Some(scope)) => Audience::Scope(scope.clone()),
             (Some(resource), None) => Audience::Resource(resource.clone()),
+            // Microsoft documents federated credentials on the v2.0 endpoint only ("Microsoft
+            // identity platform and the OAuth 2.0 client credentials flow", third case: access
+            // token request with a federated credential), and the Azure SDKs' workload identity
+            // credentials ask there: so does a token URL pcgate makes from AZURE_TENANT_ID.
+            (None, None) if federated && fields.token_url.is_none() => {
+                Audience::Scope(DEFAULT_SCOPE.to_owned())
+            }
             (None, None) => Audience::Resource(DEFAULT_RESOURCE.to_owned()),
         };
         // Only workload identity reads the webhook's variables: another credential in the same

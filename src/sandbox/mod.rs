@@ -190,6 +190,16 @@ pub fn parse_rate_limit(s: &str) -> Result<u32, String> {
     }
 }
 
+/// `http://IP:PORT` of `addr`, with a wildcard address replaced by loopback so it can be dialled.
+fn base_url_of(mut addr: SocketAddr) -> String {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        IpAddr::V6(ip) if ip.is_unspecified() => addr.set_ip(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        _ => {}
+    }
+    format!("http://{addr}")
+}
+
 /// A bound, not yet serving, sandbox.
 pub struct Sandbox {
     listener: TcpListener,
@@ -203,7 +213,7 @@ impl Sandbox {
         let invalid =
             |message: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, message);
         options.validate().map_err(invalid)?;
-        let credentials = ClientCredentials::new(
+        let mut credentials = ClientCredentials::new(
             &options.client_secret,
             &options.client_certificates,
             &options.federated_tokens,
@@ -211,6 +221,7 @@ impl Sandbox {
         .map_err(|e| invalid(format!("sandbox client_certificates: {e}")))?;
         let listener = TcpListener::bind(options.listen).await?;
         let local_addr = listener.local_addr()?;
+        credentials.set_base_url(base_url_of(local_addr));
         Ok(Sandbox {
             listener,
             local_addr,
@@ -225,13 +236,7 @@ impl Sandbox {
 
     /// `http://IP:PORT`, with a wildcard address replaced by loopback so it can be dialled.
     pub fn base_url(&self) -> String {
-        let mut addr = self.local_addr;
-        match addr.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            IpAddr::V6(ip) if ip.is_unspecified() => addr.set_ip(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-            _ => {}
-        }
-        format!("http://{addr}")
+        base_url_of(self.local_addr)
     }
 
     /// The v1 token endpoint: `{base_url}/sandbox-tenant/oauth2/token`.

@@ -11,8 +11,9 @@
 //! The app authenticates with a client secret (any of [`ClientCredentials`]' secrets), or a
 //! `client_assertion` (`client_assertion_type` jwt-bearer): a JWT signed by a trusted
 //! certificate's key and naming it by `x5t#S256` or `x5t`, checked as Entra ID does (RS256 or
-//! PS256 signature, `aud` = the token URL the request was sent to, `iss` = `sub` = the client id,
-//! `exp` and `nbf` with a minute of skew, a `jti` never seen before), or a federated token equal to
+//! PS256 signature, `aud` = the sandbox's own URL for the path posted to (its bound address, not
+//! the Host header), `iss` = `sub` = the client id, `exp` (required) and `nbf` with a minute of
+//! skew, a `jti` never seen before), or a federated token equal to
 //! one configured. What is accepted can be replaced at run time (`POST /__sandbox/credentials`),
 //! so a test or a demo user can rotate a secret: accept the new one, then refuse the old.
 
@@ -115,6 +116,8 @@ struct TrustedCertificate {
 /// What the token endpoint accepts from the app: client secrets, certificates (for signed
 /// assertions) and federated tokens; and the `jti`s of assertions already used, until they expire.
 pub struct ClientCredentials {
+    /// The sandbox's own `http://IP:PORT`: an assertion's `aud` must be a token URL under it.
+    base_url: String,
     secrets: Vec<String>,
     certificates: Vec<TrustedCertificate>,
     federated_tokens: Vec<String>,
@@ -172,6 +175,7 @@ impl ClientCredentials {
         federated_tokens: &[String],
     ) -> Result<ClientCredentials, String> {
         Ok(ClientCredentials {
+            base_url: String::new(),
             secrets: vec![secret.to_owned()],
             certificates: certificates
                 .iter()
@@ -182,12 +186,30 @@ impl ClientCredentials {
         })
     }
 
+    /// Sets the sandbox's own `http://IP:PORT`, once it is bound: assertions must name a token
+    /// URL under it as their `aud`.
+    pub fn set_base_url(&mut self, base_url: String) {
+        self.base_url = base_url;
+    }
+
+    /// The `aud` an assertion posted to `path` must carry: the sandbox's own URL for it, as
+    /// Entra ID expects its own token URL, whatever Host header or URI authority came (HTTP/1 and
+    /// HTTP/2 alike).
+    fn audience(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
     /// Applies a `POST /__sandbox/credentials` body; all or nothing.
     pub fn patch(&mut self, body: &[u8]) -> Result<(), String> {
+        // serde_json's message quotes what it could not take, which here is a secret, a token or
+        // a certificate: only where it stopped is shown.
         let patch: CredentialsPatch = serde_json::from_slice(body).map_err(|e| {
             format!(
                 "expected {{\"client_secrets\": [...], \"certificates\": [PEM...], \
-                 \"federated_tokens\": [...]}}, each optional: {e}"
+                 \"federated_tokens\": [...]}}, each optional and each a list of strings; the \
+                 body is not that (line {}, column {})",
+                e.line(),
+                e.column()
             )
         })?;
         let certificates = match &patch.certificates {
@@ -368,15 +390,8 @@ pub(super) async fn handle(
     request: http::Request<Incoming>,
     v2_path: bool,
 ) -> (Response, Option<String>) {
-    // `aud` of an assertion must be the URL it was sent to (HTTP/2 names the host in the URI).
-    let host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|host| host.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()))
-        .unwrap_or_default();
-    let audience = format!("http://{host}{}", request.uri().path());
+    // `aud` of an assertion must be this endpoint's own URL, never one the request names.
+    let audience = state.credentials().audience(request.uri().path());
     let mut note = None;
     let response = answer(state, request, v2_path, &audience, &mut note).await;
     (response, note)
@@ -783,6 +798,95 @@ mod tests {
             !summary.contains(&federated) && summary.contains("\"federated_tokens\":1"),
             "{summary}"
         );
+    }
+
+    /// Assertions Entra ID would refuse are refused: no algorithm (`none`), HS256 keyed with the
+    /// certificate's PEM (the public certificate as an HMAC key), no `exp`, no `jti`.
+    #[test]
+    fn unsigned_hmac_and_claimless_assertions_are_refused() {
+        use rustls_pki_types::pem::PemObject;
+        let trusted = crate::sandbox::throwaway_certificate("trusted").unwrap();
+        let mut credentials =
+            ClientCredentials::new("s", std::slice::from_ref(&trusted.certificate_pem), &[])
+                .unwrap();
+        let aud = "http://127.0.0.1:9100/t/oauth2/token";
+        let der =
+            rustls_pki_types::CertificateDer::from_pem_slice(trusted.certificate_pem.as_bytes())
+                .unwrap();
+        let x5t_s256 = crate::token::assertion::thumbprints(der.as_ref()).1;
+        let full = json!({"aud": aud, "iss": "id", "sub": "id", "exp": unix() + 600, "nbf": unix(), "iat": unix(), "jti": "j"});
+        // The same claims, properly signed, are accepted: what follows fails for its one flaw.
+        let good = signed(&trusted, Algorithm::RS256, &full);
+        assert!(credentials.check_assertion(&good, "id", aud).is_ok());
+
+        let b64 = |v: &Value| URL_SAFE.encode(v.to_string());
+        let claims = |jti: &str| {
+            let mut c = full.clone();
+            c["jti"] = json!(jti);
+            c
+        };
+        let none = format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "typ": "JWT", "x5t#S256": x5t_s256})),
+            b64(&claims("none"))
+        );
+        let hs256 = {
+            let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+            header.x5t_s256 = Some(x5t_s256.clone());
+            let key = jsonwebtoken::EncodingKey::from_secret(trusted.certificate_pem.as_bytes());
+            jsonwebtoken::encode(&header, &claims("hs256"), &key).unwrap()
+        };
+        let no_exp = {
+            let mut c = claims("no-exp");
+            c.as_object_mut().unwrap().remove("exp");
+            signed(&trusted, Algorithm::RS256, &c)
+        };
+        let no_jti = {
+            let mut c = claims("");
+            c.as_object_mut().unwrap().remove("jti");
+            signed(&trusted, Algorithm::RS256, &c)
+        };
+        let empty_jti = signed(&trusted, Algorithm::RS256, &claims(""));
+        for (what, jwt) in [
+            ("alg none", &none),
+            ("HS256 keyed with the certificate", &hs256),
+            ("no exp", &no_exp),
+            ("no jti", &no_jti),
+            ("an empty jti", &empty_jti),
+        ] {
+            let refused = credentials
+                .check_assertion(jwt, "id", aud)
+                .err()
+                .unwrap_or_else(|| panic!("{what} was accepted"));
+            assert!(
+                [50_027, 700_027].contains(&refused.code),
+                "{what}: {refused:?}"
+            );
+        }
+    }
+
+    /// A body of the wrong shape is refused saying where, never quoting what it held (a secret).
+    #[test]
+    fn a_wrong_body_is_refused_without_quoting_it() {
+        let mut credentials = ClientCredentials::new("old", &[], &[]).unwrap();
+        for body in [
+            &br#"{"client_secrets": "s3cr3t-value"}"#[..],
+            br#"{"client_secrets": ["ok", {"s3cr3t-value": 1}]}"#,
+            br#"{"s3cr3t-value": ["x"]}"#,
+            br#"{"federated_tokens": [s3cr3t-value]}"#,
+            br#"{"certificates": 7, "client_secrets": ["s3cr3t-value"]}"#,
+        ] {
+            let error = credentials.patch(body).unwrap_err();
+            assert!(
+                !error.contains("s3cr3t") && error.contains("line 1, column"),
+                "{error}"
+            );
+        }
+        assert!(
+            credentials.check_secret("old", "id").is_ok(),
+            "nothing applied"
+        );
+        assert!(credentials.check_secret("s3cr3t-value", "id").is_err());
     }
 
     #[test]

@@ -2,10 +2,10 @@
 //! federation"): instead of a client secret, the token request carries
 //! `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer` and a
 //! `client_assertion`, which is either
-//! - a JWT pcgate signs with the certificate's private key (RS256), naming the certificate by its
-//!   thumbprint (`x5t#S256`, and `x5t` for the v1 endpoint, which knows only SHA-1), with
-//!   `aud` = the token URL, `iss` = `sub` = the client id, a 10-minute `exp`, `nbf`, `iat` and a
-//!   fresh `jti` (a uuid v4); or
+//! - a JWT pcgate signs with the certificate's private key, naming the certificate by both its
+//!   thumbprints (`x5t#S256` and `x5t`): PS256 on the v2 endpoint, RS256 on v1 (see [`header`]),
+//!   with `aud` = the token URL, `iss` = `sub` = the client id, a 10-minute `exp`, `nbf`, `iat` and
+//!   a fresh `jti` (a uuid v4); or
 //! - the content of `federated_token_file`: a service account token the kubelet projects and
 //!   rotates, which Entra ID trusts through the app's federated credential.
 //!
@@ -32,9 +32,6 @@ use super::endpoint::FileStamp;
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// How long a signed assertion is valid: used at once, so short (Entra ID allows up to a day).
 pub const ASSERTION_LIFETIME: Duration = Duration::from_secs(600);
-/// The algorithm assertions are signed with. Entra ID accepts RS256 and PS256 for certificate
-/// credentials; RS256 is the one every endpoint version and ADFS take.
-pub const ASSERTION_ALGORITHM: Algorithm = Algorithm::RS256;
 
 /// Why a credential file cannot be used. Names the key and the file, never what it holds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +57,39 @@ impl CredentialFileError {
     fn unreadable(key: &'static str, path: &Path, error: &std::io::Error) -> CredentialFileError {
         CredentialFileError::new(key, path, format!("is not readable ({error})"))
     }
+}
+
+/// `path`, at most [`MAX_CREDENTIAL_FILE_BYTES`](super::endpoint::MAX_CREDENTIAL_FILE_BYTES).
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, CredentialFileError> {
+    super::endpoint::read_file_capped(path)
+        .map_err(|e| CredentialFileError::unreadable(key, path, &e))
+}
+
+/// Whether a file's mode lets every user of the host read, write or run it (`o+rwx`). A group
+/// bit is fine: Kubernetes mounts Secrets 0440 with the pod's `fsGroup`.
+pub fn world_accessible(mode: u32) -> bool {
+    mode & 0o007 != 0
+}
+
+/// Warns (once, as the credential is opened) when `private_key_file` is world-accessible.
+fn warn_if_world_accessible(private_key_file: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(meta) = std::fs::metadata(private_key_file) {
+            let mode = meta.permissions().mode();
+            if world_accessible(mode) {
+                tracing::warn!(
+                    file = %private_key_file.display(),
+                    mode = %format!("{:04o}", mode & 0o7777),
+                    "private_key_file is accessible to every user on this host: chmod 600 (or \
+                     440 with a group); on Kubernetes set the Secret volume's defaultMode to 0440"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = private_key_file;
 }
 
 /// A certificate and its key, loaded and checked to belong together.
@@ -92,8 +122,7 @@ pub fn thumbprints(der: &[u8]) -> (String, String, String) {
 fn load(certificate_file: &Path, private_key_file: &Path) -> Result<Loaded, CredentialFileError> {
     const CERT: &str = "certificate_file";
     const KEY: &str = "private_key_file";
-    let cert_pem = std::fs::read(certificate_file)
-        .map_err(|e| CredentialFileError::unreadable(CERT, certificate_file, &e))?;
+    let cert_pem = read(CERT, certificate_file)?;
     // The PEM parser's errors can quote a line of the file: none of them is shown.
     let cert = CertificateDer::from_pem_slice(&cert_pem).map_err(|_| {
         CredentialFileError::new(
@@ -102,8 +131,7 @@ fn load(certificate_file: &Path, private_key_file: &Path) -> Result<Loaded, Cred
             "holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
         )
     })?;
-    let key_pem = std::fs::read(private_key_file)
-        .map_err(|e| CredentialFileError::unreadable(KEY, private_key_file, &e))?;
+    let key_pem = read(KEY, private_key_file)?;
     let not_rsa = || {
         CredentialFileError::new(
             KEY,
@@ -112,14 +140,23 @@ fn load(certificate_file: &Path, private_key_file: &Path) -> Result<Loaded, Cred
              KEY-----, unencrypted); Entra ID certificate credentials are RSA",
         )
     };
-    let pair = match PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| not_rsa())? {
+    // The first private key block of the file (a combined file may hold the certificate first)
+    // is both the key checked against the certificate and the key that signs: jsonwebtoken's
+    // RSA key is the PKCS#1 RSAPrivateKey DER, which a PKCS#8 file wraps in an OCTET STRING.
+    let (pair, key) = match PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| not_rsa())? {
         PrivateKeyDer::Pkcs8(der) => {
-            ring::signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
+            let der = der.secret_pkcs8_der();
+            let pair = ring::signature::RsaKeyPair::from_pkcs8(der).map_err(|_| not_rsa())?;
+            let info = rsa::pkcs8::PrivateKeyInfo::try_from(der).map_err(|_| not_rsa())?;
+            (pair, EncodingKey::from_rsa_der(info.private_key))
         }
-        PrivateKeyDer::Pkcs1(der) => ring::signature::RsaKeyPair::from_der(der.secret_pkcs1_der()),
+        PrivateKeyDer::Pkcs1(der) => {
+            let der = der.secret_pkcs1_der();
+            let pair = ring::signature::RsaKeyPair::from_der(der).map_err(|_| not_rsa())?;
+            (pair, EncodingKey::from_rsa_der(der))
+        }
         _ => return Err(not_rsa()),
-    }
-    .map_err(|_| not_rsa())?;
+    };
     // The certificate's SubjectPublicKeyInfo holds the RSAPublicKey DER as it is: a key that
     // belongs to the certificate has its public half there, byte for byte.
     let public = ring::signature::KeyPair::public_key(&pair).as_ref();
@@ -133,7 +170,6 @@ fn load(certificate_file: &Path, private_key_file: &Path) -> Result<Loaded, Cred
             ),
         ));
     }
-    let key = EncodingKey::from_rsa_pem(&key_pem).map_err(|_| not_rsa())?;
     let (x5t, x5t_s256, thumbprint_hex) = thumbprints(cert.as_ref());
     Ok(Loaded {
         x5t,
@@ -172,6 +208,7 @@ impl CertificateCredential {
             FileStamp::of(private_key_file),
         );
         let loaded = load(certificate_file, private_key_file)?;
+        warn_if_world_accessible(private_key_file);
         tracing::info!(
             file = %certificate_file.display(),
             thumbprint = %loaded.thumbprint_hex,
@@ -215,14 +252,36 @@ impl CertificateCredential {
     }
 }
 
-fn sign(loaded: &Loaded, client_id: &str, token_url: &str) -> Result<SecretString, String> {
-    let mut header = Header::new(ASSERTION_ALGORITHM);
+/// Whether `token_url` is a v2 endpoint (`.../oauth2/v2.0/token`).
+fn is_v2(token_url: &str) -> bool {
+    token_url.contains("/v2.0/")
+}
+
+/// The assertion's header for the endpoint at `token_url`.
+///
+/// The algorithm goes with the thumbprint, as Microsoft pairs them: the current "certificate
+/// credentials" page (learn.microsoft.com/entra/identity-platform/certificate-credentials) gives
+/// `alg` PS256 with `x5t#S256` (SHA-256), its earlier revision and the v1 endpoint's ADAL era
+/// RS256 with `x5t` (SHA-1), and MSAL signs PS256 when it sends `x5t#S256`, RS256 when it sends
+/// `x5t`. Entra ID is reported to refuse `x5t#S256` alone with RS256 (AADSTS700027). So the v2
+/// endpoint gets PS256 (RSA-PSS: jsonwebtoken signs it with ring) and v1 RS256, and both get both
+/// thumbprints: a thumbprint is a hash of the public certificate, harmless to send, and each
+/// endpoint finds the certificate by the one it looks up.
+pub fn header(token_url: &str, x5t: &str, x5t_s256: &str) -> Header {
+    let alg = if is_v2(token_url) {
+        Algorithm::PS256
+    } else {
+        Algorithm::RS256
+    };
+    let mut header = Header::new(alg);
     header.typ = Some("JWT".to_owned());
-    header.x5t_s256 = Some(loaded.x5t_s256.clone());
-    // The v1 endpoint looks the certificate up by its SHA-1 thumbprint only.
-    if !token_url.contains("/v2.0/") {
-        header.x5t = Some(loaded.x5t.clone());
-    }
+    header.x5t = Some(x5t.to_owned());
+    header.x5t_s256 = Some(x5t_s256.to_owned());
+    header
+}
+
+fn sign(loaded: &Loaded, client_id: &str, token_url: &str) -> Result<SecretString, String> {
+    let header = header(token_url, &loaded.x5t, &loaded.x5t_s256);
     let now = super::endpoint::unix_now();
     let claims = Claims {
         aud: token_url,
@@ -270,7 +329,7 @@ impl FederatedToken {
 
 fn read_token(path: &Path) -> Result<SecretString, CredentialFileError> {
     const KEY: &str = "federated_token_file";
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = super::endpoint::read_capped_text(path).map_err(|e| {
         let mut error = CredentialFileError::unreadable(KEY, path, &e);
         if e.kind() == std::io::ErrorKind::NotFound {
             error.problem.push_str(
@@ -333,12 +392,14 @@ mod tests {
         let second = credential.assertion("app-id", v1).unwrap();
 
         let header = jsonwebtoken::decode_header(first.expose_secret()).unwrap();
-        assert_eq!(header.alg, Algorithm::RS256);
+        assert_eq!(header.alg, Algorithm::RS256, "v1: RS256");
+        assert_eq!(header.typ.as_deref(), Some("JWT"));
         let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
         let (x5t, x5t_s256, _) = thumbprints(der.as_ref());
         assert_eq!(header.x5t_s256.as_deref(), Some(x5t_s256.as_str()));
         assert_eq!(header.x5t.as_deref(), Some(x5t.as_str()), "v1 needs x5t");
         assert_eq!(x5t_s256.len(), 43, "base64url of 32 bytes, unpadded");
+        assert_eq!(x5t.len(), 27, "base64url of 20 bytes, unpadded");
 
         let mut validation = Validation::new(Algorithm::RS256);
         validation.set_audience(&[v1]);
@@ -359,12 +420,24 @@ mod tests {
         assert_ne!(a.jti, b.jti, "each assertion has its own jti");
         assert!(uuid::Uuid::parse_str(&a.jti).is_ok());
 
-        // v2 endpoints get x5t#S256 only.
-        let v2 = credential
-            .assertion("app-id", "https://login.example/t/oauth2/v2.0/token")
-            .unwrap();
+        // v2 endpoints get PS256, which Microsoft pairs with x5t#S256, and x5t as well; the
+        // signature verifies as RSA-PSS with the certificate's key.
+        let v2_url = "https://login.example/t/oauth2/v2.0/token";
+        let v2 = credential.assertion("app-id", v2_url).unwrap();
         let header = jsonwebtoken::decode_header(v2.expose_secret()).unwrap();
-        assert!(header.x5t.is_none() && header.x5t_s256.is_some());
+        assert_eq!(header.alg, Algorithm::PS256, "v2: PS256");
+        assert_eq!(header.typ.as_deref(), Some("JWT"));
+        assert_eq!(header.x5t_s256.as_deref(), Some(x5t_s256.as_str()));
+        assert_eq!(header.x5t.as_deref(), Some(x5t.as_str()));
+        let mut pss = Validation::new(Algorithm::PS256);
+        pss.set_audience(&[v2_url]);
+        pss.set_issuer(&["app-id"]);
+        let seen = jsonwebtoken::decode::<Seen>(v2.expose_secret(), &public, &pss).unwrap();
+        assert_eq!(seen.claims.aud, v2_url);
+        assert!(
+            jsonwebtoken::decode::<Seen>(v2.expose_secret(), &public, &validation).is_err(),
+            "a PS256 signature is not taken as RS256"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -402,6 +475,102 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// One PEM file holding the certificate and then its key (as `cat cert.pem key.pem` or a
+    /// cert-manager `tls.pem` makes it) serves as both files, PKCS#8 and PKCS#1 alike: the key
+    /// checked against the certificate is the key that signs.
+    #[test]
+    fn a_combined_certificate_and_key_file_is_used_for_both() {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::pkcs8::DecodePrivateKey;
+        let dir = dir("combined");
+        let pair = crate::sandbox::throwaway_certificate("pcgate-test").unwrap();
+        let pkcs8 = pair.private_key_pem.expose_secret().to_owned();
+        let pkcs1 = rsa::RsaPrivateKey::from_pkcs8_pem(&pkcs8)
+            .unwrap()
+            .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
+            .unwrap()
+            .to_string();
+        assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+        let public = DecodingKey::from_rsa_pem(pair.certificate_pem.as_bytes()).unwrap();
+        let url = "https://login.example/t/oauth2/token";
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.set_audience(&[url]);
+        for (name, key) in [("pkcs8", &pkcs8), ("pkcs1", &pkcs1)] {
+            let file = dir.join(format!("{name}.pem"));
+            std::fs::write(&file, format!("{}{key}", pair.certificate_pem)).unwrap();
+            let credential =
+                CertificateCredential::open(&file, &file).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let jwt = credential.assertion("id", url).unwrap();
+            jsonwebtoken::decode::<Seen>(jwt.expose_secret(), &public, &validation)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn only_a_key_file_every_user_can_reach_is_world_accessible() {
+        for mode in [
+            0o600, 0o400, 0o440, 0o640, 0o660, 0o100600, 0o100440, 0o120640,
+        ] {
+            assert!(!world_accessible(mode), "{mode:o}");
+        }
+        for mode in [0o644, 0o604, 0o602, 0o601, 0o666, 0o777, 0o100644, 0o100444] {
+            assert!(world_accessible(mode), "{mode:o}");
+        }
+    }
+
+    /// A credential file past 64 KiB is the wrong file (or a device): refused, naming the key
+    /// and the cap, for each kind of file; one at the cap is read.
+    #[test]
+    fn credential_files_past_the_cap_are_refused() {
+        use super::super::endpoint::{SecretFile, MAX_CREDENTIAL_FILE_BYTES};
+        let dir = dir("cap");
+        let (cert, key, cert_pem) = write_pair(&dir, "a");
+        let big = dir.join("big");
+        let max = MAX_CREDENTIAL_FILE_BYTES as usize;
+        std::fs::write(&big, "x".repeat(max + 1)).unwrap();
+        let error = FederatedToken::open(&big).err().expect("too large");
+        assert!(
+            error.key == "federated_token_file" && error.to_string().contains("64 KiB"),
+            "{error}"
+        );
+        let error = SecretFile::open(&big).err().expect("too large");
+        assert!(error.to_string().contains("64 KiB"), "{error}");
+        let error = CertificateCredential::open(&big, &key).err().unwrap();
+        assert!(
+            error.key == "certificate_file" && error.to_string().contains("64 KiB"),
+            "{error}"
+        );
+        // A valid key followed by padding past the cap.
+        let padded = dir.join("padded.key");
+        let key_pem = std::fs::read_to_string(&key).unwrap();
+        std::fs::write(&padded, format!("{key_pem}{}", "\n".repeat(max))).unwrap();
+        let error = CertificateCredential::open(&cert, &padded).err().unwrap();
+        assert!(
+            error.key == "private_key_file" && error.to_string().contains("64 KiB"),
+            "{error}"
+        );
+        // At the cap exactly: read.
+        std::fs::write(
+            &padded,
+            format!("{key_pem}{}", "\n".repeat(max - key_pem.len())),
+        )
+        .unwrap();
+        CertificateCredential::open(&cert, &padded).unwrap();
+        std::fs::write(&big, "x".repeat(max)).unwrap();
+        assert_eq!(
+            FederatedToken::open(&big)
+                .unwrap()
+                .current()
+                .unwrap()
+                .expose_secret()
+                .len(),
+            max
+        );
+        assert!(!cert_pem.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn a_federated_token_is_read_for_every_request() {
         let dir = dir("federated");
@@ -418,6 +587,11 @@ mod tests {
         assert_eq!(token.current().unwrap().expose_secret(), "eyJ.first.token");
         std::fs::write(&file, "eyJ.second.token").unwrap();
         assert_eq!(token.current().unwrap().expose_secret(), "eyJ.second.token");
+        // Read for every request, not only when the file looks changed: a token of the same
+        // length written in place with the mtime put back (same inode, size and mtime) is the
+        // one sent next.
+        super::super::endpoint::tests::rewrite_keeping_mtime(&file, "eyJ.thirds.token");
+        assert_eq!(token.current().unwrap().expose_secret(), "eyJ.thirds.token");
         std::fs::remove_file(&file).unwrap();
         let error = token.current().unwrap_err().to_string();
         assert!(

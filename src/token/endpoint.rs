@@ -113,20 +113,61 @@ impl ClientSecretSource {
     }
 }
 
+/// The most of a credential file that is read (`client_secret_file`, `certificate_file`,
+/// `private_key_file`, `federated_token_file`): each holds a few KiB at most (a 4096-bit key in
+/// PEM is 3.2 KiB, a projected token 1-2 KiB), so a larger one is the wrong file, or a device
+/// that never ends, and is refused rather than read into memory at every token request.
+pub const MAX_CREDENTIAL_FILE_BYTES: u64 = 64 * 1024;
+
+/// Reads `path`, refusing one past [`MAX_CREDENTIAL_FILE_BYTES`] (an `InvalidData` error saying
+/// so) without reading further.
+pub(super) fn read_file_capped(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CREDENTIAL_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CREDENTIAL_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            too_large(),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// What [`read_file_capped`] says of a file past the cap.
+pub(super) fn too_large() -> String {
+    format!(
+        "it is larger than {} KiB, more than any credential file holds: check the path",
+        MAX_CREDENTIAL_FILE_BYTES / 1024
+    )
+}
+
+/// `path` as UTF-8 text, at most [`MAX_CREDENTIAL_FILE_BYTES`].
+pub(super) fn read_capped_text(path: &std::path::Path) -> std::io::Result<String> {
+    String::from_utf8(read_file_capped(path)?)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not UTF-8 text"))
+}
+
 /// A secret file and what was read from it last.
 pub struct SecretFile {
     path: std::path::PathBuf,
     read: std::sync::Mutex<(Option<FileStamp>, SecretString)>,
 }
 
-/// What tells a changed file from the one read: its identity, size and modification time. A
-/// Kubernetes Secret update swaps a symlink, which changes the identity.
+/// What tells a changed file from the one read: its identity, size, modification time and
+/// status-change time. A Kubernetes Secret update swaps a symlink, which changes the identity; a
+/// rewrite in place of the same length within one mtime tick (or with its mtime put back, as
+/// `cp -p` or `rsync -t` do) changes only the ctime, which no one can set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct FileStamp {
     device: u64,
     inode: u64,
     len: u64,
     modified: Option<std::time::SystemTime>,
+    /// ctime, seconds and nanoseconds (0 off unix).
+    changed: (i64, i64),
 }
 
 impl FileStamp {
@@ -134,17 +175,18 @@ impl FileStamp {
     pub(super) fn of(path: &std::path::Path) -> Option<FileStamp> {
         let meta = std::fs::metadata(path).ok()?;
         #[cfg(unix)]
-        let (device, inode) = {
+        let (device, inode, changed) = {
             use std::os::unix::fs::MetadataExt;
-            (meta.dev(), meta.ino())
+            (meta.dev(), meta.ino(), (meta.ctime(), meta.ctime_nsec()))
         };
         #[cfg(not(unix))]
-        let (device, inode) = (0, 0);
+        let (device, inode, changed) = (0, 0, (0, 0));
         Some(FileStamp {
             device,
             inode,
             len: meta.len(),
             modified: meta.modified().ok(),
+            changed,
         })
     }
 }
@@ -195,7 +237,7 @@ impl SecretFile {
 }
 
 fn read_secret(path: &std::path::Path) -> Result<SecretString, SecretFileError> {
-    let text = std::fs::read_to_string(path)?;
+    let text = read_capped_text(path)?;
     let secret = text.trim();
     if secret.is_empty() {
         return Err(SecretFileError::Empty);
@@ -473,8 +515,46 @@ pub fn unix_now() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// Rewrites `path` in place with `text` and puts its mtime back as it was, so only the
+    /// content and the ctime tell the change; retried (a few times, 10 ms apart) until the
+    /// filesystem's coarse ctime clock has moved, so the change is there to be seen.
+    pub(in crate::token) fn rewrite_keeping_mtime(path: &std::path::Path, text: &str) {
+        use std::os::unix::fs::MetadataExt;
+        let before = std::fs::metadata(path).unwrap();
+        for _ in 0..100 {
+            std::fs::write(path, text).unwrap();
+            let file = std::fs::File::options().write(true).open(path).unwrap();
+            file.set_modified(before.modified().unwrap()).unwrap();
+            drop(file);
+            let after = std::fs::metadata(path).unwrap();
+            assert_eq!(after.modified().unwrap(), before.modified().unwrap());
+            assert_eq!((after.ino(), after.len()), (before.ino(), before.len()));
+            if (after.ctime(), after.ctime_nsec()) != (before.ctime(), before.ctime_nsec()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the ctime of {} never moved", path.display());
+    }
+
+    /// A secret rewritten in place with the same length and its mtime put back is still seen
+    /// as changed (by its ctime) and read again.
+    #[test]
+    fn a_same_length_rewrite_with_the_mtime_put_back_is_read_again() {
+        let dir = std::env::temp_dir().join(format!("pcgate-stamp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("client-secret");
+        std::fs::write(&path, "secret-one").unwrap();
+        let file = SecretFile::open(&path).unwrap();
+        assert_eq!(file.current().expose_secret(), "secret-one");
+        rewrite_keeping_mtime(&path, "secret-two");
+        assert_eq!(file.current().expose_secret(), "secret-two");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn entra_refusals_say_what_to_do() {
