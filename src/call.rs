@@ -60,3 +60,9 @@ pub struct RequestCacheControl(pub Vec<http::HeaderValue>);
 /// variant though they never reach the upstream.
 #[derive(Debug, Clone, Default)]
 pub struct UnforwardedHeaders(pub http::HeaderMap);
+
+/// Set by the cache on a call whose shared-tier operation just failed (refused, timed out,
+/// breaker open): the layers below ask Redis nothing more on this call, so a call pays
+/// `shared.timeout` at most once (DESIGN.md section 6).
+#[derive(Debug, Clone, Copy)]
+pub struct SharedUnanswered;

@@ -512,3 +512,37 @@ async fn a_claim_after_another_sidecars_fill_landed_reads_it_instead_of_fetching
         .expect("copied into b's own tier");
     assert_eq!(local.response.body, "{}");
 }
+
+/// DESIGN.md section 6: a frozen Redis adds at most `shared.timeout` to a call. The cache's
+/// lookup is the call's one Redis wait; the throttle below it (the hold check) must not wait a
+/// second time on the same call. A long timeout makes one wait and two plainly different.
+#[tokio::test]
+async fn a_miss_while_redis_is_frozen_waits_for_it_once_not_once_per_layer() {
+    let mut redis = start_redis();
+    let sandbox = start_sandbox(Default::default()).await;
+    let timeout = ms(400);
+    let mut config = fleet(&sandbox, &redis, "once");
+    config.shared.as_mut().unwrap().timeout = timeout;
+    let gateway = start_config(config).await;
+    let mut usual = Duration::ZERO;
+    for i in 0..5 {
+        let (status, _, took) = get(&gateway, &format!("{SUMMARY}?usual={i}")).await;
+        assert_eq!(status, 200);
+        usual = usual.max(took);
+    }
+    redis.freeze();
+    // Fewer calls than the breaker's threshold of failures, so each one asks Redis.
+    for i in 0..2 {
+        let (status, _, took) = get(&gateway, &format!("{SUMMARY}?frozen={i}")).await;
+        assert_eq!(status, 200);
+        assert!(
+            took >= timeout,
+            "call {i} took {took:?}: the lookup did not wait for Redis at all"
+        );
+        assert!(
+            took < usual + timeout + ms(300),
+            "call {i} took {took:?} (usual {usual:?}, shared.timeout {timeout:?}): Redis was waited for more than once"
+        );
+    }
+    redis.thaw();
+}

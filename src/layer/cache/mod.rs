@@ -59,7 +59,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method};
 use tower::ServiceExt;
 
 use crate::body::{self, BoxError, BoxFuture, Buffered, Limited, Request, Response};
-use crate::call::CallInfo;
+use crate::call::{CallInfo, SharedUnanswered};
 use crate::config::OriginCacheControl;
 use crate::deadline::{Deadline, DeadlineExceeded};
 use crate::error::find_cause;
@@ -390,6 +390,9 @@ const FLEET_POLL: Duration = Duration::from_millis(20);
 enum Fleet {
     /// This process fetches.
     Fetch,
+    /// This process fetches, and the shared tier did not answer this call: the layers below
+    /// are told (see [`SharedUnanswered`]), so the call pays `shared.timeout` once.
+    Unanswered,
     /// Another process's fetch stored this.
     Filled(Arc<Entry>),
     /// The call's deadline passed while waiting.
@@ -555,7 +558,7 @@ impl Call {
     async fn miss<S>(
         self,
         inner: S,
-        request: Request,
+        mut request: Request,
         fallback: Option<Arc<Entry>>,
     ) -> Result<Response, BoxError>
     where
@@ -580,6 +583,9 @@ impl Call {
                     // This process's writer; another sidecar may be fetching the key already.
                     match self.fleet_claim(selecting).await {
                         Fleet::Fetch => {}
+                        Fleet::Unanswered => {
+                            request.extensions_mut().insert(SharedUnanswered);
+                        }
                         Fleet::Filled(entry) => {
                             permit.release(LockStatus::Done);
                             self.coalesced();
@@ -679,9 +685,9 @@ impl Call {
             match claim {
                 Claim::Alone if waited => {
                     store.waited(Waited::Abandoned);
-                    return Fleet::Fetch;
+                    return Fleet::Unanswered;
                 }
-                Claim::Alone => return Fleet::Fetch,
+                Claim::Alone => return Fleet::Unanswered,
                 Claim::Owner if !waited => return Fleet::Fetch,
                 Claim::Owner => {
                     // The owner may have stored its answer just before its claim lapsed.

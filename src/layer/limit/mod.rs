@@ -33,6 +33,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::time::Instant;
 
 use crate::body::{BoxError, BoxFuture, Request, Response};
+use crate::call::SharedUnanswered;
 use crate::config::RateLimit;
 use crate::deadline::Deadline;
 pub use crate::error::{ThrottleCause, Throttled};
@@ -307,7 +308,9 @@ where
         let throttle = self.throttle.clone();
         Box::pin(async move {
             let deadline = Deadline::of(&request, throttle.settings.deadline);
-            throttle.admit(&deadline).await?;
+            // The cache's shared-tier operation on this call failed: no second timeout here.
+            let ask_fleet = request.extensions().get::<SharedUnanswered>().is_none();
+            throttle.admit(&deadline, ask_fleet).await?;
             let response = inner.call(request).await?;
             if response.status() == StatusCode::TOO_MANY_REQUESTS {
                 let wait = crate::layer::retry::retry_after(response.headers(), SystemTime::now());
@@ -323,7 +326,9 @@ where
 impl Throttle {
     /// Waits until this call may go upstream: no hold, and a slot taken; or says why it cannot
     /// within its deadline.
-    async fn admit(&self, deadline: &Deadline) -> Result<(), Throttled> {
+    /// `ask_fleet` false: the shared tier already failed this call, so the local hold and
+    /// limiter decide.
+    async fn admit(&self, deadline: &Deadline, ask_fleet: bool) -> Result<(), Throttled> {
         let mut slotted = false;
         let mut asked_fleet = false;
         for _ in 0..MAX_ROUNDS {
@@ -335,7 +340,7 @@ impl Throttle {
                 return Ok(());
             }
             let answer = match self.fleet.get() {
-                Some(fleet) if !asked_fleet || self.gcra.is_some() => {
+                Some(fleet) if ask_fleet && (!asked_fleet || self.gcra.is_some()) => {
                     fleet.admit(self.gcra, deadline.remaining()).await
                 }
                 _ => None,
