@@ -108,35 +108,7 @@ impl Gateway {
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
-        let tls = upstream::tls_config(config.upstream.ca_file.as_deref())?;
-        let metrics = std::sync::Arc::new(metrics::Metrics::new());
-        let tokens = token::TokenSources::new(
-            &config.credentials,
-            tls.clone(),
-            config.upstream.connect_timeout,
-            metrics.clone(),
-        )?;
-        // Each route's credential is resolved to its source here, once.
-        let routes = route::RouteTable::new(&config.routes, &tokens)?;
-        let known: Vec<metrics::KnownRoute<'_>> = config
-            .routes
-            .iter()
-            .map(|r| metrics::KnownRoute {
-                name: r.name(),
-                coalesced: r.coalesce,
-            })
-            .collect();
-        let fetched: Vec<&str> = config
-            .credentials
-            .iter()
-            .filter(|(_, c)| c.grant() != config::Grant::Static)
-            .map(|(name, _)| name.as_str())
-            .collect();
-        metrics.prime(&known, &fetched);
-        drop(known);
-        let route_names: Vec<&str> = config.routes.iter().map(|r| r.name()).collect();
-        let upstream = upstream::Upstream::new(&config.upstream, tls, &metrics, &route_names);
-        let observe = layer::observe::ObserveLayer::new(&metrics, &route_names);
+        let parts = parts(&config)?;
         let bind = |addr: SocketAddr, key: &'static str| async move {
             TcpListener::bind(addr)
                 .await
@@ -144,36 +116,6 @@ impl Gateway {
         };
         let listener = bind(config.server.listen, "server.listen").await?;
         let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
-        let tracking = layer::tracking::TrackingSettings::new(&config.tracking)
-            .map_err(config::ConfigError::Invalid)?;
-        let retry = layer::retry::RetrySettings::new(&config.retry, config.upstream.deadline);
-        let store = std::sync::Arc::new(layer::cache::MemoryStore::new(
-            config.cache.max_bytes.as_u64(),
-            config.cache.max_entry_bytes.as_u64(),
-            &metrics,
-        ));
-        let (forward_headers, key_headers) = config.header_lists()?;
-        let cached_routes: Vec<String> = config
-            .routes
-            .iter()
-            .filter(|r| r.cache_ttl.is_some())
-            .map(|r| r.name().to_owned())
-            .collect();
-        let parts = stack::Parts {
-            cached_routes,
-            observe,
-            forward_headers,
-            key_headers: key_headers.into(),
-            store,
-            retry,
-            metrics,
-            tracking,
-            routes,
-            keys: config.access.clients.clone(),
-            hosts: host::HostRule::new(&config.server.admin_hosts),
-            tokens,
-            upstream,
-        };
         Ok(Gateway {
             config,
             listener,
@@ -181,7 +123,6 @@ impl Gateway {
             parts,
         })
     }
-
     /// The address billing apps call.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
@@ -250,6 +191,72 @@ impl Gateway {
         }
         Ok(())
     }
+}
+
+/// Everything the request path is built from, prepared from `config` (token sources, route table,
+/// metrics, the upstream client, the cache's store); [`Gateway::bind`] uses it, and so does the
+/// micro benchmark, which puts an in-memory service in place of the upstream client.
+pub fn parts(config: &Config) -> Result<stack::Parts, StartError> {
+    let tls = upstream::tls_config(config.upstream.ca_file.as_deref())?;
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    let tokens = token::TokenSources::new(
+        &config.credentials,
+        tls.clone(),
+        config.upstream.connect_timeout,
+        metrics.clone(),
+    )?;
+    // Each route's credential is resolved to its source here, once.
+    let routes = route::RouteTable::new(&config.routes, &tokens)?;
+    let known: Vec<metrics::KnownRoute<'_>> = config
+        .routes
+        .iter()
+        .map(|r| metrics::KnownRoute {
+            name: r.name(),
+            coalesced: r.coalesce,
+        })
+        .collect();
+    let fetched: Vec<&str> = config
+        .credentials
+        .iter()
+        .filter(|(_, c)| c.grant() != config::Grant::Static)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    metrics.prime(&known, &fetched);
+    drop(known);
+    let route_names: Vec<&str> = config.routes.iter().map(|r| r.name()).collect();
+    let upstream = upstream::Upstream::new(&config.upstream, tls, &metrics, &route_names);
+    let observe = layer::observe::ObserveLayer::new(&metrics, &route_names);
+    let tracking = layer::tracking::TrackingSettings::new(&config.tracking)
+        .map_err(config::ConfigError::Invalid)?;
+    let retry = layer::retry::RetrySettings::new(&config.retry, config.upstream.deadline);
+    let store = std::sync::Arc::new(layer::cache::MemoryStore::new(
+        config.cache.max_bytes.as_u64(),
+        config.cache.max_entry_bytes.as_u64(),
+        &metrics,
+    ));
+    let (forward_headers, key_headers) = config.header_lists()?;
+    let cached_routes: Vec<String> = config
+        .routes
+        .iter()
+        .filter(|r| r.cache_ttl.is_some())
+        .map(|r| r.name().to_owned())
+        .collect();
+    let parts = stack::Parts {
+        cached_routes,
+        observe,
+        forward_headers,
+        key_headers: key_headers.into(),
+        store,
+        retry,
+        metrics,
+        tracking,
+        routes,
+        keys: config.access.clients.clone(),
+        hosts: host::HostRule::new(&config.server.admin_hosts),
+        tokens,
+        upstream,
+    };
+    Ok(parts)
 }
 
 /// Binds and serves until `shutdown` resolves: the whole gateway.
