@@ -143,9 +143,13 @@ fn pass_through(bencher: divan::Bencher) {
 }
 
 fn main() {
-    // The access log as `pcgate run` writes it by default (JSON at info), into nothing.
+    // The access log as `pcgate run` writes it by default (JSON at info, or `RUST_LOG`), into
+    // nothing.
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::sink)
         .json()
         .flatten_event(true)
