@@ -247,7 +247,7 @@ HA_COLD=$(cold "http://$HAPROXY_CACHE" haproxy)
 # Statistics over rounds. col: 4 rps, 5 p50, 6 p99, 7 non-2xx.
 values() { awk -v m="$1" -v w="$2" -v c="$3" '$2==m && $3==w {print $c}' "$RESULTS"; }
 median() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) printf "%.6g\n", v[(NR+1)/2]; else printf "%.6g\n", (v[NR/2]+v[NR/2+1])/2}'; }
-spread() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "n/a"; else printf "%s-%s\n", v[1], v[NR]}'; }
+spread() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "n/a"; else printf "%.6g-%.6g\n", v[1], v[NR]}'; }
 # Per-round ratio pcgate/peer of column c, or (with "added") of p50 minus the sandbox's.
 ratios() { # measure peer col
   awk -v m="$1" -v p="$2" -v c="$3" '$2==m && $3=="pcgate" {a[$1]=$c} $2==m && $3==p {b[$1]=$c}
