@@ -1,39 +1,62 @@
 #!/usr/bin/env bash
-# pcgate against nginx proxy_cache, side by side on one machine, in one run.
+# pcgate against its peers, side by side on one machine, in one run (issue 17's targets).
 #
-#   bash benches/run.sh            # DURATION=10s CONNS=64 ROUNDS=2 by default
+#   bash benches/run.sh            # DURATION=8s CONNS=64 THREADS=2 ROUNDS=3 by default
 #
-# Starts the sandbox (no added latency), pcgate, and nginx with proxy_cache + proxy_cache_lock
-# and the same 5 minute TTL in front of the same sandbox, then measures with wrk, alternating
-# between the two: cache-hit throughput and latency on /v1/invoices/summary, pass-through on
-# /v1/invoices against calling the sandbox directly, resident memory, and how many upstream calls
-# 200 concurrent identical cold calls make. Both proxies send the same static bearer token, and
-# neither writes an access log, so both do the same work. Loopback only; everything stops at exit.
+# Starts the sandbox (no added latency) and, in front of it: pcgate (every default feature on:
+# tracking ids, metrics, the access log at info as JSON into a file, retry and credential
+# layers; no [shared] tier), nginx (`proxy_cache` + `proxy_cache_lock`, and a plain
+# `proxy_pass` location), HAProxy (its `cache`, and a plain frontend) and, when cmake is
+# present, a minimal Pingora pass-through proxy built from benches/pingora. Every proxy sets the
+# same `Authorization: Bearer` header, keeps upstream connections alive, and caches 200s for 5
+# minutes where it caches; the peers write no access log.
+#
+# Each round measures every target once, one after the other: cache hits on
+# /v1/invoices/summary, pass-through on /v1/invoices?size=1 (and the sandbox called directly),
+# and the same pass-through over one connection (added latency: p50 minus the sandbox's own).
+# Ratios are pcgate's figure over the peer's in the same round; the table shows the median
+# round and the spread (min-max) over ROUNDS. Then pcgate's resident memory idle and at peak,
+# and how many upstream calls 200 identical cold calls make. Last, each target of issue 17 is
+# printed as pass or fail. Loopback only; everything started here stops at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-10s}
+DURATION=${DURATION:-8s}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-3}
 SANDBOX=127.0.0.1:19100
 PCGATE=127.0.0.1:18080
 ADMIN=127.0.0.1:19090
 NGINX=127.0.0.1:18081
+HAPROXY_CACHE=127.0.0.1:18082
+HAPROXY=127.0.0.1:18083
+PINGORA=127.0.0.1:18084
+# pcgate's default cache.max_bytes: memory under load may grow by twice this plus a few MiB.
+CACHE_MAX_MIB=64
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need curl; then
-  echo "installing wrk, nginx-light and curl (Debian packages)" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light curl >/dev/null
+if ! need wrk || ! need nginx || ! need haproxy || ! need curl; then
+  echo "installing wrk, nginx-light, haproxy and curl (Debian packages)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light haproxy curl >/dev/null
 fi
 cargo build --release --quiet
 BIN=target/release/pcgate
+PINGORA_BIN=""
+if need cmake; then
+  echo "building the Pingora peer (benches/pingora; the first build takes several minutes)" >&2
+  (cd benches/pingora && cargo build --release --quiet)
+  PINGORA_BIN=benches/pingora/target/release/pingora-bench-proxy
+else
+  echo "cmake not found: the Pingora peer is skipped" >&2
+fi
 
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  [ -f "$WORK/haproxy.pid" ] && kill "$(cat "$WORK/haproxy.pid")" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -72,7 +95,9 @@ match = "GET /v1/invoices"
 credential = "fixed"
 retry = true
 TOML
-RUST_LOG=warn "$BIN" --log-format text run --config "$WORK/pcgate.toml" >/dev/null 2>&1 &
+# The default log level (info): one JSON access-log line per call, into a file as a sidecar's
+# stderr would go to its log collector.
+env -u RUST_LOG "$BIN" --log-format json run --config "$WORK/pcgate.toml" >/dev/null 2>"$WORK/pcgate.log" &
 PCGATE_PID=$!
 PIDS+=($PCGATE_PID)
 wait_for "http://$ADMIN/healthz"
@@ -115,21 +140,62 @@ http {
 CONF
 nginx -c "$WORK/nginx.conf" -p "$WORK"
 wait_for "http://$NGINX/v1/invoices?size=1"
-NGINX_PIDS=$(pgrep -f "nginx: (master|worker) process" -d ' ' || true)
 
-rss_kib() { awk '/VmRSS/ {s+=$2} END {print s+0}' $(for p in "$@"; do echo "/proc/$p/status"; done) 2>/dev/null; }
-hwm_kib() { awk '/VmHWM/ {s+=$2} END {print s+0}' $(for p in "$@"; do echo "/proc/$p/status"; done) 2>/dev/null; }
+# HAProxy's cache stores only answers with an explicit lifetime (the sandbox sends none), so the
+# backend gives 200s the same 5 minutes the others use; like nginx's proxy_cache it has no Vary
+# handling configured and keys on the URI.
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  maxconn 4096
+  nbthread $(nproc)
+  pidfile $WORK/haproxy.pid
+defaults
+  mode http
+  timeout connect 3s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+cache pc
+  total-max-size 64
+  max-object-size 2097152
+  max-age 300
+frontend cached
+  bind $HAPROXY_CACHE
+  http-request cache-use pc
+  http-response cache-store pc
+  default_backend sandbox
+frontend plain
+  bind $HAPROXY
+  default_backend sandbox
+backend sandbox
+  http-request set-header Authorization "Bearer $TOKEN"
+  http-response set-header Cache-Control "max-age=300" if !{ res.hdr(cache-control) -m found }
+  server sandbox $SANDBOX
+CONF
+haproxy -f "$WORK/haproxy.cfg" -D
+wait_for "http://$HAPROXY/v1/invoices?size=1"
 
-# Warm both caches.
-curl -s -o /dev/null "http://$PCGATE/v1/invoices/summary"
-curl -s -o /dev/null "http://$NGINX/v1/invoices/summary"
+if [ -n "$PINGORA_BIN" ]; then
+  "$PINGORA_BIN" "$SANDBOX" "$PINGORA" "$TOKEN" "$(nproc)" >"$WORK/pingora.log" 2>&1 &
+  PIDS+=($!)
+  wait_for "http://$PINGORA/v1/invoices?size=1"
+fi
+
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+
+# Warm the caches.
+for base in "$PCGATE" "$NGINX" "$HAPROXY_CACHE"; do
+  curl -s -o /dev/null "http://$base/v1/invoices/summary"
+  curl -s -o /dev/null "http://$base/v1/invoices/summary"
+done
+sleep 1
 PCGATE_IDLE=$(rss_kib "$PCGATE_PID")
-NGINX_IDLE=$(rss_kib $NGINX_PIDS)
 
 # wrk --latency prints "Requests/sec: N" and a distribution with "50%" and "99%" lines.
-run_wrk() { # url [header] -> "rps p50_ms p99_ms"
-  local out
-  if [ $# -gt 1 ]; then out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -H "$2" "$1"); else out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$1"); fi
+run_wrk() { # threads conns url [header] -> "rps p50_ms p99_ms non2xx"
+  local t=$1 c=$2 url=$3 out
+  if [ $# -gt 3 ]; then out=$(wrk -t"$t" -c"$c" -d"$DURATION" --latency -H "$4" "$url"); else out=$(wrk -t"$t" -c"$c" -d"$DURATION" --latency "$url"); fi
   echo "$out" | awk '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
     /Requests\/sec/ { rps=$2 }
@@ -138,29 +204,34 @@ run_wrk() { # url [header] -> "rps p50_ms p99_ms"
     /Non-2xx/ { bad=$NF }
     END { printf "%.0f %.3f %.3f %s\n", rps, p50, p99, bad+0 }'
 }
-best() { sort -k1 -n -r | head -1; }  # the round with the highest throughput
 
-echo "cache hit, /v1/invoices/summary: $ROUNDS rounds each, alternating (c=$CONNS, $DURATION)" >&2
-: > "$WORK/pc_hit"; : > "$WORK/ng_hit"
-for r in $(seq "$ROUNDS"); do
-  run_wrk "http://$PCGATE/v1/invoices/summary" >> "$WORK/pc_hit"
-  run_wrk "http://$NGINX/v1/invoices/summary" >> "$WORK/ng_hit"
-done
-PCGATE_LOAD=$(hwm_kib "$PCGATE_PID")
-NGINX_LOAD=$(hwm_kib $NGINX_PIDS)
-
-echo "pass-through, /v1/invoices?size=1 (no cache), under load and one call at a time" >&2
 AUTH="Authorization: Bearer $TOKEN"
-DIRECT=$(run_wrk "http://$SANDBOX/v1/invoices?size=1" "$AUTH")
-PC_PASS=$(run_wrk "http://$PCGATE/v1/invoices?size=1")
-NG_PASS=$(run_wrk "http://$NGINX/v1/invoices?size=1")
-# Added latency is what one call pays, so measure it with one connection, not under queueing.
-CONNS_SAVED=$CONNS THREADS_SAVED=$THREADS
-CONNS=1 THREADS=1
-DIRECT1=$(run_wrk "http://$SANDBOX/v1/invoices?size=1" "$AUTH")
-PC_PASS1=$(run_wrk "http://$PCGATE/v1/invoices?size=1")
-NG_PASS1=$(run_wrk "http://$NGINX/v1/invoices?size=1")
-CONNS=$CONNS_SAVED THREADS=$THREADS_SAVED
+HIT=/v1/invoices/summary
+PASS="/v1/invoices?size=1"
+# One line per measurement: round, measure, target, rps, p50, p99, non-2xx.
+RESULTS="$WORK/results"
+: > "$RESULTS"
+measure() { # round measure target threads conns url [header]
+  local round=$1 what=$2 who=$3
+  shift 3
+  echo "$round $what $who $(run_wrk "$@")" >> "$RESULTS"
+}
+PASS_PEERS="nginx haproxy"
+[ -n "$PINGORA_BIN" ] && PASS_PEERS="$PASS_PEERS pingora"
+pass_url() { case $1 in pcgate) echo "http://$PCGATE$PASS" ;; nginx) echo "http://$NGINX$PASS" ;; haproxy) echo "http://$HAPROXY$PASS" ;; pingora) echo "http://$PINGORA$PASS" ;; esac; }
+
+for r in $(seq "$ROUNDS"); do
+  echo "round $r of $ROUNDS: cache hits, pass-through, one connection (wrk -t$THREADS -c$CONNS -d$DURATION)" >&2
+  measure "$r" hit pcgate "$THREADS" "$CONNS" "http://$PCGATE$HIT"
+  measure "$r" hit nginx "$THREADS" "$CONNS" "http://$NGINX$HIT"
+  measure "$r" hit haproxy "$THREADS" "$CONNS" "http://$HAPROXY_CACHE$HIT"
+  measure "$r" pass direct "$THREADS" "$CONNS" "http://$SANDBOX$PASS" "$AUTH"
+  for who in pcgate $PASS_PEERS; do measure "$r" pass "$who" "$THREADS" "$CONNS" "$(pass_url "$who")"; done
+  # Added latency is what one call pays, so it is measured with one connection, not under queueing.
+  measure "$r" one direct 1 1 "http://$SANDBOX$PASS" "$AUTH"
+  for who in pcgate $PASS_PEERS; do measure "$r" one "$who" 1 1 "$(pass_url "$who")"; done
+done
+PCGATE_PEAK=$(hwm_kib "$PCGATE_PID")
 
 echo "200 concurrent identical cold calls (upstream slowed to 200 ms so they overlap)" >&2
 curl -s -o /dev/null -X POST "http://$SANDBOX/__sandbox/faults" -H 'content-type: application/json' -d '{"latency":"200ms"}'
@@ -171,31 +242,83 @@ cold() { # base -> upstream calls made
 }
 PC_COLD=$(cold "http://$PCGATE" pcgate)
 NG_COLD=$(cold "http://$NGINX" nginx)
+HA_COLD=$(cold "http://$HAPROXY_CACHE" haproxy)
 
-read -r pc_rps pc_p50 pc_p99 pc_bad < <(best < "$WORK/pc_hit")
-read -r ng_rps ng_p50 ng_p99 ng_bad < <(best < "$WORK/ng_hit")
-read -r d_rps d_p50 d_p99 _ <<<"$DIRECT"
-read -r pp_rps pp_p50 pp_p99 _ <<<"$PC_PASS"
-read -r np_rps np_p50 np_p99 _ <<<"$NG_PASS"
-read -r _ d1_p50 d1_p99 _ <<<"$DIRECT1"
-read -r _ pp1_p50 pp1_p99 _ <<<"$PC_PASS1"
-read -r _ np1_p50 np1_p99 _ <<<"$NG_PASS1"
+# Statistics over rounds. col: 4 rps, 5 p50, 6 p99, 7 non-2xx.
+values() { awk -v m="$1" -v w="$2" -v c="$3" '$2==m && $3==w {print $c}' "$RESULTS"; }
+median() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) printf "%.6g\n", v[(NR+1)/2]; else printf "%.6g\n", (v[NR/2]+v[NR/2+1])/2}'; }
+spread() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "n/a"; else printf "%.6g-%.6g\n", v[1], v[NR]}'; }
+# Per-round ratio pcgate/peer of column c, or (with "added") of p50 minus the sandbox's.
+ratios() { # measure peer col
+  awk -v m="$1" -v p="$2" -v c="$3" '$2==m && $3=="pcgate" {a[$1]=$c} $2==m && $3==p {b[$1]=$c}
+    END {for (r in a) if (r in b && b[r] > 0) printf "%.2f\n", a[r]/b[r]}' "$RESULTS"
+}
+added() { # target -> per-round p50 added over the sandbox, ms
+  awk -v w="$1" '$2=="one" && $3=="direct" {d[$1]=$5} $2=="one" && $3==w {a[$1]=$5}
+    END {for (r in a) if (r in d) printf "%.3f\n", a[r]-d[r]}' "$RESULTS"
+}
+added_gap() { # peer -> per-round (pcgate added - peer added), ms
+  awk -v p="$1" '$2=="one" && $3=="direct" {d[$1]=$5} $2=="one" && $3=="pcgate" {a[$1]=$5} $2=="one" && $3==p {b[$1]=$5}
+    END {for (r in a) if ((r in b) && (r in d)) printf "%.3f\n", (a[r]-d[r])-(b[r]-d[r])}' "$RESULTS"
+}
+cell() { echo "$(values "$1" "$2" "$3" | median) ($(values "$1" "$2" "$3" | spread))"; }
+mib() { awk "BEGIN {printf \"%.1f\", $1/1024}"; }
 
 echo
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); wrk -t$THREADS -c$CONNS -d$DURATION, best of $ROUNDS"
-printf '| %-40s | %12s | %12s |\n' "measure" "pcgate" "nginx"
-printf '| %-40s | %12s | %12s |\n' "----------------------------------------" "------------" "------------"
-printf '| %-40s | %12s | %12s |\n' "cache hit: requests/s" "$pc_rps" "$ng_rps"
-printf '| %-40s | %12s | %12s |\n' "cache hit: p50 ms" "$pc_p50" "$ng_p50"
-printf '| %-40s | %12s | %12s |\n' "cache hit: p99 ms" "$pc_p99" "$ng_p99"
-printf '| %-40s | %12s | %12s |\n' "cache hit: non-2xx answers" "$pc_bad" "$ng_bad"
-printf '| %-40s | %12s | %12s |\n' "pass-through: requests/s (direct $d_rps)" "$pp_rps" "$np_rps"
-printf '| %-40s | %12s | %12s |\n' "pass-through: p50 ms (direct $d_p50)" "$pp_p50" "$np_p50"
-printf '| %-40s | %12s | %12s |\n' "pass-through: p99 ms (direct $d_p99)" "$pp_p99" "$np_p99"
-printf '| %-40s | %12s | %12s |\n' "one connection: p50 ms (direct $d1_p50)" "$pp1_p50" "$np1_p50"
-printf '| %-40s | %12s | %12s |\n' "one connection: p50 added ms" "$(awk "BEGIN {printf \"%.3f\", $pp1_p50-$d1_p50}")" "$(awk "BEGIN {printf \"%.3f\", $np1_p50-$d1_p50}")"
-printf '| %-40s | %12s | %12s |\n' "resident memory idle, MiB" "$(awk "BEGIN {printf \"%.1f\", $PCGATE_IDLE/1024}")" "$(awk "BEGIN {printf \"%.1f\", $NGINX_IDLE/1024}")"
-printf '| %-40s | %12s | %12s |\n' "resident memory peak under load, MiB" "$(awk "BEGIN {printf \"%.1f\", $PCGATE_LOAD/1024}")" "$(awk "BEGIN {printf \"%.1f\", $NGINX_LOAD/1024}")"
-printf '| %-40s | %12s | %12s |\n' "upstream calls for 200 cold identical" "$PC_COLD" "$NG_COLD"
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); wrk -t$THREADS -c$CONNS -d$DURATION; $ROUNDS rounds: median (min-max)"
+echo "peers: $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR==1 {print $3}')$([ -n "$PINGORA_BIN" ] && echo ", Pingora 0.9.1")"
+printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' measure pcgate nginx haproxy pingora "sandbox direct"
+printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "---" "---" "---" "---" "---" "---"
+row() { # label measure col
+  local pg="n/a"; [ -n "$PINGORA_BIN" ] && [ "$2" != hit ] && pg=$(cell "$2" pingora "$3")
+  local dir="n/a"; [ "$2" != hit ] && dir=$(cell "$2" direct "$3")
+  printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "$1" "$(cell "$2" pcgate "$3")" "$(cell "$2" nginx "$3")" "$(cell "$2" haproxy "$3")" "$pg" "$dir"
+}
+row "cache hit: requests/s" hit 4
+row "cache hit: p50 ms" hit 5
+row "cache hit: p99 ms" hit 6
+row "cache hit: non-2xx answers" hit 7
+row "pass-through: requests/s" pass 4
+row "pass-through: p50 ms" pass 5
+row "pass-through: p99 ms" pass 6
+row "pass-through: non-2xx answers" pass 7
+row "one connection: p50 ms" one 5
+added_row() {
+  local pg="n/a"; [ -n "$PINGORA_BIN" ] && pg="$(added pingora | median) ($(added pingora | spread))"
+  printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "one connection: p50 added ms" \
+    "$(added pcgate | median) ($(added pcgate | spread))" "$(added nginx | median) ($(added nginx | spread))" \
+    "$(added haproxy | median) ($(added haproxy | spread))" "$pg" "0"
+}
+added_row
+printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "upstream calls, 200 cold identical" "$PC_COLD" "$NG_COLD" "$HA_COLD" "n/a" "n/a"
+echo "pcgate resident memory: idle $(mib "$PCGATE_IDLE") MiB, peak under load $(mib "$PCGATE_PEAK") MiB"
 echo
-awk "BEGIN {printf \"ratios (pcgate / nginx): cache-hit throughput %.2f, cache-hit p99 %.2f, pass-through throughput %.2f\n\", $pc_rps/$ng_rps, $pc_p99/$ng_p99, $pp_rps/$np_rps}"
+echo "ratios, pcgate / peer, per round: median (min-max)"
+ratio_line() { # label measure peer col
+  printf '  %-44s %s (%s)\n' "$1" "$(ratios "$2" "$3" "$4" | median)" "$(ratios "$2" "$3" "$4" | spread)"
+}
+ratio_line "cache-hit throughput / nginx proxy_cache" hit nginx 4
+ratio_line "cache-hit throughput / HAProxy cache" hit haproxy 4
+ratio_line "cache-hit p99 / nginx proxy_cache" hit nginx 6
+ratio_line "pass-through throughput / nginx" pass nginx 4
+ratio_line "pass-through throughput / HAProxy" pass haproxy 4
+[ -n "$PINGORA_BIN" ] && ratio_line "pass-through throughput / Pingora" pass pingora 4
+printf '  %-44s %s (%s)\n' "one connection: added ms, pcgate - nginx" "$(added_gap nginx | median)" "$(added_gap nginx | spread)"
+
+# Issue 17's targets, judged on the median round.
+echo
+echo "targets (issue 17), on the median round:"
+verdict() { if awk "BEGIN {exit !($2)}"; then echo "  pass  $1"; else echo "  FAIL  $1"; fi; }
+hit_vs_haproxy=$(ratios hit haproxy 4 | median)
+hit_p99_vs_nginx=$(ratios hit nginx 6 | median)
+pass_vs_nginx=$(ratios pass nginx 4 | median)
+gap=$(added_gap nginx | median)
+idle_mib=$(mib "$PCGATE_IDLE")
+growth_mib=$(awk "BEGIN {printf \"%.1f\", ($PCGATE_PEAK-$PCGATE_IDLE)/1024}")
+verdict "cache-hit throughput at least HAProxy's cache: ratio $hit_vs_haproxy" "$hit_vs_haproxy >= 1"
+verdict "cache-hit p99 lower than nginx's: ratio $hit_p99_vs_nginx" "$hit_p99_vs_nginx < 1"
+verdict "pass-through throughput at least nginx's: ratio $pass_vs_nginx" "$pass_vs_nginx >= 1"
+verdict "one-connection added latency within 0.03 ms of nginx's: pcgate - nginx = $gap ms" "$gap <= 0.03"
+verdict "idle resident memory under 12 MiB: $idle_mib MiB" "$idle_mib < 12"
+verdict "growth under load within 2 x cache.max_bytes + 4 MiB: $growth_mib MiB" "$growth_mib <= 2 * $CACHE_MAX_MIB + 4"
+verdict "200 cold identical calls make 1 upstream call: $PC_COLD" "$PC_COLD == 1"

@@ -45,10 +45,13 @@ impl ClientBody {
     }
 }
 
-/// The caller's request as hyper hands it over; a body error is recorded in the request's
-/// [`ClientBody`] so it is blamed on the caller.
-pub fn from_client(request: http::Request<hyper::body::Incoming>) -> Request {
-    use http_body::Body as _;
+/// The caller's request as hyper hands it over (or, in the micro benchmark, any body); a body
+/// error is recorded in the request's [`ClientBody`] so it is blamed on the caller.
+pub fn from_client<B>(request: http::Request<B>) -> Request
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let (mut parts, incoming) = request.into_parts();
     if incoming.is_end_stream() {
         return Request::from_parts(parts, empty());
@@ -58,7 +61,7 @@ pub fn from_client(request: http::Request<hyper::body::Incoming>) -> Request {
     let body = incoming
         .map_err(move |e| {
             state.0.store(true, std::sync::atomic::Ordering::Relaxed);
-            BodyError(Box::new(e))
+            BodyError(e.into())
         })
         .boxed_unsync();
     Request::from_parts(parts, body)

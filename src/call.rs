@@ -39,6 +39,11 @@ impl CallInfo {
             .unwrap_or_else(|| Arc::from(NO_ROUTE))
     }
 
+    /// The route's name once `access` matched one.
+    pub fn matched_route(&self) -> Option<&str> {
+        self.route.get().map(|name| &**name)
+    }
+
     /// What the cache did, `none` on routes without one.
     pub fn cache(&self) -> &'static str {
         self.cache.get().copied().unwrap_or("none")

@@ -119,35 +119,7 @@ impl Gateway {
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
-        let tls = upstream::tls_config(config.upstream.ca_file.as_deref())?;
-        let metrics = std::sync::Arc::new(metrics::Metrics::new());
-        let tokens = token::TokenSources::new(
-            &config.credentials,
-            tls.clone(),
-            config.upstream.connect_timeout,
-            metrics.clone(),
-        )?;
-        // Each route's credential is resolved to its source here, once.
-        let routes = route::RouteTable::new(&config.routes, &tokens)?;
-        let known: Vec<metrics::KnownRoute<'_>> = config
-            .routes
-            .iter()
-            .map(|r| metrics::KnownRoute {
-                name: r.name(),
-                coalesced: r.coalesce,
-            })
-            .collect();
-        let fetched: Vec<&str> = config
-            .credentials
-            .iter()
-            .filter(|(_, c)| c.grant() != config::Grant::Static)
-            .map(|(name, _)| name.as_str())
-            .collect();
-        metrics.prime(&known, &fetched);
-        drop(known);
-        let route_names: Vec<&str> = config.routes.iter().map(|r| r.name()).collect();
-        let upstream = upstream::Upstream::new(&config.upstream, tls, &metrics, &route_names);
-        let observe = layer::observe::ObserveLayer::new(&metrics, &route_names);
+        let parts = parts(&config)?;
         let bind = |addr: SocketAddr, key: &'static str| async move {
             TcpListener::bind(addr)
                 .await
@@ -155,90 +127,6 @@ impl Gateway {
         };
         let listener = bind(config.server.listen, "server.listen").await?;
         let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
-        let tracking = layer::tracking::TrackingSettings::new(&config.tracking)
-            .map_err(config::ConfigError::Invalid)?;
-        let retry = layer::retry::RetrySettings::new(&config.retry, config.upstream.deadline);
-        let store = std::sync::Arc::new(layer::cache::MemoryStore::new(
-            config.cache.max_bytes.as_u64(),
-            config.cache.max_entry_bytes.as_u64(),
-            &metrics,
-        ));
-        // The fleet tier: a handle that connects in the background, so a Redis that is down
-        // now is no start-up error (DESIGN.md §6).
-        let shared = match &config.shared {
-            Some(shared) => Some(shared::Shared::connect(
-                shared,
-                config.upstream.ca_file.as_deref(),
-                &metrics,
-            )?),
-            None => None,
-        };
-        // With the fleet tier, the cache's store is two-tiered: moka, then Redis.
-        let cache: std::sync::Arc<dyn layer::cache::Storage> = match &shared {
-            Some(shared) => std::sync::Arc::new(layer::cache::TieredStore::new(
-                store.clone(),
-                shared.clone(),
-                store.max_entry_bytes(),
-                config.upstream.attempt_timeout,
-            )),
-            None => store.clone(),
-        };
-        let (forward_headers, key_headers) = config.header_lists()?;
-        let cached_routes: Vec<String> = config
-            .routes
-            .iter()
-            .filter(|r| r.cache_ttl.is_some())
-            .map(|r| r.name().to_owned())
-            .collect();
-        let limit = layer::limit::LimitLayer::new(
-            layer::limit::LimitSettings {
-                rate: config.upstream.rate_limit,
-                max_hold: config.retry.max_retry_after,
-                deadline: config.upstream.deadline,
-            },
-            &metrics,
-        );
-        // With [shared] and shared.key_file, App+User refresh tokens rotate once for the fleet.
-        if let (Some(handle), Some(key_file)) = (
-            &shared,
-            config.shared.as_ref().and_then(|s| s.key_file.as_deref()),
-        ) {
-            let key = shared::tokens::SealKey::read(key_file)?;
-            let shares = shared::tokens::TokenShares::new(
-                handle.clone(),
-                key,
-                shared::tokens::ShareMetrics::register(&metrics),
-            );
-            let sharing = tokens.share_refresh_tokens(&shares);
-            if !sharing.is_empty() {
-                tracing::info!(credentials = ?sharing, "refresh tokens are shared with the fleet");
-            }
-        }
-        // With [shared], one hold and one rate for every sidecar of the namespace.
-        let limit = match &shared {
-            Some(shared) => limit.fleet(std::sync::Arc::new(shared::limit::FleetThrottle::new(
-                shared.clone(),
-            ))),
-            None => limit,
-        };
-        let parts = stack::Parts {
-            limit,
-            cached_routes,
-            observe,
-            forward_headers,
-            key_headers: key_headers.into(),
-            store,
-            cache,
-            shared,
-            retry,
-            metrics,
-            tracking,
-            routes,
-            keys: config.access.clients.clone(),
-            hosts: host::HostRule::new(&config.server.admin_hosts),
-            tokens,
-            upstream,
-        };
         Ok(Gateway {
             config,
             listener,
@@ -246,7 +134,6 @@ impl Gateway {
             parts,
         })
     }
-
     /// The address billing apps call.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
@@ -316,6 +203,126 @@ impl Gateway {
         }
         Ok(())
     }
+}
+
+/// Everything the request path is built from, prepared from `config` (token sources, route table,
+/// metrics, the upstream client, the cache's store); [`Gateway::bind`] uses it, and so does the
+/// micro benchmark, which puts an in-memory service in place of the upstream client.
+pub fn parts(config: &Config) -> Result<stack::Parts, StartError> {
+    let tls = upstream::tls_config(config.upstream.ca_file.as_deref())?;
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    let tokens = token::TokenSources::new(
+        &config.credentials,
+        tls.clone(),
+        config.upstream.connect_timeout,
+        metrics.clone(),
+    )?;
+    // Each route's credential is resolved to its source here, once.
+    let routes = route::RouteTable::new(&config.routes, &tokens)?;
+    let known: Vec<metrics::KnownRoute<'_>> = config
+        .routes
+        .iter()
+        .map(|r| metrics::KnownRoute {
+            name: r.name(),
+            coalesced: r.coalesce,
+        })
+        .collect();
+    let fetched: Vec<&str> = config
+        .credentials
+        .iter()
+        .filter(|(_, c)| c.grant() != config::Grant::Static)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    metrics.prime(&known, &fetched);
+    drop(known);
+    let route_names: Vec<&str> = config.routes.iter().map(|r| r.name()).collect();
+    let upstream = upstream::Upstream::new(&config.upstream, tls, &metrics, &route_names);
+    let observe = layer::observe::ObserveLayer::new(&metrics, &route_names);
+    let tracking = layer::tracking::TrackingSettings::new(&config.tracking)
+        .map_err(config::ConfigError::Invalid)?;
+    let retry = layer::retry::RetrySettings::new(&config.retry, config.upstream.deadline);
+    let store = std::sync::Arc::new(layer::cache::MemoryStore::new(
+        config.cache.max_bytes.as_u64(),
+        config.cache.max_entry_bytes.as_u64(),
+        &metrics,
+    ));
+    // The fleet tier: a handle that connects in the background, so a Redis that is down
+    // now is no start-up error (DESIGN.md §6).
+    let shared = match &config.shared {
+        Some(shared) => Some(shared::Shared::connect(
+            shared,
+            config.upstream.ca_file.as_deref(),
+            &metrics,
+        )?),
+        None => None,
+    };
+    // With the fleet tier, the cache's store is two-tiered: moka, then Redis.
+    let cache: std::sync::Arc<dyn layer::cache::Storage> = match &shared {
+        Some(shared) => std::sync::Arc::new(layer::cache::TieredStore::new(
+            store.clone(),
+            shared.clone(),
+            store.max_entry_bytes(),
+            config.upstream.attempt_timeout,
+        )),
+        None => store.clone(),
+    };
+    let (forward_headers, key_headers) = config.header_lists()?;
+    let cached_routes: Vec<String> = config
+        .routes
+        .iter()
+        .filter(|r| r.cache_ttl.is_some())
+        .map(|r| r.name().to_owned())
+        .collect();
+    let limit = layer::limit::LimitLayer::new(
+        layer::limit::LimitSettings {
+            rate: config.upstream.rate_limit,
+            max_hold: config.retry.max_retry_after,
+            deadline: config.upstream.deadline,
+        },
+        &metrics,
+    );
+    // With [shared] and shared.key_file, App+User refresh tokens rotate once for the fleet.
+    if let (Some(handle), Some(key_file)) = (
+        &shared,
+        config.shared.as_ref().and_then(|s| s.key_file.as_deref()),
+    ) {
+        let key = shared::tokens::SealKey::read(key_file)?;
+        let shares = shared::tokens::TokenShares::new(
+            handle.clone(),
+            key,
+            shared::tokens::ShareMetrics::register(&metrics),
+        );
+        let sharing = tokens.share_refresh_tokens(&shares);
+        if !sharing.is_empty() {
+            tracing::info!(credentials = ?sharing, "refresh tokens are shared with the fleet");
+        }
+    }
+    // With [shared], one hold and one rate for every sidecar of the namespace.
+    let limit = match &shared {
+        Some(shared) => limit.fleet(std::sync::Arc::new(shared::limit::FleetThrottle::new(
+            shared.clone(),
+        ))),
+        None => limit,
+    };
+    let parts = stack::Parts {
+        limit,
+        cached_routes,
+        observe,
+        forward_headers,
+        key_headers: key_headers.into(),
+        store,
+        cache,
+        shared,
+        retry,
+        metrics,
+        tracking,
+        routes,
+        keys: config.access.clients.clone(),
+        hosts: host::HostRule::new(&config.server.admin_hosts),
+        tokens,
+        upstream,
+    };
+    Ok(parts)
 }
 
 /// Binds and serves until `shutdown` resolves: the whole gateway.

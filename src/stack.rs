@@ -17,8 +17,9 @@ use crate::route::RouteTable;
 use crate::token::TokenSources;
 use crate::upstream::Upstream;
 
-/// Everything the stack is built from, prepared once at start-up.
-pub struct Parts {
+/// Everything the stack is built from, prepared once at start-up. `U` is the innermost service:
+/// the pooled upstream client, or an in-memory one in the micro benchmark (`benches/stack.rs`).
+pub struct Parts<U = Upstream> {
     /// The names of the routes with a cache (their lookups are exported from start).
     pub cached_routes: Vec<String>,
     /// Call metrics and the access log (its metric families already registered).
@@ -47,31 +48,65 @@ pub struct Parts {
     /// Tracking header settings.
     pub tracking: TrackingSettings,
     /// The pooled upstream client.
-    pub upstream: Upstream,
+    pub upstream: U,
     /// `upstream.forward_headers`: forwarded beyond the documented request headers.
     pub forward_headers: Vec<http::HeaderName>,
     /// `cache.key_headers`: in every cache and coalescing key.
     pub key_headers: std::sync::Arc<[http::HeaderName]>,
 }
 
-/// The gateway's service: a request as hyper hands it over in, a response out, never an error.
-pub fn build(
-    parts: Parts,
+impl<U> Parts<U> {
+    /// The same parts around another innermost service (the micro benchmark's in-memory one).
+    pub fn with_upstream<V>(self, upstream: V) -> Parts<V> {
+        Parts {
+            cached_routes: self.cached_routes,
+            observe: self.observe,
+            routes: self.routes,
+            keys: self.keys,
+            hosts: self.hosts,
+            tokens: self.tokens,
+            store: self.store,
+            cache: self.cache,
+            shared: self.shared,
+            retry: self.retry,
+            limit: self.limit,
+            metrics: self.metrics,
+            tracking: self.tracking,
+            upstream,
+            forward_headers: self.forward_headers,
+            key_headers: self.key_headers,
+        }
+    }
+}
+
+/// The gateway's service: a request as hyper hands it over in (`B` is hyper's `Incoming`), a
+/// response out, never an error.
+pub fn build<U, B>(
+    parts: Parts<U>,
 ) -> impl tower::Service<
-    http::Request<hyper::body::Incoming>,
+    http::Request<B>,
     Response = Response,
     Error = std::convert::Infallible,
     Future: Send,
 > + Clone
        + Send
-       + 'static {
+       + 'static
+where
+    U: tower::Service<crate::body::Request, Response = Response, Error = crate::body::BoxError>
+        + Clone
+        + Send
+        + 'static,
+    U::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::body::BoxError>,
+{
     let limit = parts.retry.deadline;
     tower::ServiceBuilder::new()
         // As the call enters: hop-by-hop headers belong to the caller's connection, so they go
         // before any layer adds a header that `Connection: <name>` could otherwise remove; the
         // deadline starts now, once, for every layer below to wait against; the body's errors
         // are marked as the caller's.
-        .map_request(move |mut request: http::Request<hyper::body::Incoming>| {
+        .map_request(move |mut request: http::Request<B>| {
             crate::upstream::strip_hop_by_hop(request.headers_mut());
             request.extensions_mut().insert(Deadline::after(limit));
             crate::body::from_client(request)

@@ -92,13 +92,21 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsErr
         .with_no_client_auth())
 }
 
-/// Sends each request to the upstream; cheap to clone (the pool is shared).
+/// Sends each request to the upstream; cheap to clone: one `Arc` (hyper clones the stack for
+/// every call, and the client alone holds several).
 #[derive(Clone)]
-pub struct Upstream {
+pub struct Upstream(Arc<Shared>);
+
+/// What every clone of [`Upstream`] shares.
+struct Shared {
+    /// The pooled client.
     client: Client<HttpsConnector<HttpConnector>, Body>,
-    base: Arc<BaseUrl>,
+    /// `upstream.base_url`.
+    base: BaseUrl,
+    /// `upstream.attempt_timeout`.
     attempt_timeout: Duration,
-    metrics: Arc<AttemptMetrics>,
+    /// The attempt metrics.
+    metrics: AttemptMetrics,
 }
 
 /// The upstream attempt metrics, registered by the client that makes the attempts: every route's
@@ -165,12 +173,12 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(https);
-        Upstream {
+        Upstream(Arc::new(Shared {
             client,
-            base: Arc::new(config.base_url.clone()),
+            base: config.base_url.clone(),
             attempt_timeout: config.attempt_timeout,
-            metrics: Arc::new(AttemptMetrics::register(metrics, routes)),
-        }
+            metrics: AttemptMetrics::register(metrics, routes),
+        }))
     }
 }
 
@@ -188,7 +196,7 @@ impl tower::Service<Request> for Upstream {
             .uri()
             .path_and_query()
             .map_or("/", PathAndQuery::as_str);
-        let uri = match self.base.join(path_and_query) {
+        let uri = match self.0.base.join(path_and_query) {
             Ok(uri) => uri,
             Err(e) => return Box::pin(std::future::ready(Err(e.into()))),
         };
@@ -217,10 +225,11 @@ impl tower::Service<Request> for Upstream {
             .get::<Arc<Route>>()
             .map_or_else(|| Arc::from(crate::call::NO_ROUTE), |r| r.name.clone());
         let caller_body = request.extensions().get::<body::ClientBody>().cloned();
-        let sent = self.client.request(request);
-        let limit = self.attempt_timeout;
-        let metrics = self.metrics.clone();
+        let sent = self.0.client.request(request);
+        let limit = self.0.attempt_timeout;
+        let shared = self.0.clone();
         Box::pin(async move {
+            let metrics = &shared.metrics;
             let started = tokio::time::Instant::now();
             let result = tokio::time::timeout(limit, sent).await;
             let outcome = match &result {

@@ -147,7 +147,6 @@ where
                 if let Some(info) = request.extensions().get::<Arc<CallInfo>>() {
                     info.set_route(&route.name);
                 }
-                tracing::Span::current().record("route", &*route.name);
                 request.extensions_mut().insert(route);
                 Either::Right(self.inner.call(request))
             }
@@ -165,7 +164,13 @@ impl<S> Access<S> {
             self.hosts.check_origin(request)?;
         } else {
             let client = self.client(request).ok_or(AccessError::BadKey)?;
-            tracing::debug!(client = %client.name, "inbound key accepted");
+            // Admission runs before `tracking` opens the call's span (which waits for the
+            // route), so this line names the call itself.
+            let request_id = request
+                .extensions()
+                .get::<crate::layer::tracking::CallIds>()
+                .map(|ids| ids.request_id.clone());
+            tracing::debug!(client = %client.name, request_id = ?request_id, "inbound key accepted");
         }
         let path = normalize_path(request.uri().path())?;
         let route = self
