@@ -1,5 +1,7 @@
 //! The circuit breaker in front of Redis: after [`FAILURES_TO_OPEN`] failures in a row, Redis is
-//! not asked for [`COOL_OFF`]; then one probe goes, and its outcome closes or reopens it.
+//! not asked for [`COOL_OFF`]; then one probe goes, and its outcome closes or reopens it. A probe
+//! dropped before it finishes (its caller hung up, a deadline cut it) counts as a failed one
+//! ([`Permit`]), so the breaker never waits forever on an outcome that will not come.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -51,13 +53,19 @@ impl Breaker {
     }
 
     /// Whether an operation may go to Redis now (when open, only the one probe after the cool-off).
+    /// A caller that may drop the operation before it finishes takes a [`Breaker::permit`].
     pub fn allow(&self) -> bool {
+        self.admit().is_some()
+    }
+
+    /// `None`: not now; `Some(true)`: the one probe after the cool-off; `Some(false)`: closed.
+    fn admit(&self) -> Option<bool> {
         let until = self.open_until.load(Ordering::Acquire);
         if until == 0 {
-            return true;
+            return Some(false);
         }
         if self.now_ms() < until {
-            return false;
+            return None;
         }
         let probe = self
             .probing
@@ -66,7 +74,17 @@ impl Breaker {
         if probe {
             self.gauge.set(BreakerState::HalfOpen as i64);
         }
-        probe
+        probe.then_some(true)
+    }
+
+    /// Leave for one operation, as [`Breaker::allow`]; the [`Permit`] records its outcome, and a
+    /// probe's permit dropped before it does counts as a failure.
+    pub fn permit(&self) -> Option<Permit<'_>> {
+        self.admit().map(|probe| Permit {
+            breaker: self,
+            probe,
+            settled: false,
+        })
     }
 
     /// An operation answered: closed again.
@@ -113,6 +131,38 @@ impl Breaker {
     }
 }
 
+/// One operation's leave from the [`Breaker`]: [`Permit::success`] or [`Permit::failure`] says
+/// how it went; dropped unsettled (the operation's future was dropped mid-flight), a probe counts
+/// as failed (the breaker reopens for a cool-off, then probes again) and any other operation as
+/// nothing (a caller hanging up says nothing about Redis).
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+    settled: bool,
+}
+
+impl Permit<'_> {
+    /// The operation answered.
+    pub fn success(mut self) {
+        self.settled = true;
+        self.breaker.success();
+    }
+
+    /// The operation failed or timed out.
+    pub fn failure(mut self) {
+        self.settled = true;
+        self.breaker.failure();
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.settled && self.probe {
+            self.breaker.failure();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +198,31 @@ mod tests {
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert_eq!(gauge.get(), 0);
         assert!(breaker.allow() && breaker.allow());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_unfinished_reopens_the_breaker_and_a_later_probe_goes() {
+        let breaker = Breaker::new(Gauge::default());
+        for _ in 0..FAILURES_TO_OPEN {
+            breaker.failure();
+        }
+        tokio::time::advance(COOL_OFF).await;
+        let probe = breaker.permit().expect("the probe after the cool-off");
+        assert!(breaker.permit().is_none(), "only one");
+        // Its caller hung up: no outcome will come.
+        drop(probe);
+        assert_eq!(breaker.state(), BreakerState::Open);
+        tokio::time::advance(COOL_OFF).await;
+        let probe = breaker
+            .permit()
+            .expect("another probe after the next cool-off");
+        probe.success();
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        // Closed, a dropped operation says nothing about Redis.
+        for _ in 0..FAILURES_TO_OPEN + 1 {
+            drop(breaker.permit().expect("closed"));
+        }
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        assert!(breaker.answering());
     }
 }

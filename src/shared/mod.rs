@@ -423,30 +423,39 @@ impl Shared {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        if !self.0.breaker.allow() {
+        // Held across the await: if this future is dropped mid-flight and it was the probe,
+        // the permit's drop records a failure, so the breaker does not wait on it forever.
+        let Some(permit) = self.0.breaker.permit() else {
             return Err(Unavailable::Skipped);
-        }
+        };
         let outcome = tokio::time::timeout(self.0.timeout, work(self.0.manager.clone())).await;
         let failed = match outcome {
             Ok(Ok(value)) => {
-                self.0.breaker.success();
+                permit.success();
                 return Ok(value);
             }
             Ok(Err(error)) if error.is_timeout() => {
-                self.0.breaker.failure();
+                permit.failure();
                 Unavailable::TimedOut(self.0.timeout)
             }
             Ok(Err(error)) => {
-                // A server-side error (a wrong type, a script error) means Redis is up.
-                if matches!(error.kind(), redis::ErrorKind::Server(_)) {
-                    self.0.breaker.success();
+                // A server-side error (a wrong type, a script error) means Redis is up; so does
+                // a reply this client could not read as the type asked for (a corrupted key):
+                // one bad key must not turn the tier off.
+                if matches!(
+                    error.kind(),
+                    redis::ErrorKind::Server(_)
+                        | redis::ErrorKind::UnexpectedReturnType
+                        | redis::ErrorKind::Parse
+                ) {
+                    permit.success();
                 } else {
-                    self.0.breaker.failure();
+                    permit.failure();
                 }
                 Unavailable::Failed(format!("{:?}", error.kind()))
             }
             Err(_) => {
-                self.0.breaker.failure();
+                permit.failure();
                 Unavailable::TimedOut(self.0.timeout)
             }
         };
@@ -565,4 +574,60 @@ impl Shared {
 /// never wait for it: their operation's own bound is `shared.timeout`.
 fn connect_timeout(timeout: Duration) -> Duration {
     Duration::from_secs(1) + timeout
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RedisUrl;
+
+    /// A handle whose lazy connection is never made: the operations below never touch it.
+    fn handle() -> Shared {
+        let config = SharedConfig {
+            redis_url: RedisUrl::parse("redis://127.0.0.1:1").unwrap(),
+            namespace: "unit".into(),
+            timeout: Duration::from_millis(50),
+            key_file: None,
+        };
+        Shared::connect(&config, None, &Metrics::new()).unwrap()
+    }
+
+    fn fail(shared: &Shared, kind: redis::ErrorKind) -> impl std::future::Future + '_ {
+        shared.bounded(Op::Get, move |_| async move {
+            Err::<(), _>(redis::RedisError::from((kind, "unit")))
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_mid_flight_does_not_turn_the_tier_off_for_good() {
+        let shared = handle();
+        for _ in 0..breaker::FAILURES_TO_OPEN {
+            fail(&shared, redis::ErrorKind::Io).await;
+        }
+        assert_eq!(shared.breaker_state(), breaker::BreakerState::Open);
+        tokio::time::advance(breaker::COOL_OFF).await;
+        // The probe goes and hangs; its caller hangs up before shared.timeout.
+        let probe = shared.bounded(Op::Get, |_| {
+            std::future::pending::<redis::RedisResult<()>>()
+        });
+        let cut = tokio::time::timeout(Duration::from_millis(10), probe).await;
+        assert!(cut.is_err(), "the probe was still out when dropped");
+        tokio::time::advance(breaker::COOL_OFF).await;
+        let answered = shared
+            .bounded(Op::Get, |_| async { Ok::<_, redis::RedisError>(7) })
+            .await;
+        assert_eq!(answered, Ok(7), "a later probe goes and closes the breaker");
+        assert_eq!(shared.breaker_state(), breaker::BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_of_an_unexpected_type_means_redis_is_up() {
+        let shared = handle();
+        for _ in 0..breaker::FAILURES_TO_OPEN * 2 {
+            fail(&shared, redis::ErrorKind::UnexpectedReturnType).await;
+            fail(&shared, redis::ErrorKind::Parse).await;
+        }
+        assert_eq!(shared.breaker_state(), breaker::BreakerState::Closed);
+        assert!(shared.answering());
+    }
 }
