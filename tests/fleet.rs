@@ -513,6 +513,77 @@ async fn a_claim_after_another_sidecars_fill_landed_reads_it_instead_of_fetching
     assert_eq!(local.response.body, "{}");
 }
 
+/// A record any process could have left in Redis: too large to be one this build writes, or
+/// with more headers than `http`'s header map holds (it panics past that): a miss, never a panic.
+#[tokio::test]
+async fn a_hostile_record_in_redis_is_a_miss_not_a_panic() {
+    use pcgate::layer::cache::{Key, MemoryStore, Storage, TieredStore};
+    use sha2::Digest;
+    use std::sync::Arc;
+    let redis = start_redis();
+    let metrics = Metrics::new();
+    let shared = Shared::connect(&shared_config(&redis.url(), "hostile"), None, &metrics).unwrap();
+    let memory = Arc::new(MemoryStore::new(1 << 20, 1 << 16, &metrics));
+    let store = TieredStore::new(memory, shared.clone(), 1 << 16, secs(5));
+    let request = http::Request::get(SUMMARY)
+        .body(pcgate::body::empty())
+        .unwrap();
+    let key = Key::of(&request, &[]);
+    let redis_key = format!(
+        "pcgate:hostile:entry:{:x}",
+        sha2::Sha256::digest(key.as_str().as_bytes())
+    );
+    let forged = |headers: usize, body: usize| {
+        let head = serde_json::to_vec(&serde_json::json!({
+            "k": key.as_str(), "s": 0, "a": 0, "w": [3_600_000, 0, 0], "c": 200,
+            "h": vec![["a", ""]; headers], "v": [], "x": null,
+        }))
+        .unwrap();
+        let mut out = vec![1u8];
+        out.extend_from_slice(&0u64.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(head.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(&head);
+        out.resize(out.len() + body, b'x');
+        out
+    };
+    // What Redis has sent to its clients so far.
+    let sent = || async {
+        let info: String = shared
+            .query(Op::Get, redis::cmd("INFO").arg("stats"))
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .expect("INFO stats has total_net_output_bytes")
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    // 25,000 headers: over HeaderMap's capacity limit; 2 MiB: far over cache.max_entry_bytes.
+    for (headers, body) in [(25_000, 0), (1, 2 << 20)] {
+        let mut set = redis::cmd("SET");
+        set.arg(&redis_key).arg(forged(headers, body));
+        let _: () = shared.query(Op::Put, &set).await.unwrap();
+        let before = sent().await;
+        assert!(
+            store.get(&key).await.unwrap().is_none(),
+            "{headers} headers, {body} body bytes: a miss"
+        );
+        if body > 0 {
+            // Refused by its length in Redis: never sent, let alone decoded.
+            let moved = sent().await - before;
+            assert!(moved < 64 * 1024, "{moved} bytes sent for a refused record");
+        }
+    }
+    // A record this build wrote still reads.
+    let mut set = redis::cmd("SET");
+    set.arg(&redis_key).arg(forged(2, 10));
+    let _: () = shared.query(Op::Put, &set).await.unwrap();
+    let read = store.get(&key).await.unwrap().expect("a sane record reads");
+    assert_eq!(read.response.body, "xxxxxxxxxx");
+    assert_eq!(read.response.headers.len(), 2);
+}
+
 /// DESIGN.md section 6: a frozen Redis adds at most `shared.timeout` to a call. The cache's
 /// lookup is the call's one Redis wait; the throttle below it (the hold check) must not wait a
 /// second time on the same call. A long timeout makes one wait and two plainly different.

@@ -5,7 +5,10 @@
 //! Layout of version 1: one version byte, the generation (u64, big-endian), the length of a JSON
 //! head (u32, big-endian), the head, then the body's bytes as they are. A record of a version this
 //! build does not know (a newer pod wrote it) is [`Decoded::UnknownVersion`]: a miss, never an
-//! error; a malformed one is a [`RecordError`], also a miss to the cache.
+//! error; a malformed one is a [`RecordError`], also a miss to the cache. Records are written by
+//! any process that can reach the Redis, so nothing in one is trusted: a head over
+//! [`MAX_HEAD_BYTES`] or with more than [`MAX_HEADERS`] headers is refused before anything is
+//! built from it (the `http` crate's header map panics past its own size limit).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,6 +28,15 @@ pub const VERSION: u8 = 1;
 
 /// The bytes before the head: version, generation, head length.
 const PREFIX: usize = 1 + 8 + 4;
+
+/// The most headers a record may carry: far more than any Partner Center answer has.
+pub const MAX_HEADERS: usize = 1_000;
+
+/// The longest head a record may carry (its key, windows and base64 headers).
+pub const MAX_HEAD_BYTES: usize = 256 * 1024;
+
+/// The most a record may hold beyond its body: its prefix and the longest head.
+pub const MAX_RECORD_OVERHEAD: usize = PREFIX + MAX_HEAD_BYTES;
 
 /// The head: everything but the body, by short names (it is written for every fill).
 #[derive(Serialize, Deserialize)]
@@ -116,6 +128,9 @@ pub fn decode(key: &Key, bytes: &[u8]) -> Result<Decoded, RecordError> {
     let generation = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
     let head_len = u32::from_be_bytes(rest[8..12].try_into().expect("4 bytes")) as usize;
     let rest = &rest[12..];
+    if head_len > MAX_HEAD_BYTES {
+        return Err(RecordError("head too long"));
+    }
     if rest.len() < head_len {
         return Err(RecordError("head cut short"));
     }
@@ -124,7 +139,11 @@ pub fn decode(key: &Key, bytes: &[u8]) -> Result<Decoded, RecordError> {
     if head.k != key.as_str() {
         return Err(RecordError("stored for another key"));
     }
-    let mut headers = HeaderMap::with_capacity(head.h.len());
+    if head.h.len() > MAX_HEADERS {
+        return Err(RecordError("too many headers"));
+    }
+    let mut headers =
+        HeaderMap::try_with_capacity(head.h.len()).map_err(|_| RecordError("too many headers"))?;
     for [name, value] in &head.h {
         let name =
             HeaderName::from_bytes(name.as_bytes()).map_err(|_| RecordError("header name"))?;
@@ -133,7 +152,9 @@ pub fn decode(key: &Key, bytes: &[u8]) -> Result<Decoded, RecordError> {
             .ok()
             .and_then(|v| HeaderValue::from_bytes(&v).ok())
             .ok_or(RecordError("header value"))?;
-        headers.append(name, value);
+        headers
+            .try_append(name, value)
+            .map_err(|_| RecordError("too many headers"))?;
     }
     let vary = head
         .v
@@ -257,5 +278,54 @@ mod tests {
         // 300 s fresh + max(60, 3600) stale, 3 s old when stored.
         assert_eq!(expiry(&entry, at(0)), Some(Duration::from_secs(3897)));
         assert_eq!(expiry(&entry, at(3897)), None);
+    }
+
+    /// A record as a hostile writer could leave it: a valid prefix and `head` as its head.
+    fn forged(head: &serde_json::Value) -> Vec<u8> {
+        let head = serde_json::to_vec(head).unwrap();
+        let mut out = vec![VERSION];
+        out.extend_from_slice(&0u64.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(head.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(&head);
+        out
+    }
+
+    #[test]
+    fn a_record_with_tens_of_thousands_of_headers_is_refused_not_a_panic() {
+        let key = key();
+        for count in [MAX_HEADERS + 1, 25_000, 40_000] {
+            let headers: Vec<[&str; 2]> = (0..count).map(|_| ["x-a", "YQ"]).collect();
+            let head = serde_json::json!({
+                "k": key.as_str(), "s": 0, "a": 0, "w": [1000, 0, 0], "c": 200,
+                "h": headers, "v": [], "x": null,
+            });
+            assert!(
+                decode(&key, &forged(&head)).is_err(),
+                "{count} headers"
+            );
+        }
+        // At the cap it still reads.
+        let headers: Vec<[&str; 2]> = (0..MAX_HEADERS).map(|_| ["x-a", "YQ"]).collect();
+        let head = serde_json::json!({
+            "k": key.as_str(), "s": 0, "a": 0, "w": [1000, 0, 0], "c": 200,
+            "h": headers, "v": [], "x": null,
+        });
+        let Ok(Decoded::Entry(_, entry)) = decode(&key, &forged(&head)) else {
+            panic!("a record at the cap reads");
+        };
+        assert_eq!(entry.response.headers.len(), MAX_HEADERS);
+    }
+
+    #[test]
+    fn a_head_longer_than_its_cap_is_refused_before_it_is_parsed() {
+        let key = key();
+        let mut bytes = encode(&key, &entry(), 1);
+        let len = u32::try_from(MAX_HEAD_BYTES + 1).unwrap();
+        bytes[9..13].copy_from_slice(&len.to_be_bytes());
+        bytes.resize(PREFIX + MAX_HEAD_BYTES + 1, b' ');
+        assert_eq!(
+            decode(&key, &bytes).unwrap_err().to_string(),
+            "a shared cache record is malformed: head too long"
+        );
     }
 }

@@ -1,10 +1,12 @@
 //! The two-tier store (DESIGN.md §6): [`MemoryStore`] first, Redis second, behind the same
 //! [`Storage`] interface, so the cache layer does not know which answered.
 //!
-//! - `get`: a fresh L1 entry answers at once, with no Redis work; otherwise one `MGET` of the
-//!   namespace's generation and the key's record, within `shared.timeout` (a miss past it). A
-//!   record of the current generation is copied into L1; one of an older generation (purged), of
-//!   an unknown [`record`] version (a newer pod) or malformed is a miss.
+//! - `get`: a fresh L1 entry answers at once, with no Redis work; otherwise one script reads
+//!   the namespace's generation and the key's record, within `shared.timeout` (a miss past it),
+//!   sending the record only if its length (`STRLEN`) is within `cache.max_entry_bytes` plus a
+//!   record head's cap, so a hostile or stray value is never transferred nor decoded. A record
+//!   of the current generation is copied into L1; one of an older generation (purged), of an
+//!   unknown [`record`] version (a newer pod), malformed or too large is a miss.
 //! - `put`: into L1 at once; the L2 write goes to a background writer (off the caller's path,
 //!   in order, so a variant lands before the vary spec that points at it), as a Lua script that
 //!   writes only if the generation is still the one this process last saw, with Redis's `PX`
@@ -56,6 +58,16 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 1
 ";
 
+/// The generation, the record (only if at most ARGV[1] bytes long) and the record's length.
+const GET: &str = r"
+local size = redis.call('STRLEN', KEYS[2])
+local record = false
+if size <= tonumber(ARGV[1]) then
+  record = redis.call('GET', KEYS[2])
+end
+return {redis.call('GET', KEYS[1]), record, size}
+";
+
 /// Takes the key's lock, unless its record is already there (a fill that landed between the
 /// caller's lookup and now): 2 stored, 1 taken, 0 held by another owner.
 const CLAIM: &str = r"
@@ -94,6 +106,7 @@ struct Inner {
     /// Fleet locks held by this process's fetches, by the key they fetch.
     leases: Mutex<HashMap<Key, Lease>>,
     put: redis::Script,
+    get: redis::Script,
     claim: redis::Script,
     clock: Clock,
     generation_key: String,
@@ -118,6 +131,7 @@ impl TieredStore {
             hold,
             leases: Mutex::default(),
             put: redis::Script::new(PUT),
+            get: redis::Script::new(GET),
             claim: redis::Script::new(CLAIM),
             clock: Clock::default(),
         });
@@ -219,10 +233,12 @@ impl Inner {
     /// The L2 record for `key`, copied into L1 when it is usable.
     async fn lookup(&self, key: &Key) -> Option<Arc<Entry>> {
         let metrics = self.shared.metrics();
-        let mut cmd = redis::cmd("MGET");
-        cmd.arg(&self.generation_key).arg(self.entry_key(key));
-        let (generation, record): (Option<u64>, Option<Vec<u8>>) =
-            match self.shared.query(Op::Get, &cmd).await {
+        let mut invocation = self.get.key(&self.generation_key);
+        invocation
+            .key(self.entry_key(key))
+            .arg(self.max_entry_bytes + record::MAX_RECORD_OVERHEAD);
+        let (generation, record, size): (Option<u64>, Option<Vec<u8>>, u64) =
+            match self.shared.script(Op::Get, &invocation).await {
                 Ok(found) => found,
                 Err(unavailable) => {
                     metrics.lookup(Lookup::of(&unavailable));
@@ -231,6 +247,12 @@ impl Inner {
             };
         let current = generation.unwrap_or(0);
         self.generation.store(current, Ordering::Release);
+        if record.is_none() && size > 0 {
+            tracing::info!(
+                size,
+                "a shared record larger than any this build writes: a miss"
+            );
+        }
         let found = match record.map(|bytes| record::decode(key, &bytes)) {
             Some(Ok(Decoded::Entry(written, entry)))
                 if written == current && entry.response.weight() <= self.max_entry_bytes =>
