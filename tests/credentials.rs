@@ -1292,3 +1292,37 @@ async fn the_sandbox_takes_an_assertions_aud_from_its_own_address_not_the_host_h
     assert_eq!((status, version), (200, reqwest::Version::HTTP_2), "{body}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A token endpoint that accepts and never answers: the caller gets its answer by the call's
+/// deadline (`upstream.deadline`), not after the token request's own 30 s limit.
+#[tokio::test]
+async fn a_silent_token_endpoint_costs_a_caller_its_deadline_not_the_token_timeout() {
+    let sandbox = start_sandbox(SandboxOptions::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        // Bounded: a few connections are all one gateway makes here.
+        for _ in 0..16 {
+            match tokio::time::timeout(WAIT, listener.accept()).await {
+                Ok(Ok((stream, _))) => held.push(stream),
+                _ => break,
+            }
+        }
+    });
+    let mut config = with_app_token_url(&sandbox, &format!("http://{addr}/tenant/oauth2/token"));
+    config.upstream.deadline = Duration::from_secs(1);
+    config.upstream.attempt_timeout = Duration::from_secs(1);
+    let gateway = start_config(config).await;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let response = get(&gateway, "/v1/invoices?size=1").await;
+        let took = started.elapsed();
+        assert_eq!(response.status(), 504, "the call's deadline passed");
+        assert!(
+            took < Duration::from_secs(3),
+            "answered after {took:?}, past the 1 s deadline"
+        );
+    }
+    silent.abort();
+}

@@ -733,6 +733,75 @@ async fn a_sidecar_that_lost_its_lock_cannot_roll_the_shared_refresh_token_back(
     );
 }
 
+/// A refresh lock whose owner died is outwaited: its waiters take it one at a time once it
+/// expires, rather than all giving up first and refreshing together without it.
+#[tokio::test]
+async fn when_the_refresh_locks_owner_dies_its_waiters_take_the_lock_in_turn_not_all_at_once() {
+    use pcgate::shared::tokens::{SealKey, TokenShares};
+    let redis = start_redis();
+    let config = shared(&redis, "dead", ms(250));
+    let hold = secs(2);
+    // The dead owner: its lock lives out the whole hold.
+    assert_eq!(
+        redis
+            .command(&[
+                "SET",
+                "pcgate:dead:lock:token:user",
+                "dead-owner",
+                "PX",
+                "2000"
+            ])
+            .as_deref(),
+        Some("+OK")
+    );
+    let started = Instant::now();
+    let waiters: Vec<_> = (0..4)
+        .map(|_| {
+            let config = config.clone();
+            tokio::spawn(async move {
+                let metrics = pcgate::metrics::Metrics::new();
+                let handle = pcgate::shared::Shared::connect(&config, None, &metrics).unwrap();
+                let share = TokenShares::new(
+                    handle,
+                    SealKey::from_bytes(&[5; 32]),
+                    pcgate::shared::tokens::ShareMetrics::register(&metrics),
+                )
+                .with_lock_hold(hold)
+                .for_credential("user");
+                let lease = share.lock().await;
+                let taken = started.elapsed();
+                if let Some(lease) = &lease {
+                    // The refresh, then the lock goes to the next waiter.
+                    tokio::time::sleep(ms(100)).await;
+                    share.release(lease).await;
+                }
+                (lease.is_some(), taken)
+            })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for waiter in waiters {
+        let (locked, at) = tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap();
+        assert!(
+            locked,
+            "a waiter gave up at {at:?} and refreshed without the lock"
+        );
+        taken.push(at);
+    }
+    taken.sort();
+    assert!(
+        taken[0] >= ms(1_900),
+        "the dead owner's lock was taken at {:?}, before it expired",
+        taken[0]
+    );
+    for pair in taken.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= ms(90),
+            "two held the lock at once: {taken:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_malformed_key_file_stops_the_start_naming_the_file_never_its_content() {
     let redis = start_redis();

@@ -35,8 +35,15 @@ pub const KEY_LEN: usize = 32;
 /// that dies frees it after this.
 pub const LOCK_HOLD: Duration = Duration::from_secs(40);
 /// How long a sidecar waits for another's refresh before refreshing without the lock (the
-/// generation check still keeps the record from going back).
-pub const LOCK_WAIT: Duration = Duration::from_secs(35);
+/// generation check still keeps the record from going back): [`lock_wait`] of [`LOCK_HOLD`].
+pub const LOCK_WAIT: Duration = lock_wait(LOCK_HOLD);
+
+/// The wait for a lock held for `hold`: longer than the hold, so when its owner dies the waiters
+/// outlast its lock and one of them takes it when it expires, rather than every waiter giving up
+/// first and all refreshing at once without it (the race the lock is there to prevent).
+pub const fn lock_wait(hold: Duration) -> Duration {
+    hold.saturating_add(Duration::from_secs(5))
+}
 /// Between tries for a held lock.
 const LOCK_POLL: Duration = Duration::from_millis(50);
 /// The record's expiry, renewed at each rotation: an unused chain is gone after this (Entra ID's
@@ -227,6 +234,8 @@ pub struct TokenShares {
     shared: Shared,
     key: Arc<SealKey>,
     outcomes: ShareMetrics,
+    /// How long a refresh holds the lock ([`LOCK_HOLD`]).
+    hold: Duration,
 }
 
 impl TokenShares {
@@ -236,13 +245,23 @@ impl TokenShares {
             shared,
             key: Arc::new(key),
             outcomes: metrics,
+            hold: LOCK_HOLD,
         }
+    }
+
+    /// The same, with refreshes holding the lock for `hold` rather than [`LOCK_HOLD`] (and
+    /// waiters waiting [`lock_wait`] of it): for a token endpoint known to answer well within it,
+    /// and for tests that let a dead owner's lock expire.
+    pub fn with_lock_hold(mut self, hold: Duration) -> TokenShares {
+        self.hold = hold;
+        self
     }
 
     /// The shared record of credential `name` (its series exported at zero).
     pub fn for_credential(&self, name: &str) -> SharedRefreshToken {
         self.outcomes.prime(name);
         SharedRefreshToken {
+            hold: self.hold,
             record_key: self.shared.key("token", name),
             lock_key: self.shared.key("lock", &format!("token:{name}")),
             aad_prefix: format!(
@@ -271,6 +290,8 @@ pub enum Stored {
 /// One credential's refresh token in Redis.
 pub struct SharedRefreshToken {
     shared: Shared,
+    /// How long a refresh holds the lock; waiters wait [`lock_wait`] of it.
+    hold: Duration,
     key: Arc<SealKey>,
     credential: String,
     record_key: String,
@@ -311,15 +332,16 @@ impl SharedRefreshToken {
         format!("{}{generation}", self.aad_prefix)
     }
 
-    /// Takes the credential's refresh lock, waiting up to [`LOCK_WAIT`] for another sidecar's
-    /// refresh; `None` when Redis does not answer or the wait runs out (the caller refreshes
-    /// anyway: the generation check guards the record).
+    /// Takes the credential's refresh lock, waiting up to [`LOCK_WAIT`] (past any lock's own
+    /// expiry) for another sidecar's refresh; `None` when Redis does not answer or the wait runs
+    /// out (the caller refreshes anyway: the generation check guards the record).
     pub async fn lock(&self) -> Option<Lease> {
         let started = tokio::time::Instant::now();
+        let wait = lock_wait(self.hold);
         loop {
-            match self.shared.try_lock(&self.lock_key, LOCK_HOLD).await {
+            match self.shared.try_lock(&self.lock_key, self.hold).await {
                 Ok(Some(lease)) => return Some(lease),
-                Ok(None) if started.elapsed() < LOCK_WAIT => tokio::time::sleep(LOCK_POLL).await,
+                Ok(None) if started.elapsed() < wait => tokio::time::sleep(LOCK_POLL).await,
                 Ok(None) => {
                     tracing::warn!(
                         credential = %self.credential,

@@ -299,10 +299,7 @@ mod tests {
                 "k": key.as_str(), "s": 0, "a": 0, "w": [1000, 0, 0], "c": 200,
                 "h": headers, "v": [], "x": null,
             });
-            assert!(
-                decode(&key, &forged(&head)).is_err(),
-                "{count} headers"
-            );
+            assert!(decode(&key, &forged(&head)).is_err(), "{count} headers");
         }
         // At the cap it still reads.
         let headers: Vec<[&str; 2]> = (0..MAX_HEADERS).map(|_| ["x-a", "YQ"]).collect();
