@@ -347,7 +347,7 @@ impl Throttle {
             };
             match answer {
                 Some(FleetAnswer::Held(left)) => {
-                    self.extend_hold(left, HoldOrigin::Fleet);
+                    self.fleet_held(left);
                     // Asked again once the hold has passed: for a slot, or whether it is over.
                     asked_fleet = true;
                 }
@@ -364,7 +364,7 @@ impl Throttle {
                             if let Some(FleetAnswer::Held(left)) =
                                 fleet.admit(None, deadline.remaining()).await
                             {
-                                self.extend_hold(left, HoldOrigin::Fleet);
+                                self.fleet_held(left);
                             }
                         }
                     }
@@ -479,6 +479,12 @@ impl Throttle {
                 .inc();
         }
         until - current
+    }
+
+    /// The fleet holds for `left` more: so does this process, for at most `max_hold` (the
+    /// key may have been written by anyone who can reach the Redis, as a local hold is capped).
+    fn fleet_held(&self, left: Duration) {
+        self.extend_hold(left.min(self.settings.max_hold), HoldOrigin::Fleet);
     }
 
     /// The upstream answered 429 with `Retry-After: wait`: hold here, and tell the fleet.

@@ -389,6 +389,37 @@ async fn a_fleet_hold_that_began_while_a_call_waited_for_its_slot_is_waited_out_
     assert_eq!(upstream.times()[0] - started, Duration::from_secs(3));
 }
 
+/// A hold another process wrote (a stray key, a sidecar of another build) is capped by
+/// `retry.max_retry_after` like a local one: it cannot stop the gateway for longer.
+#[tokio::test(start_paused = true)]
+async fn a_hold_learnt_from_the_fleet_is_capped_by_max_hold() {
+    let fleet = fake_fleet(vec![
+        // Without a rate the fleet is asked once a call: after the hold, the call goes.
+        Some(FleetAnswer::Held(Duration::from_secs(3600))),
+        Some(FleetAnswer::Held(Duration::from_secs(3600))),
+    ]);
+    let upstream = Upstream::new(&[200], "1");
+    let layer = LimitLayer::new(settings(None), &Metrics::new()).fleet(fleet.clone());
+    let mut service = layer.layer(upstream.clone());
+    let started = Instant::now();
+    assert_eq!(
+        call(&mut service, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(30),
+        "held max_hold, not an hour"
+    );
+    // Past a shorter deadline: told to come back after at most max_hold.
+    let refused = throttled(call(&mut service, Duration::from_secs(5)).await);
+    assert_eq!(refused.cause, ThrottleCause::Hold);
+    assert_eq!(refused.retry_after, Duration::from_secs(30));
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_upstream_429_is_told_to_the_fleet_and_without_a_rate_only_the_hold_is_asked() {
     let fleet = fake_fleet(vec![Some(FleetAnswer::Go(Duration::ZERO))]);
