@@ -262,7 +262,8 @@ pub fn parts(config: &Config) -> Result<stack::Parts, StartError> {
             store.clone(),
             shared.clone(),
             store.max_entry_bytes(),
-            config.upstream.attempt_timeout,
+            // The owner's fetch includes its retries and throttle waits: all within the deadline.
+            config.upstream.deadline,
         )),
         None => store.clone(),
     };

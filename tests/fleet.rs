@@ -248,6 +248,80 @@ async fn ninety_cold_calls_across_three_gateways_make_one_upstream_call_and_a_la
     assert_eq!(sandbox.count("summary").await, 2);
 }
 
+/// After its TTL a record stays in Redis for its stale window (the usual state between fills):
+/// the next misses across the fleet still make one upstream call, not one per sidecar.
+#[tokio::test]
+async fn after_the_ttl_a_stale_record_in_redis_still_coalesces_the_fleets_refetch() {
+    let redis = start_redis();
+    let sandbox = start_sandbox(Default::default()).await;
+    let mut config = fleet(&sandbox, &redis, "stale");
+    let summary = config
+        .routes
+        .iter_mut()
+        .find(|r| format!("{:?}", r.patterns).contains(SUMMARY))
+        .expect("the demo config has a summary route");
+    summary.cache_ttl = Some(secs(1));
+    summary.stale_while_revalidate = None;
+    summary.stale_if_error = Some(secs(60));
+    let mut gateways = Vec::new();
+    for _ in 0..3 {
+        gateways.push(start_config(config.clone()).await);
+    }
+    assert_eq!(get(&gateways[0], SUMMARY).await.0, 200);
+    assert_eq!(sandbox.count("summary").await, 1);
+    // Past the TTL: the record is stale in Redis (and in gateway 0's own tier).
+    tokio::time::sleep(ms(1_500)).await;
+    sandbox
+        .faults(serde_json::json!({"latency": "300ms"}))
+        .await;
+    let calls = (0..30).map(|i| get(&gateways[i % 3], SUMMARY));
+    for (status, _, _) in futures_util::future::join_all(calls).await {
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        sandbox.count("summary").await,
+        2,
+        "one refetch for the fleet"
+    );
+}
+
+/// The owner's fetch may retry and wait out throttling up to `upstream.deadline`: its fleet lock
+/// lasts that long, not one attempt's `attempt_timeout`, or another sidecar would fetch too.
+#[tokio::test]
+async fn the_fleet_lock_is_held_for_the_calls_deadline_not_one_attempt() {
+    let redis = start_redis();
+    let sandbox = start_sandbox(Default::default()).await;
+    sandbox
+        .faults(serde_json::json!({"latency": "800ms"}))
+        .await;
+    let mut config = fleet(&sandbox, &redis, "hold");
+    config.upstream.attempt_timeout = secs(2);
+    config.upstream.deadline = secs(20);
+    let gateway = start_config(config).await;
+    let call = tokio::spawn({
+        let url = gateway.url(SUMMARY);
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
+    });
+    // While the fetch is in flight (bounded wait for its lock).
+    let started = Instant::now();
+    let lock = loop {
+        if let Some(lock) = redis.keys("pcgate:hold:lock:*").pop() {
+            break lock;
+        }
+        assert!(started.elapsed() < WAIT, "the owner took no fleet lock");
+        tokio::time::sleep(ms(10)).await;
+    };
+    let pttl: i64 = redis
+        .command(&["PTTL", &lock])
+        .and_then(|reply| reply.strip_prefix(':')?.parse().ok())
+        .expect("a PTTL reply");
+    assert!(
+        pttl > 15_000,
+        "the lock expires in {pttl} ms: sooner than the deadline"
+    );
+    assert_eq!(call.await.unwrap(), 200);
+}
+
 #[tokio::test]
 async fn a_purge_on_one_gateway_empties_every_gateway_of_the_namespace() {
     let redis = start_redis();
@@ -362,7 +436,8 @@ async fn when_the_owner_dies_holding_the_lock_one_waiter_takes_over() {
     std::fs::write(
         &config_file,
         sandbox.gateway_toml(Knobs {
-            upstream: "attempt_timeout = \"3s\"",
+            // Its fleet lock is held for its deadline: 3 s, so it expires within the test.
+            upstream: "attempt_timeout = \"3s\"\ndeadline = \"3s\"",
             rest: &format!(
                 "[server]\nlisten = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n[shared]\nredis_url = \"{}\"\nnamespace = \"owner\"\n",
                 redis.url()

@@ -20,8 +20,9 @@
 //!   A sidecar that lost its subscription drops its whole L1 when it resubscribes, since it may
 //!   have missed a purge.
 //! - `claim`: a Redis lock per key (`SET NX PX` with an owner token, held for
-//!   `upstream.attempt_timeout`, in one script that first checks whether the key's record landed
-//!   since the caller's lookup), released by compare-and-delete after the L2 write; when its
+//!   `upstream.deadline`, the longest a fetch with its retries and throttle waits runs, in one script that first checks whether the key's record landed
+//!   since the caller's lookup: a fresh one answers, a stale or purged one is no fill and the
+//!   lock is taken), released by compare-and-delete after the L2 write; when its
 //!   owner dies, the lock expires and the one waiter whose `SET NX` wins takes over.
 //!
 //! A fill that was in flight when a purge ran may still land in L1 (as without the fleet
@@ -114,7 +115,7 @@ struct Inner {
 
 impl TieredStore {
     /// `memory` in front of `shared`, for answers of at most `max_entry_bytes`, fleet locks held
-    /// for `hold` (`upstream.attempt_timeout`). Starts its writer and its purge subscription
+    /// for `hold` (`upstream.deadline`). Starts its writer and its purge subscription
     /// (stopped when the store is dropped). Must run inside tokio.
     pub fn new(
         memory: Arc<MemoryStore>,
@@ -400,10 +401,19 @@ impl Storage for TieredStore {
                     .max(1),
             );
             let claimed = match inner.shared.script::<i64>(Op::Lock, &invocation).await {
-                // Filled since this caller's lookup: read it (a record of an older generation
-                // is no fill: then the lock is taken as usual).
+                // A record is there: a fill since this caller's lookup answers it. One of an
+                // older generation, or a stale one (the usual state after each TTL: records live
+                // until their longest window), is no fill: then the lock is taken as usual, so
+                // the fleet's refetch is still one upstream call.
                 Ok(2) => {
-                    if inner.lookup(&key).await.is_some() {
+                    let now = inner.clock.now();
+                    let fresh = inner.lookup(&key).await.is_some_and(|entry| {
+                        matches!(
+                            policy::freshness(&entry.windows, entry.age(now)),
+                            Freshness::Fresh { .. }
+                        )
+                    });
+                    if fresh {
                         return Ok(Claim::Stored);
                     }
                     inner
