@@ -120,11 +120,26 @@ impl RedisUrl {
     }
 }
 
-/// The URL with any password replaced by `redacted`.
+/// Query parameters that carry credentials (`redis+unix:///sock?user=app&pass=...`).
+const SECRET_PARAMS: [&str; 4] = ["pass", "password", "user", "username"];
+
+/// The URL with any password, and the values of credential query parameters, replaced by
+/// `redacted`.
 fn redact(url: &url::Url) -> String {
     let mut shown = url.clone();
     if shown.password().is_some() {
         let _ = shown.set_password(Some("redacted"));
+    }
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(name, value)| {
+                let secret = SECRET_PARAMS.iter().any(|p| name.eq_ignore_ascii_case(p));
+                let value = if secret { "redacted".into() } else { value };
+                (name.into_owned(), value.into_owned())
+            })
+            .collect();
+        shown.query_pairs_mut().clear().extend_pairs(pairs);
     }
     shown.to_string()
 }
@@ -176,6 +191,35 @@ mod tests {
             !err.contains("hunter2-pw") && err.contains("redis://"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn credentials_in_a_unix_socket_urls_query_are_never_shown() {
+        let url = RedisUrl::parse("redis+unix:///run/redis.sock?db=2&user=app-usr&pass=hunter2-pw")
+            .unwrap();
+        for shown in [url.to_string(), format!("{url:?}")] {
+            assert!(
+                !shown.contains("hunter2-pw") && !shown.contains("app-usr"),
+                "{shown}"
+            );
+            assert!(
+                shown.contains("db=2") && shown.contains("pass=redacted"),
+                "{shown}"
+            );
+        }
+        assert!(url.expose().contains("pass=hunter2-pw"));
+        let config: SharedConfig = toml::from_str(
+            "redis_url = \"redis+unix:///run/redis.sock?password=hunter2-pw\"\nnamespace = \"t\"\n",
+        )
+        .unwrap();
+        let serialized = toml::to_string(&config).unwrap();
+        assert!(!serialized.contains("hunter2-pw"), "{serialized}");
+        assert!(!format!("{config:?}").contains("hunter2-pw"));
+        // A URL the client refuses names it redacted too.
+        let err = RedisUrl::parse("redis+unix://?pass=hunter2-pw")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2-pw"), "{err}");
     }
 
     #[test]
