@@ -360,6 +360,49 @@ async fn a_purge_on_one_gateway_empties_every_gateway_of_the_namespace() {
     }
 }
 
+/// A fetch in flight while a purge runs fetched the answer from before it: it must not land in
+/// Redis under the new generation, where every other sidecar would read it.
+#[tokio::test]
+async fn a_fill_in_flight_during_a_purge_is_not_shared_under_the_new_generation() {
+    let redis = start_redis();
+    let sandbox = start_sandbox(Default::default()).await;
+    sandbox
+        .faults(serde_json::json!({"latency": "800ms"}))
+        .await;
+    let a = start_config(fleet(&sandbox, &redis, "race")).await;
+    let b = start_config(fleet(&sandbox, &redis, "race")).await;
+    let call = tokio::spawn({
+        let url = a.url(SUMMARY);
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
+    });
+    // a's fetch has begun (its fleet lock is taken): purge on b meanwhile.
+    let started = Instant::now();
+    while redis.keys("pcgate:race:lock:*").is_empty() {
+        assert!(started.elapsed() < WAIT, "a took no fleet lock");
+        tokio::time::sleep(ms(10)).await;
+    }
+    let purged = client()
+        .post(format!("http://{}/cache/purge", b.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purged.status(), 200);
+    assert_eq!(call.await.unwrap(), 200);
+    // a's write and release are off its caller's path: wait (bounded) for the lock to go.
+    let started = Instant::now();
+    while !redis.keys("pcgate:race:lock:*").is_empty() {
+        assert!(started.elapsed() < WAIT, "a's lock was never released");
+        tokio::time::sleep(ms(10)).await;
+    }
+    assert_eq!(sandbox.count("summary").await, 1);
+    sandbox.faults(serde_json::json!({"latency": "0ms"})).await;
+    // b must not find a's pre-purge answer in Redis: a miss, fetched again.
+    let (status, cache, _) = get(&b, SUMMARY).await;
+    assert_eq!(status, 200);
+    assert!(!cache.contains("hit"), "{cache}");
+    assert_eq!(sandbox.count("summary").await, 2);
+}
+
 #[tokio::test]
 async fn a_frozen_or_killed_redis_costs_callers_nothing_and_sharing_resumes() {
     let mut redis = start_redis();

@@ -26,7 +26,8 @@
 //!   owner dies, the lock expires and the one waiter whose `SET NX` wins takes over.
 //!
 //! A fill that was in flight when a purge ran may still land in L1 (as without the fleet
-//! tier); in L2 it lands only if this process had not yet seen the new generation. A sidecar
+//! tier), never in L2: it is written under the generation its claim saw (the one its fetch
+//! began in), and the write script drops it once a purge has moved Redis's on. A sidecar
 //! that started while Redis was down hears no purge until its first subscription: what it
 //! cached before then lives out its TTL.
 
@@ -83,8 +84,9 @@ return 0
 
 /// What the background writer does.
 enum Write {
-    /// Write the record, then release the key's lease if the fetch held one.
-    Put(Key, Arc<Entry>, Option<Lease>),
+    /// Write the record under the generation the fetch began in, then release the key's lease
+    /// if the fetch held one.
+    Put(Key, Arc<Entry>, u64, Option<Lease>),
     /// Release a lease whose fetch stored nothing.
     Release(Lease),
 }
@@ -104,8 +106,9 @@ struct Inner {
     max_entry_bytes: usize,
     /// How long a fetch's fleet lock is held before it expires on its own.
     hold: Duration,
-    /// Fleet locks held by this process's fetches, by the key they fetch.
-    leases: Mutex<HashMap<Key, Lease>>,
+    /// Fleet locks held by this process's fetches, by the key they fetch, with the generation
+    /// seen when the lock was taken (the fill is written under that one, or not at all).
+    leases: Mutex<HashMap<Key, (Lease, u64)>>,
     put: redis::Script,
     get: redis::Script,
     claim: redis::Script,
@@ -141,8 +144,8 @@ impl TieredStore {
         tokio::spawn(async move {
             while let Some(write) = queue.recv().await {
                 match write {
-                    Write::Put(key, entry, lease) => {
-                        writer.write(&key, &entry).await;
+                    Write::Put(key, entry, generation, lease) => {
+                        writer.write(&key, &entry, generation).await;
                         if let Some(lease) = lease {
                             let _ = writer.shared.release(&lease).await;
                         }
@@ -247,6 +250,9 @@ impl Inner {
                 }
             };
         let current = generation.unwrap_or(0);
+        // Redis's own value, even if lower than the one held: a Redis restarted without
+        // persistence starts again from 0, and a fill must then be written under 0. (A reply
+        // older than a purge heard meanwhile only makes a later write under it a refused one.)
         self.generation.store(current, Ordering::Release);
         if record.is_none() && size > 0 {
             tracing::info!(
@@ -280,12 +286,12 @@ impl Inner {
         Some(entry)
     }
 
-    /// Writes `entry`'s record under the generation this process last saw.
-    async fn write(&self, key: &Key, entry: &Entry) {
+    /// Writes `entry`'s record under `generation`, the one its fetch began in: a purge since
+    /// then has moved Redis's on, and the script then writes nothing.
+    async fn write(&self, key: &Key, entry: &Entry, generation: u64) {
         let Some(expiry) = record::expiry(entry, self.clock.now()) else {
             return;
         };
-        let generation = self.generation.load(Ordering::Acquire);
         let bytes = record::encode(key, entry, generation);
         let mut invocation = self.put.key(&self.generation_key);
         invocation
@@ -308,7 +314,7 @@ impl Inner {
             }
             Notice::Message(payload) => match parse_purge(payload) {
                 Some((generation, scope)) => {
-                    self.generation.store(generation, Ordering::Release);
+                    self.generation.fetch_max(generation, Ordering::AcqRel);
                     at_once(self.memory.purge(scope));
                 }
                 None => tracing::info!("an unreadable purge message: ignored"),
@@ -352,14 +358,19 @@ impl Storage for TieredStore {
 
     fn put(&self, key: Key, entry: Arc<Entry>) -> StoreFuture<()> {
         at_once(self.inner.memory.put(key.clone(), entry.clone()));
-        let lease = self
+        let claimed = self
             .inner
             .leases
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
+        // A fill without a lease (its claim found Redis away) goes under the latest generation.
+        let (lease, generation) = match claimed {
+            Some((lease, generation)) => (Some(lease), generation),
+            None => (None, self.inner.generation.load(Ordering::Acquire)),
+        };
         if entry.response.weight() <= self.inner.max_entry_bytes {
-            self.send(Write::Put(key, entry, lease));
+            self.send(Write::Put(key, entry, generation, lease));
         } else if let Some(lease) = lease {
             self.send(Write::Release(lease));
         }
@@ -374,7 +385,7 @@ impl Storage for TieredStore {
             let mut incr = redis::cmd("INCR");
             incr.arg(&inner.generation_key);
             let generation: u64 = inner.shared.query(Op::Purge, &incr).await.map_err(fail)?;
-            inner.generation.store(generation, Ordering::Release);
+            inner.generation.fetch_max(generation, Ordering::AcqRel);
             inner
                 .shared
                 .publish("purge", purge_message(generation, &scope).as_bytes())
@@ -392,6 +403,8 @@ impl Storage for TieredStore {
             return Either::Left(future::ready(Ok(Claim::Alone)));
         }
         Either::Right(Box::pin(async move {
+            // The generation this fetch begins in (the caller's lookup just read it).
+            let generation = inner.generation.load(Ordering::Acquire);
             let lock = inner.shared.key("lock", &digest(&key));
             let token = uuid::Uuid::new_v4().simple().to_string();
             let mut invocation = inner.claim.key(&lock);
@@ -432,7 +445,7 @@ impl Storage for TieredStore {
                         .leases
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(key, Lease { key: lock, token });
+                        .insert(key, (Lease { key: lock, token }, generation));
                     Claim::Owner
                 }
                 Ok(None) => Claim::Busy,
@@ -448,7 +461,7 @@ impl Storage for TieredStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
-        if let Some(lease) = lease {
+        if let Some((lease, _)) = lease {
             self.send(Write::Release(lease));
         }
     }
