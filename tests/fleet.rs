@@ -631,6 +631,61 @@ async fn a_claim_after_another_sidecars_fill_landed_reads_it_instead_of_fetching
     assert_eq!(local.response.body, "{}");
 }
 
+/// A fill whose Redis write cannot be queued (the writer is 1,024 writes behind) still releases
+/// its key's fleet lock at once, so other sidecars' waiters do not stall until it expires.
+#[tokio::test]
+async fn a_full_write_queue_still_releases_the_fills_fleet_lock() {
+    use pcgate::layer::cache::{Claim, Entry, Key, MemoryStore, Storage, TieredStore, Windows};
+    use std::sync::Arc;
+    let redis = start_redis();
+    let metrics = Metrics::new();
+    let shared = Shared::connect(&shared_config(&redis.url(), "full"), None, &metrics).unwrap();
+    let memory = Arc::new(MemoryStore::new(64 << 20, 1 << 16, &metrics));
+    let store = TieredStore::new(memory, shared, 1 << 16, secs(30));
+    let key_of = |path: &str| {
+        let request = http::Request::get(path)
+            .body(pcgate::body::empty())
+            .unwrap();
+        Key::of(&request, &[])
+    };
+    let entry = Arc::new(Entry {
+        response: pcgate::body::Buffered {
+            status: http::StatusCode::OK,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"{}"),
+        },
+        stored_at: std::time::SystemTime::now(),
+        initial_age: Duration::ZERO,
+        windows: Windows {
+            ttl: secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+        },
+        vary: Arc::from([]),
+        variant: None,
+    });
+    let key = key_of(SUMMARY);
+    assert_eq!(store.claim(&key).await.unwrap(), Claim::Owner);
+    assert_eq!(redis.keys("pcgate:full:lock:*").len(), 1);
+    // On this single-threaded runtime the writer cannot run while these are queued: a put
+    // answers at once, and nothing here yields.
+    for i in 0..1_100 {
+        store
+            .put(key_of(&format!("/v1/invoices/{i}")), entry.clone())
+            .await
+            .unwrap();
+    }
+    store.put(key.clone(), entry).await.unwrap();
+    let started = Instant::now();
+    while !redis.keys("pcgate:full:lock:*").is_empty() {
+        assert!(
+            started.elapsed() < secs(5),
+            "the lock stayed, to expire 30 s after it was taken"
+        );
+        tokio::time::sleep(ms(10)).await;
+    }
+}
+
 /// A record any process could have left in Redis: too large to be one this build writes, or
 /// with more headers than `http`'s header map holds (it panics past that): a miss, never a panic.
 #[tokio::test]

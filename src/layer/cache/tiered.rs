@@ -173,8 +173,15 @@ impl TieredStore {
     }
 
     fn send(&self, write: Write) {
-        if self.writes.try_send(write).is_err() {
+        if let Err(error) = self.writes.try_send(write) {
             tracing::info!("shared tier write queue full: an entry stays in L1 only");
+            // The key's fleet lock still goes now: its waiters must not stall until it expires.
+            if let Write::Put(_, _, _, Some(lease)) | Write::Release(lease) = error.into_inner() {
+                let shared = self.inner.shared.clone();
+                tokio::spawn(async move {
+                    let _ = shared.release(&lease).await;
+                });
+            }
             self.inner
                 .shared
                 .metrics()
