@@ -732,6 +732,17 @@ async fn a_sidecar_that_lost_its_lock_cannot_roll_the_shared_refresh_token_back(
         "rotated-by-a"
     );
     a.release(&lease).await;
+    // The record gone (a Redis restarted without persistence, or an eviction): the next rotation
+    // is shared again, not refused for ever against an empty record.
+    assert_eq!(
+        redis.command(&["DEL", "pcgate:cas:token:user"]).as_deref(),
+        Some(":1")
+    );
+    let after_restart = SecretString::from("rotated-after-restart".to_owned());
+    assert_eq!(b.store(&after_restart).await.unwrap(), Stored::Written(2));
+    let (generation, token) = a.read().await.unwrap().expect("the record again");
+    assert_eq!(generation, 2);
+    assert_eq!(token.expose_secret(), "rotated-after-restart");
     let text = ma.encode();
     assert!(
         text.contains(

@@ -51,11 +51,16 @@ const LOCK_POLL: Duration = Duration::from_millis(50);
 const RECORD_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// KEYS: the record. ARGV: expected generation, new generation, blob, ttl ms. Returns -1 when
-/// written, else the generation found.
+/// written, else the generation found. No record at all (a Redis restarted without persistence,
+/// or one that evicted it) takes any writer's: there is nothing newer to roll back, and a
+/// compare against 0 would refuse every sidecar that holds a generation, for good.
 const STORE: &str = r"
-local gen = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0') or 0
-if gen ~= tonumber(ARGV[1]) then
-  return gen
+local found = redis.call('HGET', KEYS[1], 'gen')
+if found then
+  local gen = tonumber(found) or 0
+  if gen ~= tonumber(ARGV[1]) then
+    return gen
+  end
 end
 redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'blob', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
