@@ -7,12 +7,11 @@
 //! the stock formatter's per-call work: it keeps a span's fields as a `serde_json::Value` map
 //! while formatting them and parses them back from text for `span` and again for `spans` on every
 //! line logged inside the span. Here a span's fields are stored once as ready JSON text
-//! (`"name":value` pairs) and copied into each line as they are; values are escaped by
-//! `serde_json`, so the text is the same JSON.
+//! (`"name":value` pairs) and copied into each line as they are; values are escaped as
+//! `serde_json` escapes them, so the text is the same JSON.
 
 use std::fmt;
 
-use serde::Serializer as _;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::field::RecordFields;
@@ -42,18 +41,43 @@ impl std::io::Write for Text<'_, '_> {
     }
 }
 
-/// Writes one JSON value.
+/// Writes one JSON value (numbers; strings that need escaping).
 fn value<T: serde::Serialize + ?Sized>(out: &mut Writer<'_>, value: &T) -> fmt::Result {
     value
         .serialize(&mut serde_json::Serializer::new(Text(out)))
         .map_err(|_| fmt::Error)
 }
 
-/// Writes a `Debug` value as a JSON string, escaped as it is formatted (no `String` built).
+/// Writes a JSON string: as it is when nothing in it needs escaping (ids, routes, paths, most
+/// messages), else escaped by `serde_json`.
+fn string(out: &mut Writer<'_>, text: &str) -> fmt::Result {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.write_char('"')?;
+        out.write_str(text)?;
+        out.write_char('"')
+    } else {
+        value(out, text)
+    }
+}
+
+thread_local! {
+    /// Where a `Debug` value is formatted before it is written as a string; kept per thread, so
+    /// it allocates only when a value is longer than any before.
+    static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Writes a `Debug` value as a JSON string.
 fn debug_string(out: &mut Writer<'_>, debug: &dyn fmt::Debug) -> fmt::Result {
-    serde_json::Serializer::new(Text(out))
-        .collect_str(&format_args!("{debug:?}"))
-        .map_err(|_| fmt::Error)
+    use fmt::Write as _;
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => {
+            scratch.clear();
+            write!(scratch, "{debug:?}")?;
+            string(out, &scratch)
+        }
+        // A `Debug` impl that logs: format into a string of its own.
+        Err(_) => string(out, &format!("{debug:?}")),
+    })
 }
 
 /// Writes fields as `"name":value` pairs, each after a comma unless it is the first.
@@ -76,7 +100,7 @@ impl Pairs<'_, '_> {
             if !std::mem::take(&mut self.first) {
                 self.out.write_char(',')?;
             }
-            value(self.out, name)?;
+            string(self.out, name)?;
             self.out.write_char(':')?;
             write(self.out)
         })();
@@ -89,19 +113,19 @@ impl Visit for Pairs<'_, '_> {
     }
 
     fn record_i64(&mut self, field: &Field, v: i64) {
-        self.pair(field, |out| value(out, &v));
+        self.pair(field, |out| write!(out, "{v}"));
     }
 
     fn record_u64(&mut self, field: &Field, v: u64) {
-        self.pair(field, |out| value(out, &v));
+        self.pair(field, |out| write!(out, "{v}"));
     }
 
     fn record_bool(&mut self, field: &Field, v: bool) {
-        self.pair(field, |out| value(out, &v));
+        self.pair(field, |out| out.write_str(if v { "true" } else { "false" }));
     }
 
     fn record_str(&mut self, field: &Field, v: &str) {
-        self.pair(field, |out| value(out, v));
+        self.pair(field, |out| string(out, v));
     }
 
     fn record_bytes(&mut self, field: &Field, v: &[u8]) {
@@ -116,7 +140,7 @@ impl Visit for Pairs<'_, '_> {
                     if !std::mem::take(&mut self.first) {
                         self.out.write_char(',')?;
                     }
-                    value(self.out, &field.name()[2..])?;
+                    string(self.out, &field.name()[2..])?;
                     self.out.write_char(':')?;
                     debug_string(self.out, v)
                 })();
@@ -171,7 +195,7 @@ where
         }
     }
     out.write_str("\"name\":")?;
-    value(out, span.metadata().name())?;
+    string(out, span.metadata().name())?;
     out.write_char('}')
 }
 
@@ -198,7 +222,7 @@ where
         event.record(&mut pairs);
         pairs.result?;
         writer.write_str(",\"target\":")?;
-        value(&mut writer, meta.target())?;
+        string(&mut writer, meta.target())?;
         let current = event
             .parent()
             .and_then(|id| ctx.span(id))
@@ -248,7 +272,7 @@ mod tests {
 
     /// Logs the same events, in spans, with fields of every kind (and text that needs escaping).
     fn log_some_lines() {
-        tracing::info!(target: "pcgate::access", method = %"GET", path = "/v1/\"quoted\"\n", status = 200u16, duration_ms = 0.25, negative = -3i64, cached = true, "call");
+        tracing::info!(target: "pcgate::access", method = %"GET", path = "/v1/\"quoted\"\n", status = 200u16, duration_ms = 0.25, negative = -3i64, cached = true, odd = "back\\slash \u{1} \u{7f} \r", "call");
         let outer = tracing::info_span!("call", request_id = ?"a45e6643", route = "summary", n = 7u64, r#type = ?"raw");
         let _outer = outer.enter();
         tracing::warn!(attempt = 2, reason = ?Some("timeout"), "retrying é ✓");
