@@ -151,8 +151,8 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::sink)
-        .json()
-        .flatten_event(true)
+        .fmt_fields(pcgate::log::JsonLines)
+        .event_format(pcgate::log::JsonLines)
         .init();
     divan::main();
 }

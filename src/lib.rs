@@ -34,9 +34,10 @@
 //!
 //! Around them: [`config`] (figment: defaults, TOML, `PCGATE_` env, parsed once into types that
 //! [`route`], [`upstream`] and [`token`] consume), [`admin`] (the admin port), [`body`] (the body
-//! type), [`shutdown`] (one stop signal for every listener), [`shared`] (the fleet tier's Redis
-//! handle: bounded operations, a breaker, locks, scripts, pub/sub), and [`sandbox`] (a local stand-in for
-//! Partner Center; [`demo`] runs it with the gateway).
+//! type), [`log`] (the JSON log lines), [`shutdown`] (one stop signal for every listener),
+//! [`shared`] (the fleet tier's Redis handle: bounded operations, a breaker, locks, scripts,
+//! pub/sub), and [`sandbox`] (a local stand-in for Partner Center; [`demo`] runs it with the
+//! gateway).
 //!
 //! [`run`] is what `main` and the tests call; [`Gateway`] splits it into bind and serve so tests
 //! can bind port 0 and learn the address.
@@ -53,6 +54,7 @@ pub mod error;
 pub mod headers;
 pub mod host;
 pub mod layer;
+pub mod log;
 pub mod metrics;
 pub mod route;
 pub mod sandbox;

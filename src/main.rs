@@ -215,7 +215,10 @@ fn init_tracing(format: Option<LogFormat>) {
         LogFormat::Json
     }) {
         LogFormat::Text => builder.with_ansi(terminal).init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => builder
+            .fmt_fields(pcgate::log::JsonLines)
+            .event_format(pcgate::log::JsonLines)
+            .init(),
     }
 }
 

@@ -142,8 +142,17 @@ fn new_guid() -> HeaderValue {
     // keeps a getrandom system call off every request.
     let uuid = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
     let mut buf = uuid::Uuid::encode_buffer();
-    let text = uuid.hyphenated().encode_lower(&mut buf);
-    HeaderValue::from_str(text).expect("a UUID is a valid header value")
+    guid_value(uuid.hyphenated().encode_lower(&mut buf))
+}
+
+/// A hyphenated GUID as a header value, in one allocation that its clones share: the ids are
+/// cloned onto the request, the response and the span, and a value copied from a `&str` is
+/// copied again into a shared buffer on its first clone.
+fn guid_value(text: &str) -> HeaderValue {
+    let mut id = [0u8; 36];
+    id.copy_from_slice(text.as_bytes());
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id))
+        .expect("a UUID is a valid header value")
 }
 
 fn guid_or_new(
@@ -160,8 +169,7 @@ fn guid_or_new(
     match value.to_str().ok().map(|s| uuid::Uuid::try_parse(s.trim())) {
         Some(Ok(uuid)) if !uuid.is_nil() && !uuid.is_max() => {
             let mut buf = uuid::Uuid::encode_buffer();
-            let text = uuid.hyphenated().encode_lower(&mut buf);
-            Ok(HeaderValue::from_str(text).expect("a UUID is a valid header value"))
+            Ok(guid_value(uuid.hyphenated().encode_lower(&mut buf)))
         }
         _ => Err(BadTrackingHeader {
             header: label,

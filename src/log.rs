@@ -1,0 +1,354 @@
+//! `log`: the JSON log lines (`--log-format json`), one object a line, in the shape of
+//! tracing-subscriber's `json().flatten_event(true)` format: `timestamp`, `level`, the event's
+//! fields, `target`, then the current span as `span` and the spans from the root as `spans`, each
+//! with its fields and `name`.
+//!
+//! Written straight into the formatter's per-thread buffer (one `write` a line, as before) without
+//! the stock formatter's per-call work: it keeps a span's fields as a `serde_json::Value` map
+//! while formatting them and parses them back from text for `span` and again for `spans` on every
+//! line logged inside the span. Here a span's fields are stored once as ready JSON text
+//! (`"name":value` pairs) and copied into each line as they are; values are escaped as
+//! `serde_json` escapes them, so the text is the same JSON.
+
+use std::fmt;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::{LookupSpan, SpanRef};
+
+/// The JSON line format: use it as both the event format and the span fields' format
+/// (`.fmt_fields(JsonLines).event_format(JsonLines)`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonLines;
+
+/// Lets `serde_json` write into the formatter's text buffer.
+struct Text<'a, 'w>(&'a mut Writer<'w>);
+
+impl std::io::Write for Text<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // serde_json writes whole UTF-8 sequences: text between escapes, escapes, numbers.
+        let text = std::str::from_utf8(buf).map_err(std::io::Error::other)?;
+        self.0.write_str(text).map_err(std::io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes one JSON value (numbers; strings that need escaping).
+fn value<T: serde::Serialize + ?Sized>(out: &mut Writer<'_>, value: &T) -> fmt::Result {
+    value
+        .serialize(&mut serde_json::Serializer::new(Text(out)))
+        .map_err(|_| fmt::Error)
+}
+
+/// Writes a JSON string: as it is when nothing in it needs escaping (ids, routes, paths, most
+/// messages), else escaped by `serde_json`.
+fn string(out: &mut Writer<'_>, text: &str) -> fmt::Result {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.write_char('"')?;
+        out.write_str(text)?;
+        out.write_char('"')
+    } else {
+        value(out, text)
+    }
+}
+
+thread_local! {
+    /// Where a `Debug` value is formatted before it is written as a string; kept per thread, so
+    /// it allocates only when a value is longer than any before.
+    static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Writes a `Debug` value as a JSON string.
+fn debug_string(out: &mut Writer<'_>, debug: &dyn fmt::Debug) -> fmt::Result {
+    use fmt::Write as _;
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => {
+            scratch.clear();
+            write!(scratch, "{debug:?}")?;
+            string(out, &scratch)
+        }
+        // A `Debug` impl that logs: format into a string of its own.
+        Err(_) => string(out, &format!("{debug:?}")),
+    })
+}
+
+/// Writes fields as `"name":value` pairs, each after a comma unless it is the first.
+struct Pairs<'a, 'w> {
+    out: &'a mut Writer<'w>,
+    /// No pair written yet and none before them.
+    first: bool,
+    /// Span fields drop a raw identifier's `r#`, as the stock span formatter does.
+    span: bool,
+    result: fmt::Result,
+}
+
+impl Pairs<'_, '_> {
+    fn pair(&mut self, field: &Field, write: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        self.result = (|| {
+            if !std::mem::take(&mut self.first) {
+                self.out.write_char(',')?;
+            }
+            string(self.out, name)?;
+            self.out.write_char(':')?;
+            write(self.out)
+        })();
+    }
+}
+
+impl Visit for Pairs<'_, '_> {
+    fn record_f64(&mut self, field: &Field, v: f64) {
+        self.pair(field, |out| value(out, &v));
+    }
+
+    fn record_i64(&mut self, field: &Field, v: i64) {
+        self.pair(field, |out| write!(out, "{v}"));
+    }
+
+    fn record_u64(&mut self, field: &Field, v: u64) {
+        self.pair(field, |out| write!(out, "{v}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, v: bool) {
+        self.pair(field, |out| out.write_str(if v { "true" } else { "false" }));
+    }
+
+    fn record_str(&mut self, field: &Field, v: &str) {
+        self.pair(field, |out| string(out, v));
+    }
+
+    fn record_bytes(&mut self, field: &Field, v: &[u8]) {
+        self.pair(field, |out| value(out, v));
+    }
+
+    fn record_debug(&mut self, field: &Field, v: &dyn fmt::Debug) {
+        if self.span && field.name().starts_with("r#") {
+            // Rare: written by name without the prefix.
+            if self.result.is_ok() {
+                self.result = (|| {
+                    if !std::mem::take(&mut self.first) {
+                        self.out.write_char(',')?;
+                    }
+                    string(self.out, &field.name()[2..])?;
+                    self.out.write_char(':')?;
+                    debug_string(self.out, v)
+                })();
+            }
+            return;
+        }
+        self.pair(field, |out| debug_string(out, v));
+    }
+}
+
+impl<'w> FormatFields<'w> for JsonLines {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut pairs = Pairs {
+            out: &mut writer,
+            first: true,
+            span: true,
+            result: Ok(()),
+        };
+        fields.record(&mut pairs);
+        pairs.result
+    }
+
+    fn add_fields(
+        &self,
+        current: &'w mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        // Pairs appended after the ones already there: no parse, no rewrite.
+        let first = current.fields.is_empty();
+        let mut writer = current.as_writer();
+        let mut pairs = Pairs {
+            out: &mut writer,
+            first,
+            span: true,
+            result: Ok(()),
+        };
+        fields.record(&mut pairs);
+        pairs.result
+    }
+}
+
+/// Writes a span as `{fields…,"name":…}`.
+fn span_object<S>(out: &mut Writer<'_>, span: &SpanRef<'_, S>) -> fmt::Result
+where
+    S: for<'a> LookupSpan<'a>,
+{
+    out.write_char('{')?;
+    if let Some(fields) = span.extensions().get::<FormattedFields<JsonLines>>() {
+        if !fields.fields.is_empty() {
+            out.write_str(&fields.fields)?;
+            out.write_char(',')?;
+        }
+    }
+    out.write_str("\"name\":")?;
+    string(out, span.metadata().name())?;
+    out.write_char('}')
+}
+
+impl<S> FormatEvent<S, JsonLines> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonLines>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        writer.write_str("{\"timestamp\":\"")?;
+        SystemTime.format_time(&mut writer)?;
+        write!(writer, "\",\"level\":\"{}\"", meta.level())?;
+        let mut pairs = Pairs {
+            out: &mut writer,
+            first: false,
+            span: false,
+            result: Ok(()),
+        };
+        event.record(&mut pairs);
+        pairs.result?;
+        writer.write_str(",\"target\":")?;
+        string(&mut writer, meta.target())?;
+        let current = event
+            .parent()
+            .and_then(|id| ctx.span(id))
+            .or_else(|| ctx.lookup_current());
+        if let Some(span) = current {
+            writer.write_str(",\"span\":")?;
+            span_object(&mut writer, &span)?;
+            writer.write_str(",\"spans\":[")?;
+            if let Some(leaf) = ctx.lookup_current() {
+                for (i, span) in leaf.scope().from_root().enumerate() {
+                    if i > 0 {
+                        writer.write_char(',')?;
+                    }
+                    span_object(&mut writer, &span)?;
+                }
+            }
+            writer.write_char(']')?;
+        }
+        writer.write_str("}\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Log lines written into memory.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Lines {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// Logs the same events, in spans, with fields of every kind (and text that needs escaping).
+    fn log_some_lines() {
+        tracing::info!(target: "pcgate::access", method = %"GET", path = "/v1/\"quoted\"\n", status = 200u16, duration_ms = 0.25, negative = -3i64, cached = true, odd = "back\\slash \u{1} \u{7f} \r", "call");
+        let outer = tracing::info_span!("call", request_id = ?"a45e6643", route = "summary", n = 7u64, r#type = ?"raw");
+        let _outer = outer.enter();
+        tracing::warn!(attempt = 2, reason = ?Some("timeout"), "retrying é ✓");
+        let inner = tracing::info_span!("fetch", key = tracing::field::Empty);
+        inner.record("key", "k\t1");
+        inner.record("other", 1);
+        let _inner = inner.enter();
+        tracing::error!(error = %"connect: refused", "upstream failed");
+        let empty = tracing::info_span!("bare");
+        let _empty = empty.enter();
+        tracing::debug!(ratio = f64::NAN, "no number");
+        tracing::info!(parent: &outer, "with an explicit parent");
+    }
+
+    fn ours() -> String {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .fmt_fields(JsonLines)
+            .event_format(JsonLines)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, log_some_lines);
+        lines.text()
+    }
+
+    fn stock() -> String {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, log_some_lines);
+        lines.text()
+    }
+
+    #[test]
+    fn lines_are_the_stock_json_format_s_objects() {
+        let (ours, stock) = (ours(), stock());
+        assert_eq!(ours.lines().count(), 5, "{ours}");
+        assert_eq!(ours.lines().count(), stock.lines().count(), "{stock}");
+        for (mine, theirs) in ours.lines().zip(stock.lines()) {
+            let mut mine: serde_json::Value = serde_json::from_str(mine).expect(mine);
+            let mut theirs: serde_json::Value = serde_json::from_str(theirs).expect(theirs);
+            let (a, b) = (
+                mine["timestamp"].as_str().unwrap().to_owned(),
+                theirs["timestamp"].as_str().unwrap().to_owned(),
+            );
+            // Same form: 2026-12-01T10:22:28.123456Z.
+            assert_eq!(a.len(), b.len(), "{a} / {b}");
+            assert!(a.ends_with('Z') && a.as_bytes()[10] == b'T', "{a}");
+            mine.as_object_mut().unwrap().remove("timestamp");
+            theirs.as_object_mut().unwrap().remove("timestamp");
+            assert_eq!(mine, theirs);
+        }
+    }
+
+    #[test]
+    fn the_top_level_keys_come_in_the_stock_order_one_line_each() {
+        let ours = ours();
+        let first = ours.lines().next().unwrap();
+        assert!(
+            first.starts_with("{\"timestamp\":\"")
+                && first.contains("\",\"level\":\"INFO\",\"message\":\"call\",\"method\":\"GET\","),
+            "{first}"
+        );
+        assert!(
+            first.ends_with(",\"target\":\"pcgate::access\"}"),
+            "{first}"
+        );
+        let last = ours.lines().last().unwrap();
+        assert!(last.contains("\"span\":{\"request_id\":"), "{last}");
+        assert!(ours.ends_with("}\n"));
+    }
+}
