@@ -2,7 +2,8 @@
 //! flight (a call lasts until its response body is finished or dropped, so a long streamed answer
 //! is not idle), since when it has been idle, and whether an HTTP/1 head is on its way. The
 //! service wrapper and the IO wrapper ([`super::framing`]) write it; the connection's driver reads
-//! it to decide when to close.
+//! it when its timer fires to decide whether to close. Nothing here wakes the driver: a call costs a
+//! few uncontended atomic stores, not a task wake-up and a timer reset.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,7 +16,6 @@ use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::util::Oneshot;
 use tower::ServiceExt;
@@ -39,10 +39,9 @@ pub(crate) struct ConnState {
     head_since: AtomicU64,
     /// The index of the call whose head carried both `Content-Length` and `Transfer-Encoding`.
     conflict: AtomicU64,
-    /// When a byte last moved on the socket, either way.
-    progress: AtomicU64,
-    /// Wakes the driver when the connection falls idle or a head begins.
-    pub(crate) wake: Notify,
+    /// How many reads and writes have moved bytes on the socket, either way (the driver samples it
+    /// to learn whether anything moved since it last looked).
+    moves: AtomicU64,
 }
 
 impl ConnState {
@@ -55,8 +54,7 @@ impl ConnState {
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(NONE),
             conflict: AtomicU64::new(NONE),
-            progress: AtomicU64::new(0),
-            wake: Notify::new(),
+            moves: AtomicU64::new(0),
         })
     }
 
@@ -85,12 +83,12 @@ impl ConnState {
 
     /// Bytes moved on the socket (read or written) just now.
     pub(crate) fn moved(&self) {
-        self.progress.store(self.now(), Ordering::Relaxed);
+        self.moves.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// When a byte last moved on the socket.
-    pub(crate) fn progress_since(&self) -> Instant {
-        self.at(self.progress.load(Ordering::Relaxed))
+    /// How many times bytes have moved on the socket so far.
+    pub(crate) fn moves(&self) -> u64 {
+        self.moves.load(Ordering::Relaxed)
     }
 
     /// When the connection last fell idle (read only when it is not [`busy`](Self::busy)).
@@ -109,7 +107,6 @@ impl ConnState {
     /// The first byte of an HTTP/1 head arrived.
     pub(crate) fn head_started(&self) {
         self.head_since.store(self.now(), Ordering::SeqCst);
-        self.wake.notify_one();
     }
 
     /// An HTTP/1 head is complete; `conflict` if it was framed two ways.
@@ -144,9 +141,7 @@ impl Drop for InFlight {
         let state = &self.0;
         // Stamped before the count falls, so whoever sees zero also sees a fresh time.
         state.idle_since.fetch_max(state.now(), Ordering::SeqCst);
-        if state.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            state.wake.notify_one();
-        }
+        state.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

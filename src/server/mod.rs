@@ -180,28 +180,70 @@ enum Timer {
     Stall,
 }
 
+/// When bytes last moved on a connection's socket, as far as its driver knows: it samples the
+/// move count each time its timer fires, so the time is late by at most one timer period (the
+/// stall timer then fires late by that much, never early).
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    /// The move count at the last sample.
+    moves: u64,
+    /// When the count was first seen at that value.
+    since: Instant,
+}
+
+impl Progress {
+    /// Samples the count now.
+    fn sample(&mut self, state: &ConnState, now: Instant) {
+        let moves = state.moves();
+        if moves != self.moves {
+            *self = Progress { moves, since: now };
+        }
+    }
+}
+
 /// The next deadline for a connection: while a call is in flight, only the stall timer.
 fn next_deadline(
     state: &ConnState,
     options: &ServeOptions,
     closing: Option<Instant>,
-) -> Option<(Instant, Timer)> {
+    progress: Progress,
+) -> (Instant, Timer) {
     if state.busy() {
-        return Some((state.progress_since() + options.stall_timeout, Timer::Stall));
+        return (progress.since + options.stall_timeout, Timer::Stall);
     }
     if let Some(since) = closing {
-        return Some((since.max(state.idle_since()) + CLOSE_LINGER, Timer::Linger));
+        return (since.max(state.idle_since()) + CLOSE_LINGER, Timer::Linger);
     }
     if !state.has_calls() {
-        return Some((state.accepted() + options.header_read_timeout, Timer::Head));
+        return (state.accepted() + options.header_read_timeout, Timer::Head);
     }
     if let Some(since) = state.head_since() {
-        return Some((since + options.header_read_timeout, Timer::Head));
+        return (since + options.header_read_timeout, Timer::Head);
     }
-    Some((state.idle_since() + options.idle_timeout, Timer::Idle))
+    (state.idle_since() + options.idle_timeout, Timer::Idle)
+}
+
+/// The longest a connection's timer may sleep without looking at the connection again. The
+/// connection's state moves on without waking its driver (a head begins, a call ends), and every
+/// deadline such a move starts is at least one of these timeouts away from the move, so a timer
+/// that never sleeps longer than the shortest of them never fires after a deadline.
+fn timer_period(options: &ServeOptions, closing: bool) -> Duration {
+    let period = options
+        .header_read_timeout
+        .min(options.idle_timeout)
+        .min(options.stall_timeout);
+    if closing {
+        period.min(CLOSE_LINGER)
+    } else {
+        period
+    }
 }
 
 /// Serves one connection until it ends, times out, or is closed by the shutdown.
+///
+/// A call does not wake this driver: its timer fires at most every [`timer_period`], and each time
+/// it reads the connection's state, acts if a deadline has passed, and sleeps until the next
+/// deadline or the next period, whichever is sooner.
 async fn drive<S>(
     stream: TcpStream,
     peer: SocketAddr,
@@ -222,10 +264,15 @@ async fn drive<S>(
     let connection = builder.serve_connection(io, ConnService::new(service, state.clone()));
     tokio::pin!(connection);
     let mut closing: Option<Instant> = None;
+    let mut progress = Progress {
+        moves: state.moves(),
+        since: state.accepted(),
+    };
+    let first = next_deadline(&state, &options, closing, progress).0;
+    let timer =
+        tokio::time::sleep_until(first.min(state.accepted() + timer_period(&options, false)));
+    tokio::pin!(timer);
     loop {
-        let deadline = next_deadline(&state, &options, closing);
-        let far = Instant::now() + Duration::from_secs(86_400);
-        let woken = state.wake.notified();
         tokio::select! {
             biased;
             result = connection.as_mut() => {
@@ -236,31 +283,37 @@ async fn drive<S>(
             }
             _ = draining.wait_for(|stop| *stop), if closing.is_none() => {
                 connection.as_mut().graceful_shutdown();
-                closing = Some(Instant::now());
+                let now = Instant::now();
+                closing = Some(now);
+                timer.as_mut().reset(now + timer_period(&options, true));
             }
-            () = woken => {}
-            () = tokio::time::sleep_until(deadline.map_or(far, |(at, _)| at)), if deadline.is_some() => {
-                // The state may have moved on since the deadline was set: look again.
-                match next_deadline(&state, &options, closing) {
-                    Some((at, Timer::Head)) if at <= Instant::now() => {
-                        tracing::debug!(listener = name, %peer, "no complete request head within header_read_timeout: closed");
-                        return;
+            () = timer.as_mut() => {
+                let now = Instant::now();
+                progress.sample(&state, now);
+                let (at, why) = next_deadline(&state, &options, closing, progress);
+                if at <= now {
+                    match why {
+                        Timer::Head => {
+                            tracing::debug!(listener = name, %peer, "no complete request head within header_read_timeout: closed");
+                            return;
+                        }
+                        Timer::Idle => {
+                            tracing::debug!(listener = name, %peer, "idle for idle_timeout: closing");
+                            connection.as_mut().graceful_shutdown();
+                            closing = Some(now);
+                        }
+                        Timer::Stall => {
+                            tracing::debug!(listener = name, %peer, "calls in flight but nothing moved for stall_timeout: closed");
+                            return;
+                        }
+                        Timer::Linger => {
+                            tracing::debug!(listener = name, %peer, "did not close when asked: closed");
+                            return;
+                        }
                     }
-                    Some((at, Timer::Idle)) if at <= Instant::now() => {
-                        tracing::debug!(listener = name, %peer, "idle for idle_timeout: closing");
-                        connection.as_mut().graceful_shutdown();
-                        closing = Some(Instant::now());
-                    }
-                    Some((at, Timer::Stall)) if at <= Instant::now() => {
-                        tracing::debug!(listener = name, %peer, "calls in flight but nothing moved for stall_timeout: closed");
-                        return;
-                    }
-                    Some((at, Timer::Linger)) if at <= Instant::now() => {
-                        tracing::debug!(listener = name, %peer, "did not close when asked: closed");
-                        return;
-                    }
-                    _ => {}
                 }
+                let (at, _) = next_deadline(&state, &options, closing, progress);
+                timer.as_mut().reset(at.max(now).min(now + timer_period(&options, closing.is_some())));
             }
         }
     }
