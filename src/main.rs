@@ -94,9 +94,23 @@ struct SandboxArgs {
     client_certificates: Vec<PathBuf>,
 }
 
+/// Writes out the buffered log lines first, so a fatal message comes after them.
+macro_rules! fatal {
+    ($($message:tt)*) => {{
+        pcgate::log::batch::flush();
+        eprintln!($($message)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    let code = run(cli);
+    pcgate::log::batch::flush();
+    code
+}
+
+fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(loaded) => {
@@ -118,7 +132,7 @@ fn main() -> ExitCode {
                 match std::fs::read_to_string(path) {
                     Ok(pem) => client_certificates.push(pem),
                     Err(e) => {
-                        eprintln!("pcgate sandbox: --client-certificate {}: {e}", path.display());
+                        fatal!("pcgate sandbox: --client-certificate {}: {e}", path.display());
                         return ExitCode::from(EXIT_USAGE);
                     }
                 }
@@ -154,7 +168,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("pcgate sandbox: {e}");
+                    fatal!("pcgate sandbox: {e}");
                     ExitCode::from(EXIT_USAGE)
                 }
             }
@@ -167,7 +181,7 @@ fn main() -> ExitCode {
             match pcgate::demo::run(credential, shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("pcgate demo: {e}");
+                    fatal!("pcgate demo: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -181,7 +195,7 @@ fn main() -> ExitCode {
                 match pcgate::run(config, shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
-                        eprintln!("pcgate: {e}");
+                        fatal!("pcgate: {e}");
                         ExitCode::FAILURE
                     }
                 }
@@ -191,7 +205,7 @@ fn main() -> ExitCode {
 }
 
 fn config_error(path: &std::path::Path, error: &pcgate::config::ConfigError) -> ExitCode {
-    eprintln!("pcgate: bad config ({}): {error}", path.display());
+    fatal!("pcgate: bad config ({}): {error}", path.display());
     ExitCode::from(EXIT_USAGE)
 }
 
@@ -206,9 +220,13 @@ fn init_tracing(format: Option<LogFormat>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let terminal = std::io::stderr().is_terminal();
+    if !terminal {
+        // A file or a pipe: lines below warning go out in batches (src/log/batch.rs).
+        pcgate::log::batch::batch_stderr();
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(pcgate::log::batch::Stderr);
     match format.unwrap_or(if terminal {
         LogFormat::Text
     } else {

@@ -9,6 +9,10 @@
 //! line logged inside the span. Here a span's fields are stored once as ready JSON text
 //! (`"name":value` pairs) and copied into each line as they are; values are escaped as
 //! `serde_json` escapes them, so the text is the same JSON.
+//!
+//! Where the lines go is [`batch`]: stderr, in batches when it is not a terminal.
+
+pub mod batch;
 
 use std::fmt;
 
