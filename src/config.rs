@@ -1346,7 +1346,7 @@ mod tests {
             assert_eq!(config.access.clients[0].key_sha256.as_bytes(), &[0xab; 32]);
             let patterns = config.routes[0].patterns.as_slice();
             assert_eq!(patterns[1].as_str(), "GET /b/*");
-            assert!(patterns[1].matches(&http::Method::HEAD, &["b".into(), "c".into()]));
+            assert!(patterns[1].matches(&http::Method::HEAD, ["b", "c"]));
             assert_eq!(config.routes[0].name(), "GET /a");
             assert_eq!(config.upstream.base_url.as_str(), "http://127.0.0.1:9100");
             Ok(())

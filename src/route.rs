@@ -5,6 +5,7 @@
 //! the one sent upstream, so what was matched is what is forwarded. Each route's credential is
 //! resolved to its [`TokenSource`] when the table is built, so no call looks a name up.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,34 +62,62 @@ pub enum PathError {
     BadBytes,
 }
 
-/// A normalised path: its decoded segments and the canonical encoded form sent upstream.
+/// A normalised path: its decoded segments and the canonical encoded form sent upstream. Both
+/// borrow the request's path when it is already canonical (plain ASCII, nothing encoded: every
+/// Partner Center path), so the usual call allocates nothing here.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NormalPath {
-    segments: Vec<String>,
-    encoded: String,
+pub struct NormalPath<'a> {
+    /// `/` and the decoded segments joined by `/` (a decoded segment never holds one).
+    decoded: Cow<'a, str>,
+    encoded: Cow<'a, str>,
 }
 
-impl NormalPath {
+impl NormalPath<'_> {
     /// The canonical percent-encoded path (`/v1/invoices/D123`).
     pub fn as_str(&self) -> &str {
         &self.encoded
     }
 
     /// The decoded segments.
-    pub fn segments(&self) -> &[String] {
-        &self.segments
+    pub fn segments(&self) -> std::str::Split<'_, char> {
+        self.decoded[1..].split('/')
     }
+
+    /// Whether the canonical form is the path as it came.
+    pub fn is_as_sent(&self) -> bool {
+        matches!(self.encoded, Cow::Borrowed(_))
+    }
+}
+
+/// Bytes a canonical path may hold as they are: unreserved characters (RFC 3986 §2.3), which
+/// decode and encode to themselves, and the separator.
+fn plain(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/')
 }
 
 /// Decodes and checks a request path. Anything that could make the upstream see a different path
 /// than the one matched is refused rather than repaired: dot segments (also as `%2e`), empty
 /// segments, encoded separators, control characters.
-pub fn normalize_path(raw: &str) -> Result<NormalPath, PathError> {
+pub fn normalize_path(raw: &str) -> Result<NormalPath<'_>, PathError> {
     let rest = raw.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
     if raw.contains('\\') {
         return Err(PathError::HiddenSeparator);
     }
-    let mut segments = Vec::new();
+    if raw.bytes().all(plain) {
+        // Nothing to decode: only the segment rules apply.
+        for piece in rest.split('/') {
+            match piece {
+                "" => return Err(PathError::EmptySegment),
+                "." | ".." => return Err(PathError::DotSegment),
+                _ => {}
+            }
+        }
+        return Ok(NormalPath {
+            decoded: Cow::Borrowed(raw),
+            encoded: Cow::Borrowed(raw),
+        });
+    }
+    let mut decoded_path = String::with_capacity(raw.len());
     let mut encoded = String::with_capacity(raw.len());
     for piece in rest.split('/') {
         if piece.is_empty() {
@@ -112,9 +141,13 @@ pub fn normalize_path(raw: &str) -> Result<NormalPath, PathError> {
         }
         encoded.push('/');
         encoded.extend(utf8_percent_encode(&decoded, SEGMENT));
-        segments.push(decoded.into_owned());
+        decoded_path.push('/');
+        decoded_path.push_str(&decoded);
     }
-    Ok(NormalPath { segments, encoded })
+    Ok(NormalPath {
+        decoded: Cow::Owned(decoded_path),
+        encoded: Cow::Owned(encoded),
+    })
 }
 
 /// What a matched route asks of the inner layers; put in the request's extensions by `access`.
@@ -367,7 +400,7 @@ mod tests {
         assert_eq!(p.as_str(), "/v1/invoices/summary");
         let p = normalize_path("/v1/invoices/a%20b").unwrap();
         assert_eq!(p.as_str(), "/v1/invoices/a%20b");
-        assert_eq!(p.segments()[2], "a b");
+        assert_eq!(p.segments().nth(2), Some("a b"));
         assert_eq!(
             route("GET", "/v1/%69nvoices/summary").as_deref(),
             Some("summary")

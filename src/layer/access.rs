@@ -181,19 +181,22 @@ impl<S> Access<S> {
                 path: path.as_str().to_owned(),
             })?
             .clone();
+        // Origin form: only the path and query go on; the caller's scheme and authority (an
+        // absolute-form request line) are ignored, the upstream is fixed by config. A canonical
+        // origin-form target (the usual call) stays as it is.
+        let rewrite = (!path.is_as_sent() || request.uri().authority().is_some()).then(|| {
+            match request.uri().query() {
+                Some(query) => format!("{}?{query}", path.as_str()),
+                None => path.as_str().to_owned(),
+            }
+        });
         // Only routes that share answers (a cache, coalescing) read the headers kept aside.
         keep_forwarded(
             request,
             &self.forward,
             route.cache_ttl.is_some() || route.coalesce,
         );
-        let normal = match request.uri().query() {
-            Some(query) => format!("{}?{query}", path.as_str()),
-            None => path.as_str().to_owned(),
-        };
-        // Origin form: only the path and query go on; the caller's scheme and authority (an
-        // absolute-form request line) are ignored, the upstream is fixed by config.
-        if let Ok(pq) = PathAndQuery::try_from(normal) {
+        if let Some(Ok(pq)) = rewrite.map(PathAndQuery::try_from) {
             *request.uri_mut() = pq.into();
         }
         Ok(route)

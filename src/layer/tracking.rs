@@ -271,8 +271,10 @@ where
         let call = self.inner.call(request);
         let span = tracing::info_span!(
             "call",
-            request_id = ?tracking.request_id,
-            correlation_id = ?tracking.correlation_id,
+            // Plain strings: the ids are GUIDs (checked above), and a `Debug` value would be
+            // formatted with its quotes and escaped again into the JSON line.
+            request_id = tracking.request_id.to_str().unwrap_or_default(),
+            correlation_id = tracking.correlation_id.to_str().unwrap_or_default(),
             route = info.as_deref().and_then(CallInfo::matched_route),
         );
         Box::pin(
