@@ -10,7 +10,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::cell::RefCell;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
@@ -148,14 +149,40 @@ impl Drop for InFlight {
 /// The service hyper calls on one connection: the shared stack, plus the in-flight count and the
 /// refusal of requests framed two ways.
 pub(crate) struct ConnService<S> {
-    inner: S,
+    /// The connection's own copy of the stack. Borrowed only inside `call`, never across an
+    /// await, so a borrow never finds it taken.
+    inner: RefCell<S>,
     state: Arc<ConnState>,
 }
 
 impl<S> ConnService<S> {
     /// Wraps the shared service for one connection.
     pub(crate) fn new(inner: S, state: Arc<ConnState>) -> Self {
-        ConnService { inner, state }
+        ConnService {
+            inner: RefCell::new(inner),
+            state,
+        }
+    }
+}
+
+impl<S> ConnService<S>
+where
+    S: tower::Service<http::Request<Incoming>, Response = Response, Error = Infallible> + Clone,
+{
+    /// Calls the connection's copy of the stack when it is ready at once, as every layer's
+    /// `poll_ready` is (none holds calls back there), without cloning the stack for the call;
+    /// else a clone of it, readied in the call's future as tower's contract asks (`oneshot`).
+    fn start(&self, request: http::Request<Incoming>) -> Call<S, http::Request<Incoming>> {
+        let mut inner = self.inner.borrow_mut();
+        match inner.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => Call::Ready {
+                future: inner.call(request),
+            },
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => Call::Readying {
+                oneshot: inner.clone().oneshot(request),
+            },
+        }
     }
 }
 
@@ -174,9 +201,7 @@ where
                 response: Some(framing_conflict()),
             }
         } else {
-            Call::Running {
-                inner: self.inner.clone().oneshot(request),
-            }
+            self.start(request)
         };
         ResponseFuture {
             call,
@@ -202,7 +227,8 @@ fn framing_conflict() -> Response {
 pin_project! {
     #[project = CallProj]
     enum Call<S: tower::Service<R>, R> {
-        Running { #[pin] inner: Oneshot<S, R> },
+        Ready { #[pin] future: S::Future },
+        Readying { #[pin] oneshot: Oneshot<S, R> },
         Refused { response: Option<Response> },
     }
 }
@@ -225,7 +251,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = match this.call.project() {
-            CallProj::Running { inner } => match inner.poll(cx) {
+            CallProj::Ready { future } => match future.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(response)) => response,
+                Poll::Ready(Err(never)) => match never {},
+            },
+            CallProj::Readying { oneshot } => match oneshot.poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(response)) => response,
                 Poll::Ready(Err(never)) => match never {},
