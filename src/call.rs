@@ -2,7 +2,7 @@
 //! extensions, put there by `observe` and filled in by the layers inside it. A neutral module, so
 //! no layer imports another's internals to report.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 pub use crate::route::NO_ROUTE;
@@ -13,6 +13,7 @@ pub struct CallInfo {
     route: OnceLock<Arc<str>>,
     cache: OnceLock<&'static str>,
     attempts: AtomicU32,
+    at_once: AtomicBool,
 }
 
 impl CallInfo {
@@ -24,6 +25,17 @@ impl CallInfo {
     /// What the cache did: `hit`, `miss`, `stale`, `bypass` (set by `cache`).
     pub fn set_cache(&self, result: &'static str) {
         let _ = self.cache.set(result);
+    }
+
+    /// The call was answered inside its `call`, from memory (a fresh cache hit): its future is
+    /// ready and runs nothing, so `tracking` opens no span for it (set by `cache`).
+    pub fn set_answered_at_once(&self) {
+        self.at_once.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the call was answered inside its `call` (see [`set_answered_at_once`](Self::set_answered_at_once)).
+    pub fn answered_at_once(&self) -> bool {
+        self.at_once.load(Ordering::Relaxed)
     }
 
     /// One more upstream attempt (counted by the upstream client).

@@ -269,22 +269,27 @@ where
         // the route on an open span costs the JSON formatter a re-parse of the span's fields,
         // a microsecond per call. Everything the inner layers do once polled is inside it.
         let call = self.inner.call(request);
-        let span = tracing::info_span!(
-            "call",
-            // Plain strings: the ids are GUIDs (checked above), and a `Debug` value would be
-            // formatted with its quotes and escaped again into the JSON line.
-            request_id = tracking.request_id.to_str().unwrap_or_default(),
-            correlation_id = tracking.correlation_id.to_str().unwrap_or_default(),
-            route = info.as_deref().and_then(CallInfo::matched_route),
-        );
-        Box::pin(
-            async move {
-                let Ok(mut response) = call.await;
-                tracking.stamp(response.headers_mut());
-                Ok(response)
-            }
-            .instrument(span),
-        )
+        // A fresh hit is answered inside `call`: its future is ready and runs nothing, so no line
+        // can be logged inside a span, and opening one would cost a microsecond for nothing.
+        let span = (!info.as_deref().is_some_and(CallInfo::answered_at_once)).then(|| {
+            tracing::info_span!(
+                "call",
+                // Plain strings: the ids are GUIDs (checked above), and a `Debug` value would be
+                // formatted with its quotes and escaped again into the JSON line.
+                request_id = tracking.request_id.to_str().unwrap_or_default(),
+                correlation_id = tracking.correlation_id.to_str().unwrap_or_default(),
+                route = info.as_deref().and_then(CallInfo::matched_route),
+            )
+        });
+        let answer = async move {
+            let Ok(mut response) = call.await;
+            tracking.stamp(response.headers_mut());
+            Ok(response)
+        };
+        match span {
+            Some(span) => Box::pin(answer.instrument(span)),
+            None => Box::pin(answer),
+        }
     }
 }
 
@@ -362,6 +367,59 @@ mod tests {
             "{line}"
         );
         assert!(span["correlation_id"].as_str().is_some(), "{line}");
+    }
+
+    #[tokio::test]
+    async fn a_call_answered_at_once_opens_no_span_and_any_other_call_does() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tower::{Layer, ServiceExt};
+        use tracing_subscriber::layer::SubscriberExt;
+
+        /// Counts the spans opened.
+        struct Spans(Arc<AtomicUsize>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Spans {
+            fn on_new_span(
+                &self,
+                _: &tracing::span::Attributes<'_>,
+                _: &tracing::span::Id,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let opened = Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry().with(Spans(opened.clone()));
+        let _default = tracing::subscriber::set_default(subscriber);
+        let settings = TrackingSettings {
+            application: None,
+            locale: None,
+            correlation_vector: false,
+        };
+        for at_once in [true, false] {
+            let inner = tower::service_fn(move |request: Request| {
+                if at_once {
+                    let info = request.extensions().get::<Arc<CallInfo>>().unwrap();
+                    info.set_answered_at_once();
+                }
+                std::future::ready(Ok::<_, Infallible>(Response::new(crate::body::empty())))
+            });
+            let service = TrackingLayer::new(settings.clone()).layer(inner);
+            let mut request = Request::new(crate::body::empty());
+            request
+                .extensions_mut()
+                .insert(Arc::new(CallInfo::default()));
+            let before = opened.load(Ordering::SeqCst);
+            let response = service.oneshot(request).await.unwrap();
+            assert!(
+                response.headers().contains_key(MS_REQUEST_ID),
+                "ids are stamped either way"
+            );
+            assert_eq!(
+                opened.load(Ordering::SeqCst) - before,
+                usize::from(!at_once),
+                "at once: {at_once}"
+            );
+        }
     }
 
     #[test]

@@ -5,12 +5,12 @@
 //! it when its timer fires to decide whether to close. Nothing here wakes the driver: a call costs a
 //! few uncontended atomic stores, not a task wake-up and a timer reset.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::cell::RefCell;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;

@@ -327,7 +327,12 @@ where
         request: Request,
     ) -> <Self as tower::Service<Request>>::Future {
         match call.judge(found) {
-            Judged::Hit(response) => Either::Left(future::ready(Ok(response))),
+            Judged::Hit(response) => {
+                if let Some(info) = &call.info {
+                    info.set_answered_at_once();
+                }
+                Either::Left(future::ready(Ok(response)))
+            }
             Judged::Stale(response) => {
                 call.revalidate(self.inner.clone(), request);
                 Either::Left(future::ready(Ok(response)))
