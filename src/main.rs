@@ -102,6 +102,11 @@ macro_rules! fatal {
     }};
 }
 
+/// jemalloc (the default `jemalloc` feature): see Cargo.toml.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
