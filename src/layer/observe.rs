@@ -172,7 +172,7 @@ where
                 };
                 tracing::info!(
                     target: "pcgate::access",
-                    %method,
+                    method = method.as_str(),
                     path,
                     route = &*route,
                     status = status.as_u16(),
