@@ -71,18 +71,19 @@ static STDERR: OnceLock<Batch<io::Stderr>> = OnceLock::new();
 /// thread that writes them out every [`BATCH_PERIOD`], and makes a panic write them out before
 /// its message. Called once, by `main`, when stderr is not a terminal; later calls do nothing.
 pub fn batch_stderr() {
-    if STDERR.set(Batch::new(io::stderr())).is_err() {
+    if STDERR.get().is_some() {
         return;
     }
+    // The thread first: without it nothing would write out a quiet gateway's lines, so they are
+    // then written as they come, unbatched.
     let flusher = std::thread::Builder::new()
         .name("pcgate-log".to_owned())
         .spawn(|| loop {
             std::thread::sleep(BATCH_PERIOD);
             flush();
         });
-    if flusher.is_err() {
-        // No thread for it: lines are not left waiting; each is written as it comes.
-        let _ = STDERR.get().map(Batch::flush);
+    if flusher.is_err() || STDERR.set(Batch::new(io::stderr())).is_err() {
+        return;
     }
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -179,9 +179,14 @@ where
                 future: inner.call(request),
             },
             Poll::Ready(Err(never)) => match never {},
-            Poll::Pending => Call::Readying {
-                oneshot: inner.clone().oneshot(request),
-            },
+            // The polled copy goes with the call (any place it holds in a queue goes too), and a
+            // fresh clone stays for the next call.
+            Poll::Pending => {
+                let fresh = inner.clone();
+                Call::Readying {
+                    oneshot: std::mem::replace(&mut *inner, fresh).oneshot(request),
+                }
+            }
         }
     }
 }
