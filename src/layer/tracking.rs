@@ -304,24 +304,10 @@ mod tests {
             .collect()
     }
 
-    /// Log lines written into memory, for the span test.
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn inner_log_lines_carry_the_ids_and_the_matched_route_as_span_fields() {
         use tower::{Layer, ServiceExt};
-        let lines = Lines::default();
+        let lines = crate::log::Lines::default();
         let writer = lines.clone();
         let subscriber = tracing_subscriber::fmt()
             .json()
@@ -353,7 +339,7 @@ mod tests {
             .to_str()
             .unwrap()
             .to_owned();
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let text = lines.text();
         let line: serde_json::Value = text
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
