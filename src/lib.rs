@@ -197,7 +197,13 @@ impl Gateway {
             "pcgate listening"
         );
         tokio::join!(
-            server::serve(listener, service, options("gateway"), shutdown.wait()),
+            server::serve_lanes(
+                listener,
+                service,
+                options("gateway"),
+                server::default_lanes(),
+                || shutdown.wait()
+            ),
             server::serve(admin, admin_service, options("admin"), shutdown.wait()),
         );
         for refresher in refreshers {

@@ -196,7 +196,7 @@ fn run(cli: Cli) -> ExitCode {
                 Ok(config) => config,
                 Err(e) => return config_error(&path, &e),
             };
-            runtime().block_on(async {
+            runtime_with(1).block_on(async {
                 match pcgate::run(config, shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
@@ -215,7 +215,12 @@ fn config_error(path: &std::path::Path, error: &pcgate::config::ConfigError) -> 
 }
 
 fn runtime() -> tokio::runtime::Runtime {
+    runtime_with(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+}
+
+fn runtime_with(workers: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("the tokio runtime starts")

@@ -25,6 +25,7 @@ mod framing;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -95,6 +96,85 @@ pub async fn serve<S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    serve_share(listener, service, options, shutdown, Share::alone()).await;
+}
+
+/// The connections each lane of [`serve_lanes`] holds. Every lane's accept loop watches the same
+/// listening socket, and the kernel wakes them all for a new connection, but the one that happens
+/// to be awake wins: left alone, one lane ends up with every connection. So a lane accepts only
+/// while it holds no more connections than the least loaded lane, and tells the others when its
+/// count rises (one of them may now be the one to accept).
+struct Share {
+    /// Open connections, by lane.
+    open: Arc<[AtomicUsize]>,
+    /// Wakes a lane to look at the counts again, by lane.
+    wake: Arc<[Notify]>,
+    /// This lane.
+    lane: usize,
+}
+
+impl Share {
+    /// The only lane.
+    fn alone() -> Share {
+        Share::lanes(1).remove(0)
+    }
+
+    /// `count` lanes sharing the connections.
+    fn lanes(count: usize) -> Vec<Share> {
+        let open: Arc<[AtomicUsize]> = (0..count).map(|_| AtomicUsize::new(0)).collect();
+        let wake: Arc<[Notify]> = (0..count).map(|_| Notify::new()).collect();
+        (0..count)
+            .map(|lane| Share {
+                open: open.clone(),
+                wake: wake.clone(),
+                lane,
+            })
+            .collect()
+    }
+
+    /// Whether this lane takes the next connection.
+    fn may_accept(&self) -> bool {
+        let mine = self.open[self.lane].load(Ordering::Relaxed);
+        self.open
+            .iter()
+            .all(|other| mine <= other.load(Ordering::Relaxed))
+    }
+
+    /// This lane now holds `open` connections.
+    fn holds(&self, open: usize) {
+        let before = self.open[self.lane].swap(open, Ordering::Relaxed);
+        if open > before {
+            for (lane, wake) in self.wake.iter().enumerate() {
+                if lane != self.lane {
+                    wake.notify_one();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Share {
+    /// A lane that stops (or never started) takes no more connections: it must not hold the
+    /// others back by looking least loaded.
+    fn drop(&mut self) {
+        self.holds(usize::MAX);
+    }
+}
+
+/// [`serve`], as one lane of [`serve_lanes`].
+async fn serve_share<S>(
+    listener: TcpListener,
+    service: S,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+    share: Share,
+) where
+    S: tower::Service<http::Request<Incoming>, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -117,8 +197,13 @@ pub async fn serve<S>(
             biased;
             () = &mut shutdown => break,
             // Reap finished connections so the set holds only open ones.
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {
+                share.holds(connections.len());
+                continue;
+            }
+            accepted = listener.accept(), if share.may_accept() => accepted,
+            // Another lane took a connection: this one may be the least loaded now.
+            () = share.wake[share.lane].notified() => continue,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -132,6 +217,7 @@ pub async fn serve<S>(
                     options,
                     draining.clone(),
                 ));
+                share.holds(connections.len());
             }
             Err(error) => {
                 // Running out of file descriptors is the usual cause: the pending connection stays
@@ -164,6 +250,100 @@ pub async fn serve<S>(
             );
             connections.shutdown().await;
         }
+    }
+}
+
+/// How many accept loops [`serve_lanes`] runs when asked for none in particular: one per core the
+/// process may use (a cgroup's CPU quota counts).
+pub fn default_lanes() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Serves `service` on `listener` as [`serve`] does, from `lanes` threads of their own, each a
+/// single-threaded runtime with its own accept loop on a copy of the listening socket: a
+/// connection is accepted, served and closed on one thread, with no task handed between threads
+/// and no work-stealing scheduler between it and its socket. A lane that cannot start (no
+/// thread, no runtime) is logged and the others serve; returns when every lane has drained.
+///
+/// `shutdown` makes one future per lane; each lane stops accepting when its future resolves and
+/// drains as [`serve`] does.
+pub async fn serve_lanes<S, F>(
+    listener: TcpListener,
+    service: S,
+    options: ServeOptions,
+    lanes: usize,
+    shutdown: impl Fn() -> F,
+) where
+    S: tower::Service<http::Request<Incoming>, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let listener = match listener.into_std() {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(listener = options.name, %error, "the listening socket cannot be handed to the accept loops");
+            return;
+        }
+    };
+    let mut finished = Vec::new();
+    for share in Share::lanes(lanes.max(1)) {
+        let lane = share.lane;
+        let copy = match listener.try_clone() {
+            Ok(copy) => copy,
+            Err(error) => {
+                tracing::warn!(listener = options.name, lane, %error, "the listening socket cannot be copied: fewer accept loops");
+                break;
+            }
+        };
+        let (done, lane_finished) = tokio::sync::oneshot::channel::<()>();
+        let (service, stop) = (service.clone(), shutdown());
+        let thread = std::thread::Builder::new()
+            .name(format!("pcgate-{}-{lane}", options.name))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        tracing::warn!(listener = options.name, lane, %error, "no runtime for this accept loop");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match TcpListener::from_std(copy) {
+                        Ok(listener) => serve_share(listener, service, options, stop, share).await,
+                        Err(error) => {
+                            tracing::warn!(listener = options.name, lane, %error, "accept loop not started");
+                        }
+                    }
+                });
+                drop(done);
+            });
+        match thread {
+            Ok(_) => finished.push(lane_finished),
+            Err(error) => {
+                tracing::warn!(listener = options.name, lane, %error, "no thread for this accept loop");
+            }
+        }
+    }
+    if finished.is_empty() {
+        // Not one lane started: serve from here rather than not at all.
+        match TcpListener::from_std(listener) {
+            Ok(listener) => serve(listener, service, options, shutdown()).await,
+            Err(error) => {
+                tracing::error!(listener = options.name, %error, "no accept loop could start")
+            }
+        }
+        return;
+    }
+    drop(listener);
+    for lane in finished {
+        // Resolves when the lane's thread ends, however it ends.
+        let _ = lane.await;
     }
 }
 
@@ -363,6 +543,24 @@ impl AcceptErrors {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lane_accepts_only_while_no_other_holds_fewer_connections() {
+        let mut lanes = Share::lanes(2);
+        let (first, second) = (&lanes[0], &lanes[1]);
+        assert!(first.may_accept() && second.may_accept());
+        first.holds(1);
+        assert!(!first.may_accept(), "the other lane holds fewer");
+        assert!(second.may_accept());
+        second.holds(1);
+        assert!(first.may_accept() && second.may_accept());
+        second.holds(3);
+        assert!(first.may_accept() && !second.may_accept());
+        // A lane that stops holds nobody back.
+        drop(lanes.pop());
+        lanes[0].holds(5);
+        assert!(lanes[0].may_accept());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn accept_errors_pause_longer_each_time_up_to_the_cap() {
