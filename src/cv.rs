@@ -57,10 +57,13 @@ impl CorrelationVector {
     /// A new v1 vector: base64 of 12 random bytes, then `.0`.
     pub fn seed() -> CorrelationVector {
         let bytes: [u8; 12] = std::array::from_fn(|_| fastrand::u8(..));
-        let base = base64::engine::general_purpose::STANDARD.encode(bytes);
-        let value = format!("{base}.0");
+        // 12 bytes are 16 base64 characters, with no padding; then `.0`.
+        let mut value = String::with_capacity(18);
+        base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut value);
+        let last = value.len() + 1;
+        value.push_str(".0");
         CorrelationVector {
-            last: base.len() + 1,
+            last,
             value,
             version: Version::V1,
             terminated: false,
@@ -152,6 +155,16 @@ impl CorrelationVector {
     /// The vector's version.
     pub fn version(&self) -> Version {
         self.version
+    }
+}
+
+impl CorrelationVector {
+    /// The vector as a header value (one copy of its text, no string formatted on the way).
+    pub fn header_value(&self) -> Option<http::HeaderValue> {
+        if self.terminated {
+            return http::HeaderValue::try_from(self.to_string()).ok();
+        }
+        http::HeaderValue::from_str(&self.value).ok()
     }
 }
 

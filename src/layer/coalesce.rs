@@ -203,7 +203,7 @@ where
             .get::<Arc<Route>>()
             .is_some_and(|r| r.coalesce && r.cache_ttl.is_none())
             && shareable(&request);
-        let Some(spare) = body::clone_bodiless(&request).filter(|_| wanted) else {
+        let Some(spare) = wanted.then(|| body::clone_bodiless(&request)).flatten() else {
             return Box::pin(self.inner.call(request));
         };
         let clone = self.inner.clone();

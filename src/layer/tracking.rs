@@ -113,18 +113,16 @@ impl CallIds {
         let cv = self.cv.as_ref()?;
         let mut cv = cv.lock().unwrap_or_else(|e| e.into_inner());
         cv.increment();
-        HeaderValue::try_from(cv.to_string()).ok()
+        cv.header_value()
     }
 
     /// The vector as it stands (the last one sent upstream, or the extended inbound one).
     pub fn cv(&self) -> Option<HeaderValue> {
-        let cv = self
-            .cv
+        self.cv
             .as_ref()?
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .to_string();
-        HeaderValue::try_from(cv).ok()
+            .header_value()
     }
 
     /// Puts the ids on a response.

@@ -155,16 +155,36 @@ impl Visit for Pairs<'_, '_> {
     }
 }
 
+thread_local! {
+    /// Where a new span's fields are written before they are copied to the span in one piece: the
+    /// span's own string starts empty and would otherwise grow five times for a call's fields.
+    static SPAN_SCRATCH: std::cell::RefCell<String> =
+        const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Writes fields as a span's pairs.
+fn span_pairs<R: RecordFields>(out: &mut Writer<'_>, fields: R) -> fmt::Result {
+    let mut pairs = Pairs {
+        out,
+        first: true,
+        span: true,
+        result: Ok(()),
+    };
+    fields.record(&mut pairs);
+    pairs.result
+}
+
 impl<'w> FormatFields<'w> for JsonLines {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
-        let mut pairs = Pairs {
-            out: &mut writer,
-            first: true,
-            span: true,
-            result: Ok(()),
-        };
-        fields.record(&mut pairs);
-        pairs.result
+        SPAN_SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut scratch) => {
+                scratch.clear();
+                span_pairs(&mut Writer::new(&mut *scratch), fields)?;
+                writer.write_str(&scratch)
+            }
+            // Fields whose `Debug` opens a span: written where they go.
+            Err(_) => span_pairs(&mut writer, fields),
+        })
     }
 
     fn add_fields(

@@ -379,6 +379,13 @@ async fn invalidate(store: &dyn Storage, deadline: &Deadline, paths: Vec<String>
     }
 }
 
+/// An `Age` value: the seconds as digits, copied once (`HeaderValue::from(u64)` writes them into
+/// a buffer and then freezes it: two allocations).
+fn age_value(age: Duration) -> HeaderValue {
+    let mut digits = itoa::Buffer::new();
+    HeaderValue::from_str(digits.format(age.as_secs())).unwrap_or(HeaderValue::from_static("0"))
+}
+
 /// Which tiers a re-read asks.
 #[derive(Clone, Copy)]
 enum Tier {
@@ -876,9 +883,7 @@ impl Call {
     /// A stored answer, `age` old, as this caller's response.
     fn answer_from(&self, entry: &Entry, age: Duration, header: CacheStatusHeader) -> Response {
         let mut response = entry.response.to_response();
-        response
-            .headers_mut()
-            .insert(header::AGE, HeaderValue::from(age.as_secs()));
+        response.headers_mut().insert(header::AGE, age_value(age));
         self.label(response, header)
     }
 

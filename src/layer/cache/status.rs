@@ -166,7 +166,10 @@ impl CacheStatusHeader {
 
     /// The header value: `pcgate; hit; ttl=12`, `pcgate; fwd=miss; stored`, ...
     pub fn render(&self) -> HeaderValue {
-        let mut text = String::from(CACHE_NAME);
+        // Room for the longest value (`pcgate; fwd=stale; fwd-status=503; ttl=-86400; stored;
+        // detail=...`), so the text is written in one allocation.
+        let mut text = String::with_capacity(96);
+        text.push_str(CACHE_NAME);
         // Writing to a String cannot fail.
         if self.hit {
             text.push_str("; hit");
