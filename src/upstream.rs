@@ -99,8 +99,10 @@ pub struct Upstream(Arc<Shared>);
 
 /// What every clone of [`Upstream`] shares.
 struct Shared {
-    /// The pooled client.
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    /// The pooled clients, one per lane of the gateway's listener ([`crate::server::lane`]): a
+    /// connection is opened, driven and reused on one thread, so a call never waits on another
+    /// thread's runtime to write its request or hand back the answer.
+    clients: Box<[Client<HttpsConnector<HttpConnector>, Body>]>,
     /// `upstream.base_url`.
     base: BaseUrl,
     /// `upstream.attempt_timeout`.
@@ -168,13 +170,17 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(https);
+        let clients = (0..crate::server::default_lanes())
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                    .build(https.clone())
+            })
+            .collect();
         Upstream(Arc::new(Shared {
-            client,
+            clients,
             base: config.base_url.clone(),
             attempt_timeout: config.attempt_timeout,
             metrics: AttemptMetrics::register(metrics, routes),
@@ -225,7 +231,8 @@ impl tower::Service<Request> for Upstream {
             .get::<Arc<Route>>()
             .map_or_else(|| Arc::from(crate::call::NO_ROUTE), |r| r.name.clone());
         let caller_body = request.extensions().get::<body::ClientBody>().cloned();
-        let sent = self.0.client.request(request);
+        let clients = &self.0.clients;
+        let sent = clients[crate::server::lane() % clients.len()].request(request);
         let limit = self.0.attempt_timeout;
         let shared = self.0.clone();
         Box::pin(async move {

@@ -253,6 +253,17 @@ async fn serve_share<S>(
     }
 }
 
+thread_local! {
+    /// The lane of [`serve_lanes`] this thread runs (0 on any other thread).
+    static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The lane of [`serve_lanes`] the calling thread runs, 0 on any other thread: what keeps a
+/// lane's upstream connections on the lane (see `upstream::Upstream`).
+pub fn lane() -> usize {
+    LANE.with(std::cell::Cell::get)
+}
+
 /// How many accept loops [`serve_lanes`] runs when asked for none in particular: one per core the
 /// process may use (a cgroup's CPU quota counts).
 pub fn default_lanes() -> usize {
@@ -303,6 +314,7 @@ pub async fn serve_lanes<S, F>(
         let thread = std::thread::Builder::new()
             .name(format!("pcgate-{}-{lane}", options.name))
             .spawn(move || {
+                LANE.with(|current| current.set(lane));
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
