@@ -196,7 +196,7 @@ fn run(cli: Cli) -> ExitCode {
                 Ok(config) => config,
                 Err(e) => return config_error(&path, &e),
             };
-            runtime_with(1).block_on(async {
+            gateway_runtime().block_on(async {
                 match pcgate::run(config, shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
@@ -214,13 +214,21 @@ fn config_error(path: &std::path::Path, error: &pcgate::config::ConfigError) -> 
     ExitCode::from(EXIT_USAGE)
 }
 
+/// The runtime of `sandbox` and `demo`: tokio's default shape (a worker per core, or
+/// `TOKIO_WORKER_THREADS`).
 fn runtime() -> tokio::runtime::Runtime {
-    runtime_with(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
 }
 
-fn runtime_with(workers: usize) -> tokio::runtime::Runtime {
+/// The runtime of `run`: the gateway's listener runs on threads of its own (`server::serve_lanes`,
+/// one per core or `TOKIO_WORKER_THREADS`), so this one keeps a single worker for the admin
+/// listener, the token refreshers and the fleet tier's tasks.
+fn gateway_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(1)
         .enable_all()
         .build()
         .expect("the tokio runtime starts")

@@ -21,11 +21,14 @@
 
 mod conn;
 mod framing;
+mod lanes;
+
+use lanes::Share;
+pub use lanes::{default_lanes, lane, serve_lanes};
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +36,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -99,68 +102,6 @@ pub async fn serve<S>(
     serve_share(listener, service, options, shutdown, Share::alone()).await;
 }
 
-/// The connections each lane of [`serve_lanes`] holds. Every lane's accept loop watches the same
-/// listening socket, and the kernel wakes them all for a new connection, but the one that happens
-/// to be awake wins: left alone, one lane ends up with every connection. So a lane accepts only
-/// while it holds no more connections than the least loaded lane, and tells the others when its
-/// count rises (one of them may now be the one to accept).
-struct Share {
-    /// Open connections, by lane.
-    open: Arc<[AtomicUsize]>,
-    /// Wakes a lane to look at the counts again, by lane.
-    wake: Arc<[Notify]>,
-    /// This lane.
-    lane: usize,
-}
-
-impl Share {
-    /// The only lane.
-    fn alone() -> Share {
-        Share::lanes(1).remove(0)
-    }
-
-    /// `count` lanes sharing the connections.
-    fn lanes(count: usize) -> Vec<Share> {
-        let open: Arc<[AtomicUsize]> = (0..count).map(|_| AtomicUsize::new(0)).collect();
-        let wake: Arc<[Notify]> = (0..count).map(|_| Notify::new()).collect();
-        (0..count)
-            .map(|lane| Share {
-                open: open.clone(),
-                wake: wake.clone(),
-                lane,
-            })
-            .collect()
-    }
-
-    /// Whether this lane takes the next connection.
-    fn may_accept(&self) -> bool {
-        let mine = self.open[self.lane].load(Ordering::Relaxed);
-        self.open
-            .iter()
-            .all(|other| mine <= other.load(Ordering::Relaxed))
-    }
-
-    /// This lane now holds `open` connections.
-    fn holds(&self, open: usize) {
-        let before = self.open[self.lane].swap(open, Ordering::Relaxed);
-        if open > before {
-            for (lane, wake) in self.wake.iter().enumerate() {
-                if lane != self.lane {
-                    wake.notify_one();
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Share {
-    /// A lane that stops (or never started) takes no more connections: it must not hold the
-    /// others back by looking least loaded.
-    fn drop(&mut self) {
-        self.holds(usize::MAX);
-    }
-}
-
 /// [`serve`], as one lane of [`serve_lanes`].
 async fn serve_share<S>(
     listener: TcpListener,
@@ -203,7 +144,7 @@ async fn serve_share<S>(
             }
             accepted = listener.accept(), if share.may_accept() => accepted,
             // Another lane took a connection: this one may be the least loaded now.
-            () = share.wake[share.lane].notified() => continue,
+            () = share.woken() => continue,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -234,128 +175,27 @@ async fn serve_share<S>(
     }
 
     drop(listener);
-    tracing::info!(listener = options.name, grace = ?options.grace, "shutting down: no new connections");
+    tracing::info!(listener = options.name, lane = share.lane, grace = ?options.grace, "shutting down: no new connections");
     let _ = drain.send(true);
     let drained = tokio::time::timeout(options.grace, async {
         while connections.join_next().await.is_some() {}
     })
     .await;
     match drained {
-        Ok(()) => tracing::info!(listener = options.name, "all connections closed"),
+        Ok(()) => tracing::info!(
+            listener = options.name,
+            lane = share.lane,
+            "all connections closed"
+        ),
         Err(_) => {
             tracing::warn!(
                 listener = options.name,
+                lane = share.lane,
                 remaining = connections.len(),
                 "grace period over: closing the remaining connections"
             );
             connections.shutdown().await;
         }
-    }
-}
-
-thread_local! {
-    /// The lane of [`serve_lanes`] this thread runs (0 on any other thread).
-    static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// The lane of [`serve_lanes`] the calling thread runs, 0 on any other thread: what keeps a
-/// lane's upstream connections on the lane (see `upstream::Upstream`).
-pub fn lane() -> usize {
-    LANE.with(std::cell::Cell::get)
-}
-
-/// How many accept loops [`serve_lanes`] runs when asked for none in particular: one per core the
-/// process may use (a cgroup's CPU quota counts).
-pub fn default_lanes() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-}
-
-/// Serves `service` on `listener` as [`serve`] does, from `lanes` threads of their own, each a
-/// single-threaded runtime with its own accept loop on a copy of the listening socket: a
-/// connection is accepted, served and closed on one thread, with no task handed between threads
-/// and no work-stealing scheduler between it and its socket. A lane that cannot start (no
-/// thread, no runtime) is logged and the others serve; returns when every lane has drained.
-///
-/// `shutdown` makes one future per lane; each lane stops accepting when its future resolves and
-/// drains as [`serve`] does.
-pub async fn serve_lanes<S, F>(
-    listener: TcpListener,
-    service: S,
-    options: ServeOptions,
-    lanes: usize,
-    shutdown: impl Fn() -> F,
-) where
-    S: tower::Service<http::Request<Incoming>, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    F: Future<Output = ()> + Send + 'static,
-{
-    let listener = match listener.into_std() {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(listener = options.name, %error, "the listening socket cannot be handed to the accept loops");
-            return;
-        }
-    };
-    let mut finished = Vec::new();
-    for share in Share::lanes(lanes.max(1)) {
-        let lane = share.lane;
-        let copy = match listener.try_clone() {
-            Ok(copy) => copy,
-            Err(error) => {
-                tracing::warn!(listener = options.name, lane, %error, "the listening socket cannot be copied: fewer accept loops");
-                break;
-            }
-        };
-        let (done, lane_finished) = tokio::sync::oneshot::channel::<()>();
-        let (service, stop) = (service.clone(), shutdown());
-        let thread = std::thread::Builder::new()
-            .name(format!("pcgate-{}-{lane}", options.name))
-            .spawn(move || {
-                LANE.with(|current| current.set(lane));
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(error) => {
-                        tracing::warn!(listener = options.name, lane, %error, "no runtime for this accept loop");
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    match TcpListener::from_std(copy) {
-                        Ok(listener) => serve_share(listener, service, options, stop, share).await,
-                        Err(error) => {
-                            tracing::warn!(listener = options.name, lane, %error, "accept loop not started");
-                        }
-                    }
-                });
-                drop(done);
-            });
-        match thread {
-            Ok(_) => finished.push(lane_finished),
-            Err(error) => {
-                tracing::warn!(listener = options.name, lane, %error, "no thread for this accept loop");
-            }
-        }
-    }
-    if finished.is_empty() {
-        // Not one lane started: serve from here rather than not at all.
-        match TcpListener::from_std(listener) {
-            Ok(listener) => serve(listener, service, options, shutdown()).await,
-            Err(error) => {
-                tracing::error!(listener = options.name, %error, "no accept loop could start")
-            }
-        }
-        return;
-    }
-    drop(listener);
-    for lane in finished {
-        // Resolves when the lane's thread ends, however it ends.
-        let _ = lane.await;
     }
 }
 
@@ -555,24 +395,6 @@ impl AcceptErrors {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_lane_accepts_only_while_no_other_holds_fewer_connections() {
-        let mut lanes = Share::lanes(2);
-        let (first, second) = (&lanes[0], &lanes[1]);
-        assert!(first.may_accept() && second.may_accept());
-        first.holds(1);
-        assert!(!first.may_accept(), "the other lane holds fewer");
-        assert!(second.may_accept());
-        second.holds(1);
-        assert!(first.may_accept() && second.may_accept());
-        second.holds(3);
-        assert!(first.may_accept() && !second.may_accept());
-        // A lane that stops holds nobody back.
-        drop(lanes.pop());
-        lanes[0].holds(5);
-        assert!(lanes[0].may_accept());
-    }
 
     #[tokio::test(start_paused = true)]
     async fn accept_errors_pause_longer_each_time_up_to_the_cap() {
