@@ -206,6 +206,69 @@ impl<'w> FormatFields<'w> for JsonLines {
     }
 }
 
+thread_local! {
+    /// A timestamp's text up to its fraction (`2026-12-01T14:59:54.`), and the second since the
+    /// epoch it is for: a line in the same second as the last one on its thread writes only the
+    /// microseconds.
+    static SECOND: std::cell::RefCell<(u64, String)> =
+        const { std::cell::RefCell::new((u64::MAX, String::new())) };
+}
+
+/// The first second of the year 10000, which the stock format writes with a `+`.
+const YEAR_10000: u64 = 253_402_300_800;
+
+/// Writes the time now as the stock formatter does (`2026-12-01T14:59:54.002072Z`: UTC,
+/// microseconds).
+fn timestamp(out: &mut Writer<'_>) -> fmt::Result {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let Some(since) = since.ok().filter(|since| since.as_secs() < YEAR_10000) else {
+        return SystemTime.format_time(out);
+    };
+    SECOND.with(|second| {
+        let Ok(mut second) = second.try_borrow_mut() else {
+            return SystemTime.format_time(out);
+        };
+        let secs = since.as_secs();
+        if second.0 != secs {
+            second.1.clear();
+            date_and_time(&mut second.1, secs)?;
+            second.0 = secs;
+        }
+        out.write_str(&second.1)?;
+        let mut micros = since.subsec_micros();
+        let mut digits = [b'0'; 6];
+        for digit in digits.iter_mut().rev() {
+            *digit = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        out.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)?;
+        out.write_char('Z')
+    })
+}
+
+/// Writes `secs` after the epoch (before the year 10000) as `YYYY-MM-DDTHH:MM:SS.`, in UTC.
+fn date_and_time(out: &mut String, secs: u64) -> fmt::Result {
+    use fmt::Write as _;
+    let (days, time) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (the proleptic Gregorian calendar), from H. Hinnant's
+    // "chrono-Compatible Low-Level Date Algorithms"; eras of 400 years start on 1 March.
+    let z = days + 719_468;
+    let (era, doe) = (z / 146_097, z % 146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.",
+        time / 3_600,
+        time % 3_600 / 60,
+        time % 60
+    )
+}
+
 /// Writes a span as `{fields…,"name":…}`.
 fn span_object<S>(out: &mut Writer<'_>, span: &SpanRef<'_, S>) -> fmt::Result
 where
@@ -235,7 +298,7 @@ where
     ) -> fmt::Result {
         let meta = event.metadata();
         writer.write_str("{\"timestamp\":\"")?;
-        SystemTime.format_time(&mut writer)?;
+        timestamp(&mut writer)?;
         write!(writer, "\",\"level\":\"{}\"", meta.level())?;
         let mut pairs = Pairs {
             out: &mut writer,
@@ -296,6 +359,48 @@ impl Lines {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `date_and_time`, as `httpdate` (an independent formatter) writes the same second.
+    fn as_httpdate(secs: u64) -> String {
+        let text =
+            httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+        // "Tue, 01 Dec 2026 14:43:15 GMT"
+        let parts: Vec<&str> = text.split(' ').collect();
+        let months = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let month = months.iter().position(|m| *m == parts[2]).unwrap() + 1;
+        format!("{}-{month:02}-{}T{}.", parts[3], parts[1], parts[4])
+    }
+
+    #[test]
+    fn timestamps_are_the_stock_format_s_dates() {
+        let mut samples = vec![
+            0,
+            59,
+            86_399,
+            86_400,
+            951_782_400,
+            1_709_164_800,
+            4_107_542_399,
+        ];
+        // Every 7,919,999 s (about 92 days, so every month and leap day's neighbourhood) to 2099.
+        samples.extend((0..520).map(|i| i * 7_919_999 + 12_345));
+        for secs in samples {
+            let mut text = String::new();
+            date_and_time(&mut text, secs).unwrap();
+            assert_eq!(text, as_httpdate(secs), "second {secs}");
+        }
+        // The time now, as the stock formatter writes it, to the second.
+        let (mut ours, mut stock) = (String::new(), String::new());
+        timestamp(&mut Writer::new(&mut ours)).unwrap();
+        SystemTime
+            .format_time(&mut Writer::new(&mut stock))
+            .unwrap();
+        assert_eq!(ours.len(), stock.len());
+        assert!(ours.ends_with('Z') && ours.as_bytes()[19] == b'.');
+        assert_eq!(ours[..16], stock[..16], "{ours} against {stock}");
+    }
 
     /// Logs the same events, in spans, with fields of every kind (and text that needs escaping).
     fn log_some_lines() {
