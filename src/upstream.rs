@@ -101,7 +101,8 @@ pub struct Upstream(Arc<Shared>);
 struct Shared {
     /// The pooled clients, one per lane of the gateway's listener ([`crate::server::lane`]): a
     /// connection is opened, driven and reused on one thread, so a call never waits on another
-    /// thread's runtime to write its request or hand back the answer.
+    /// thread's runtime to write its request or hand back the answer. A thread that is not a
+    /// lane (none calls the upstream today) uses the first.
     clients: Box<[Client<HttpsConnector<HttpConnector>, Body>]>,
     /// `upstream.base_url`.
     base: BaseUrl,

@@ -224,7 +224,7 @@ fn timestamp(out: &mut Writer<'_>) -> fmt::Result {
     let Some(since) = since.ok().filter(|since| since.as_secs() < YEAR_10000) else {
         return SystemTime.format_time(out);
     };
-    SECOND.with(|second| {
+    let written = SECOND.try_with(|second| {
         let Ok(mut second) = second.try_borrow_mut() else {
             return SystemTime.format_time(out);
         };
@@ -243,7 +243,9 @@ fn timestamp(out: &mut Writer<'_>) -> fmt::Result {
         }
         out.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)?;
         out.write_char('Z')
-    })
+    });
+    // The thread is going: its cache is gone.
+    written.unwrap_or_else(|_| SystemTime.format_time(out))
 }
 
 /// Writes `secs` after the epoch (before the year 10000) as `YYYY-MM-DDTHH:MM:SS.`, in UTC.
@@ -375,6 +377,9 @@ mod tests {
 
     #[test]
     fn timestamps_are_the_stock_format_s_dates() {
+        // The epoch, its first day's end, 2000-02-29 (a leap day: divisible by 400), 2024-02-29,
+        // 2024-12-31T23:59:59 and the second after, 2100-02-28T23:59:59 and the second after
+        // (2100-03-01: 2100 is no leap year).
         let mut samples = vec![
             0,
             59,
@@ -382,24 +387,42 @@ mod tests {
             86_400,
             951_782_400,
             1_709_164_800,
+            1_735_689_599,
+            1_735_689_600,
             4_107_542_399,
+            4_107_542_400,
         ];
-        // Every 7,919,999 s (about 92 days, so every month and leap day's neighbourhood) to 2099.
+        // Every 7,919,999 s (about 92 days, so every month) to April 2100.
         samples.extend((0..520).map(|i| i * 7_919_999 + 12_345));
         for secs in samples {
             let mut text = String::new();
             date_and_time(&mut text, secs).unwrap();
             assert_eq!(text, as_httpdate(secs), "second {secs}");
         }
-        // The time now, as the stock formatter writes it, to the second.
-        let (mut ours, mut stock) = (String::new(), String::new());
-        timestamp(&mut Writer::new(&mut ours)).unwrap();
-        SystemTime
-            .format_time(&mut Writer::new(&mut stock))
-            .unwrap();
-        assert_eq!(ours.len(), stock.len());
-        assert!(ours.ends_with('Z') && ours.as_bytes()[19] == b'.');
-        assert_eq!(ours[..16], stock[..16], "{ours} against {stock}");
+        // The time now, written twice (the second time from the thread's cache, unless the
+        // second changed), as the stock formatter writes it just before and just after, to the
+        // second.
+        let format = |stock: bool| {
+            let mut text = String::new();
+            let mut writer = Writer::new(&mut text);
+            match stock {
+                true => SystemTime.format_time(&mut writer).unwrap(),
+                false => timestamp(&mut writer).unwrap(),
+            }
+            text
+        };
+        let before = format(true);
+        let ours = [format(false), format(false)];
+        let after = format(true);
+        for ours in ours {
+            assert_eq!(ours.len(), before.len());
+            assert!(ours.ends_with('Z') && ours.as_bytes()[19] == b'.');
+            assert!(ours[20..26].bytes().all(|b| b.is_ascii_digit()));
+            assert!(
+                [&before[..19], &after[..19]].contains(&&ours[..19]),
+                "{ours} against {before} and {after}"
+            );
+        }
     }
 
     /// Logs the same events, in spans, with fields of every kind (and text that needs escaping).

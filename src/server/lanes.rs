@@ -7,8 +7,8 @@
 //! - The kernel wakes every lane for a new connection and the one awake wins, so left alone one
 //!   lane would hold them all: [`Share`] lets a lane accept only while no other holds fewer.
 //! - A lane that cannot start is logged and the others serve; when none can, the listener is
-//!   served from the caller's runtime instead. A lane that panics stops the process, as a panic
-//!   in the one accept loop did before.
+//!   served from the caller's runtime instead. A panic in a lane's accept loop stops the process,
+//!   as a panic in the one accept loop did before (a panic in a call is caught, as ever).
 //! - At shutdown each lane stops accepting and drains its own connections within the grace
 //!   period, then waits for the others before its runtime goes: a task one lane spawned (a
 //!   coalesced fetch, a token exchange) may be awaited by a call on another lane.
@@ -27,6 +27,9 @@ use tokio::sync::{oneshot, watch, Notify};
 
 use super::{serve, serve_share, ServeOptions};
 use crate::body::Response;
+
+/// How long a lane's runtime waits for its blocking tasks once the lanes have drained.
+const RUNTIME_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The most lanes [`default_lanes`] gives: a sidecar beside one app; more would only multiply
 /// the upstream pools (one per lane) on a large node with no CPU limit.
@@ -237,7 +240,8 @@ pub async fn serve_lanes<S, F>(
             left: false,
         };
         let thread = std::thread::Builder::new()
-            .name(format!("pcgate-{}-{lane}", options.name))
+            // Linux keeps 15 bytes of a thread's name: `gateway-lane-7`.
+            .name(format!("{}-lane-{lane}", options.name))
             .spawn(move || {
                 LANE.with(|current| current.set(lane));
                 let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -268,7 +272,9 @@ pub async fn serve_lanes<S, F>(
                     serve_share(listener, service, options, stop, share).await;
                     guard.leave_and_wait().await;
                 });
-                drop(runtime);
+                // A blocking task still running (a DNS lookup of an upstream connect, a token file
+                // write) gets a moment, not as long as it likes: shutdown keeps to its grace.
+                runtime.shutdown_timeout(RUNTIME_LINGER);
                 drop(finished);
             });
         match thread {
@@ -353,7 +359,7 @@ mod tests {
         assert!(serving, "the lanes never answered");
         lanes.abort();
         let _ = lanes.await;
-        // The lanes drain (200 ms of grace at most) and close their copies of the socket.
+        // Each lane stops accepting and closes its copy of the socket (then drains).
         for _ in 0..50 {
             if TcpStream::connect(addr).await.is_err() {
                 return;

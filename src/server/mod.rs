@@ -175,6 +175,8 @@ async fn serve_share<S>(
     }
 
     drop(listener);
+    // No longer accepting: this lane must not hold the others back by looking least loaded.
+    share.holds(usize::MAX);
     tracing::info!(listener = options.name, lane = share.lane, grace = ?options.grace, "shutting down: no new connections");
     let _ = drain.send(true);
     let drained = tokio::time::timeout(options.grace, async {
