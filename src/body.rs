@@ -123,6 +123,24 @@ pub fn clone_bodiless(request: &Request) -> Option<Request> {
     Some(copy)
 }
 
+/// A bodiless request's parts, kept once and shared: what retry sends its next attempt from, and,
+/// put on each attempt's request, what the credential layer replays from after a 401, so a call
+/// copies its request once for both rather than once each.
+#[derive(Clone)]
+pub struct Spare(std::sync::Arc<http::request::Parts>);
+
+impl Spare {
+    /// The spare of a request that has no body; `None` if it has one.
+    pub fn of(request: &Request) -> Option<Spare> {
+        clone_bodiless(request).map(|copy| Spare(std::sync::Arc::new(copy.into_parts().0)))
+    }
+
+    /// A request made from it (without the spare on it).
+    pub fn request(&self) -> Request {
+        http::Request::from_parts((*self.0).clone(), empty())
+    }
+}
+
 /// How many headers pcgate adds to a stored or shared answer for each caller.
 const PER_ANSWER_HEADERS: usize = 6;
 

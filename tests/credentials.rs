@@ -160,8 +160,22 @@ async fn app_user_routes_get_the_user_credential() {
 
 #[tokio::test]
 async fn an_upstream_401_refreshes_once_and_replays_once_with_the_same_request_id() {
+    replays_a_401_once(false).await;
+}
+
+/// With `retry = true` the replay is made from retry's copy of the request, not one of its own.
+#[tokio::test]
+async fn an_upstream_401_on_a_retried_route_replays_once_with_the_same_request_id() {
+    replays_a_401_once(true).await;
+}
+
+async fn replays_a_401_once(retry: bool) {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
-    let gateway = start_config(sandbox.config()).await;
+    let mut config = sandbox.config();
+    for route in &mut config.routes {
+        route.retry = retry;
+    }
+    let gateway = start_config(config).await;
     assert_eq!(get(&gateway, "/v1/invoices/summary").await.status(), 200);
     let tokens_before = sandbox.count("token").await;
     sandbox.faults(json!({"revoke_tokens": true})).await;

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use http::{header, StatusCode};
 
-use crate::body::{self, BoxError, BoxFuture, Request, Response};
+use crate::body::{self, BoxError, BoxFuture, Request, Response, Spare};
 pub use crate::error::CredentialError;
 use crate::route::Route;
 
@@ -67,10 +67,18 @@ where
             request
                 .headers_mut()
                 .insert(header::AUTHORIZATION, token.header());
-            let replay = body::clone_bodiless(&request);
+            // Retry's copy of the request when it keeps one, else a copy of our own.
+            let spare = request.extensions().get::<Spare>().cloned();
+            let copy = if spare.is_some() {
+                None
+            } else {
+                body::clone_bodiless(&request)
+            };
             let response = inner.call(request).await?;
-            let Some(mut replay) = replay.filter(|_| response.status() == StatusCode::UNAUTHORIZED)
-            else {
+            if response.status() != StatusCode::UNAUTHORIZED {
+                return Ok(response);
+            }
+            let Some(mut replay) = copy.or_else(|| spare.map(|spare| spare.request())) else {
                 return Ok(response);
             };
             match source.replace(&token).await {

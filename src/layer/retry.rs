@@ -21,7 +21,7 @@ use http::{header, HeaderMap, Method, StatusCode};
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::body::{self, BoxError, BoxFuture, Request, Response};
+use crate::body::{BoxError, BoxFuture, Request, Response, Spare};
 use crate::deadline::Deadline;
 use crate::metrics::Metrics;
 use crate::route::Route;
@@ -259,12 +259,13 @@ impl Shared {
             .get::<Arc<Route>>()
             .is_some_and(|r| r.retry)
             && matches!(*request.method(), Method::GET | Method::HEAD);
-        let mut spare = if retryable {
-            body::clone_bodiless(&request)
-        } else {
-            None
-        };
+        // One copy of the request, for every further attempt and for the credential layer's 401
+        // replay inside each attempt.
+        let spare = if retryable { Spare::of(&request) } else { None };
         let mut request = request;
+        if let Some(spare) = &spare {
+            request.extensions_mut().insert(spare.clone());
+        }
         self.budget.deposit();
         let mut attempt: u32 = 1;
         loop {
@@ -303,8 +304,9 @@ impl Shared {
             // The answer we are not giving is dropped (its connection is closed, not reused).
             drop(outcome);
             tokio::time::sleep(delay).await;
-            request = spare.take().expect("checked above");
-            spare = body::clone_bodiless(&request);
+            let spare = spare.as_ref().expect("checked above");
+            request = spare.request();
+            request.extensions_mut().insert(spare.clone());
             attempt += 1;
         }
     }
@@ -361,6 +363,7 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body;
     use std::sync::Mutex;
     use tower::{Layer, Service, ServiceExt};
 
