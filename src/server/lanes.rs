@@ -16,17 +16,14 @@
 //! - One lane serves every stream of an HTTP/2 connection: a client that sends everything over
 //!   one connection is served by one core.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Notify};
 
-use super::{serve, serve_share, ServeOptions};
-use crate::body::Response;
+use super::{serve, serve_share, ConnectionService, ServeOptions};
 
 /// How long a lane's runtime waits for its blocking tasks once the lanes have drained.
 const RUNTIME_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
@@ -199,11 +196,7 @@ pub async fn serve_lanes<S, F>(
     lanes: usize,
     shutdown: impl Fn() -> F,
 ) where
-    S: tower::Service<http::Request<Incoming>, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnectionService,
     F: Future<Output = ()> + Send + 'static,
 {
     let listener = match listener.into_std() {
@@ -314,6 +307,9 @@ pub async fn serve_lanes<S, F>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::Response;
+    use hyper::body::Incoming;
+    use std::convert::Infallible;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;

@@ -84,6 +84,32 @@ pub struct ServeOptions {
     pub grace: Duration,
 }
 
+/// What a listener serves (the gateway's stack, the admin service, the sandbox): a service every
+/// connection's task gets a clone of.
+pub trait ConnectionService:
+    tower::Service<
+        http::Request<Incoming>,
+        Response = Response,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> ConnectionService for S where
+    S: tower::Service<
+            http::Request<Incoming>,
+            Response = Response,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// Serves `service` on `listener` until `shutdown` resolves, then stops accepting (the listener is
 /// closed, so new connections are refused), lets open connections finish their calls for at most
 /// `grace`, closes whatever is left and returns.
@@ -93,11 +119,7 @@ pub async fn serve<S>(
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) where
-    S: tower::Service<http::Request<Incoming>, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnectionService,
 {
     serve_share(listener, service, options, shutdown, Share::alone()).await;
 }
@@ -110,11 +132,7 @@ async fn serve_share<S>(
     shutdown: impl Future<Output = ()>,
     share: Share,
 ) where
-    S: tower::Service<http::Request<Incoming>, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnectionService,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -286,11 +304,7 @@ async fn drive<S>(
     options: ServeOptions,
     mut draining: watch::Receiver<bool>,
 ) where
-    S: tower::Service<http::Request<Incoming>, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnectionService,
 {
     let name = options.name;
     let state = ConnState::new();
