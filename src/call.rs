@@ -72,9 +72,10 @@ impl CallInfo {
 #[derive(Debug, Clone)]
 pub struct RequestCacheControl(pub Vec<http::HeaderValue>);
 
-/// The request headers the caller sent that `access` did not forward: a stored answer's `Vary`
-/// may name them (RFC 9111 §4.1 matches the request the cache was given), so they pick the
-/// variant though they never reach the upstream.
+/// The request headers as the caller sent them, kept aside by `access` on routes that share answers: a stored
+/// answer's `Vary` may name one `access` did not forward (RFC 9111 §4.1 matches the request the
+/// cache was given), so it picks the variant though it never reaches the upstream. A header that
+/// was forwarded is read from the request itself.
 #[derive(Debug, Clone, Default)]
 pub struct UnforwardedHeaders(pub http::HeaderMap);
 

@@ -88,7 +88,8 @@ impl Deadline {
         }
         DeadlineBody {
             inner: body,
-            sleep: tokio::time::sleep_until(self.at),
+            at: self.at,
+            sleep: None,
             limit: self.limit,
         }
         .boxed_unsync()
@@ -96,12 +97,15 @@ impl Deadline {
 }
 
 pin_project! {
-    /// A body that fails with [`DeadlineExceeded`] once the call's deadline passes.
+    /// A body that fails with [`DeadlineExceeded`] once the call's deadline passes. Its timer is
+    /// set only when the body first waits: a body whose frames are ready (a buffered answer, the
+    /// usual small one) is checked against the clock instead, and never touches the timer wheel.
     struct DeadlineBody {
         #[pin]
         inner: Body,
+        at: Instant,
         #[pin]
-        sleep: tokio::time::Sleep,
+        sleep: Option<tokio::time::Sleep>,
         limit: Duration,
     }
 }
@@ -114,14 +118,27 @@ impl http_body::Body for DeadlineBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.project();
-        // The timer first: an endless body that is always ready must still be cut.
-        if this.sleep.poll(cx).is_ready() {
-            return Poll::Ready(Some(Err(BodyError(Box::new(DeadlineExceeded(
-                *this.limit,
-            ))))));
+        let mut this = self.project();
+        let exceeded = |limit: &Duration| {
+            Poll::Ready(Some(Err(BodyError(Box::new(DeadlineExceeded(*limit))))))
+        };
+        // The clock first: an endless body that is always ready must still be cut.
+        if Instant::now() >= *this.at {
+            return exceeded(this.limit);
         }
-        this.inner.poll_frame(cx)
+        let frame = this.inner.poll_frame(cx);
+        if frame.is_pending() {
+            // Waiting: the timer wakes this body at the deadline if no frame comes first.
+            if this.sleep.as_mut().as_pin_mut().is_none() {
+                this.sleep.set(Some(tokio::time::sleep_until(*this.at)));
+            }
+            if let Some(sleep) = this.sleep.as_pin_mut() {
+                if sleep.poll(cx).is_ready() {
+                    return exceeded(this.limit);
+                }
+            }
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -161,6 +178,23 @@ mod tests {
         let error = next.unwrap_err();
         assert!(error.0.downcast_ref::<DeadlineExceeded>().is_some());
         drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_always_ready_is_still_cut_at_the_deadline() {
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let endless = futures_util::stream::repeat_with(|| {
+            Ok::<_, BodyError>(Frame::data(Bytes::from_static(b"more")))
+        });
+        let mut body = deadline.bound(http_body_util::StreamBody::new(endless).boxed_unsync());
+        for _ in 0..3 {
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "more");
+        }
+        tokio::time::advance(Duration::from_secs(6)).await;
+        // The body is still ready, frame after frame: the clock cuts it, no timer is waited on.
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(error.0.downcast_ref::<DeadlineExceeded>().is_some());
     }
 
     #[tokio::test(start_paused = true)]

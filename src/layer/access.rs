@@ -34,41 +34,40 @@ pub use crate::headers::{configured_header, FORWARDED};
 use crate::host::HostRule;
 use crate::route::{normalize_path, Route, RouteTable};
 
-/// Keeps only the forwarded headers; the caller's `Cache-Control` and the headers not forwarded
-/// go into the request's extensions for the cache layer.
+/// Keeps only the forwarded headers; the caller's `Cache-Control`, and on routes that share
+/// answers the headers as the caller sent them (when some were not forwarded), go into the
+/// request's extensions for the cache.
 fn keep_forwarded(request: &mut Request, extra: &[HeaderName], keep_aside: bool) {
-    let headers = request.headers_mut();
-    let cache_control: Vec<_> = headers
+    // The forwarded ones are copied into a fresh map (the usual caller sends few, or none but
+    // `Host`), and the caller's own map is kept aside or dropped whole: nothing is removed one
+    // name at a time.
+    let mut sent = std::mem::take(request.headers_mut());
+    let cache_control: Vec<_> = sent
         .get_all(header::CACHE_CONTROL)
         .iter()
         .cloned()
         .collect();
-    // Removed in place: the usual caller sends only forwarded headers, and nothing is copied.
-    let dropped: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| !is_forwarded(name, extra))
-        .cloned()
-        .collect();
-    // Kept aside for the cache: a stored answer's `Vary` may name them (RFC 9111 §4.1).
-    let mut unforwarded = http::HeaderMap::new();
-    for name in dropped {
-        if !keep_aside {
-            headers.remove(&name);
-            continue;
-        }
-        if let http::header::Entry::Occupied(entry) = headers.entry(&name) {
-            let (name, values) = entry.remove_entry_mult();
-            let secret = name == header::AUTHORIZATION || name == header::COOKIE;
-            for mut value in values {
-                value.set_sensitive(secret || value.is_sensitive());
-                unforwarded.append(name.clone(), value);
-            }
+    let forwarded = request.headers_mut();
+    // The tracking ids are always there, so the map is needed: sized once.
+    forwarded.reserve(sent.keys_len());
+    let mut all_forwarded = true;
+    for (name, value) in &sent {
+        if is_forwarded(name, extra) {
+            forwarded.append(name.clone(), value.clone());
+        } else {
+            all_forwarded = false;
         }
     }
-    if !unforwarded.is_empty() {
-        request
-            .extensions_mut()
-            .insert(UnforwardedHeaders(unforwarded));
+    if keep_aside && !all_forwarded {
+        // Kept for the cache: a stored answer's `Vary` may name a header not forwarded
+        // (RFC 9111 §4.1); the forwarded ones are looked up in the request first, so they are
+        // the same either way.
+        for (name, value) in sent.iter_mut() {
+            if *name == header::AUTHORIZATION || *name == header::COOKIE {
+                value.set_sensitive(true);
+            }
+        }
+        request.extensions_mut().insert(UnforwardedHeaders(sent));
     }
     if !cache_control.is_empty() {
         request

@@ -25,12 +25,39 @@ use prometheus_client::metrics::histogram::Histogram;
 
 /// The call metrics, registered by this layer: every route's series exist from start.
 struct CallMetrics {
-    /// `pcgate_requests_total{route,status}`.
-    requests: Family<RouteStatus, Counter>,
-    /// `pcgate_request_duration_seconds{route}`.
-    duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// Each route's series (and those of calls no route matched, last), taken from the families
+    /// once, so a call counts itself without hashing labels or taking the families' lock.
+    routes: Vec<RouteSeries>,
     /// `pcgate_inflight_requests`.
     inflight: Gauge,
+}
+
+/// One route's series: handles on the same counters and histogram its families export.
+struct RouteSeries {
+    name: Arc<str>,
+    /// `pcgate_requests_total{route,status}`, by [`STATUS_CLASSES`] index.
+    requests: [Counter; STATUS_CLASSES.len()],
+    /// `pcgate_request_duration_seconds{route}`.
+    duration: Histogram,
+}
+
+impl CallMetrics {
+    /// The series of the route `access` matched, else those of calls no route matched.
+    fn series(&self, route: Option<&str>) -> &RouteSeries {
+        let (unmatched, routes) = self.routes.split_last().expect("NO_ROUTE's series");
+        route
+            .and_then(|route| routes.iter().find(|series| &*series.name == route))
+            .unwrap_or(unmatched)
+    }
+}
+
+/// `status_class`'s index in [`STATUS_CLASSES`].
+fn class_index(status: http::StatusCode) -> usize {
+    let class = status_class(status);
+    STATUS_CLASSES
+        .iter()
+        .position(|c| *c == class)
+        .unwrap_or(STATUS_CLASSES.len() - 1)
 }
 
 impl CallMetrics {
@@ -38,18 +65,34 @@ impl CallMetrics {
         let requests = Family::<RouteStatus, Counter>::default();
         let duration: Family<RouteLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
-        for route in routes.iter().copied().chain([NO_ROUTE]) {
-            let route: Arc<str> = Arc::from(route);
-            let _ = duration.get_or_create(&RouteLabel {
-                route: route.clone(),
-            });
-            for status in STATUS_CLASSES {
-                let _ = requests.get_or_create(&RouteStatus {
-                    route: route.clone(),
-                    status,
+        // NO_ROUTE last, where `series` looks for it; a route of that name shares its series.
+        let series = routes
+            .iter()
+            .copied()
+            .filter(|route| *route != NO_ROUTE)
+            .chain([NO_ROUTE])
+            .map(|route| {
+                let name: Arc<str> = Arc::from(route);
+                let duration = duration
+                    .get_or_create(&RouteLabel {
+                        route: name.clone(),
+                    })
+                    .clone();
+                let requests = STATUS_CLASSES.map(|status| {
+                    requests
+                        .get_or_create(&RouteStatus {
+                            route: name.clone(),
+                            status,
+                        })
+                        .clone()
                 });
-            }
-        }
+                RouteSeries {
+                    name,
+                    requests,
+                    duration,
+                }
+            })
+            .collect();
         let inflight = Gauge::default();
         metrics.register(
             "requests",
@@ -67,8 +110,7 @@ impl CallMetrics {
             inflight.clone(),
         );
         CallMetrics {
-            requests,
-            duration,
+            routes: series,
             inflight,
         }
     }
@@ -137,7 +179,7 @@ where
         let started = Instant::now();
         // Only kept when the access log is on.
         let logged = tracing::enabled!(target: "pcgate::access", tracing::Level::INFO)
-            .then(|| (request.method().clone(), request.uri().path().to_owned()));
+            .then(|| (request.method().clone(), request.uri().clone()));
         self.metrics.inflight.inc();
         let in_flight = InFlight(self.metrics.clone());
         let metrics = self.metrics.clone();
@@ -149,20 +191,11 @@ where
                 return result;
             };
             let elapsed = started.elapsed();
-            let route = info.route();
             let status = response.status();
-            let labels = RouteStatus {
-                route: route.clone(),
-                status: status_class(status),
-            };
-            metrics.requests.get_or_create(&labels).inc();
-            metrics
-                .duration
-                .get_or_create(&RouteLabel {
-                    route: route.clone(),
-                })
-                .observe(elapsed.as_secs_f64());
-            if let Some((method, path)) = logged {
+            let series = metrics.series(info.matched_route());
+            series.requests[class_index(status)].inc();
+            series.duration.observe(elapsed.as_secs_f64());
+            if let Some((method, uri)) = logged {
                 let header = |name| {
                     response
                         .headers()
@@ -173,8 +206,8 @@ where
                 tracing::info!(
                     target: "pcgate::access",
                     method = method.as_str(),
-                    path,
-                    route = &*route,
+                    path = uri.path(),
+                    route = info.matched_route().unwrap_or(NO_ROUTE),
                     status = status.as_u16(),
                     duration_ms = elapsed.as_secs_f64() * 1000.0,
                     cache_status = info.cache(),
