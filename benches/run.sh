@@ -9,7 +9,10 @@
 # `proxy_pass` location), HAProxy (its `cache`, and a plain frontend) and, when cmake is
 # present, a minimal Pingora pass-through proxy built from benches/pingora. Every proxy sets the
 # same `Authorization: Bearer` header, keeps upstream connections alive, and caches 200s for 5
-# minutes where it caches; the peers write no access log.
+# minutes where it caches; the peers write no access log. Beside them, for reference and not as
+# a peer, "hyper alone" (examples/ceiling.rs): the same runtime shape as pcgate with nothing
+# else on the path, a kept answer for hits and a bare proxy for pass-through, so the table shows
+# how much of the machine hyper itself leaves to pcgate's layers.
 #
 # Each round measures every target once, one after the other: cache hits on
 # /v1/invoices/summary, pass-through on /v1/invoices?size=1 (and the sandbox called directly),
@@ -32,6 +35,7 @@ NGINX=127.0.0.1:18081
 HAPROXY_CACHE=127.0.0.1:18082
 HAPROXY=127.0.0.1:18083
 PINGORA=127.0.0.1:18084
+CEILING=127.0.0.1:18085
 # pcgate's default cache.max_bytes: memory under load may grow by twice this plus a few MiB.
 CACHE_MAX_MIB=64
 
@@ -40,8 +44,9 @@ if ! need wrk || ! need nginx || ! need haproxy || ! need curl; then
   echo "installing wrk, nginx-light, haproxy and curl (Debian packages)" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light haproxy curl >/dev/null
 fi
-cargo build --release --quiet
+cargo build --release --quiet --bin pcgate --example ceiling
 BIN=target/release/pcgate
+CEILING_BIN=target/release/examples/ceiling
 PINGORA_BIN=""
 if need cmake; then
   echo "building the Pingora peer (benches/pingora; the first build takes several minutes)" >&2
@@ -181,11 +186,15 @@ if [ -n "$PINGORA_BIN" ]; then
   wait_for "http://$PINGORA/v1/invoices?size=1"
 fi
 
+"$CEILING_BIN" "$CEILING" "$SANDBOX" "Bearer $TOKEN" >"$WORK/ceiling.log" 2>&1 &
+PIDS+=($!)
+wait_for "http://$CEILING/v1/invoices?size=1"
+
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 
 # Warm the caches.
-for base in "$PCGATE" "$NGINX" "$HAPROXY_CACHE"; do
+for base in "$PCGATE" "$NGINX" "$HAPROXY_CACHE" "$CEILING"; do
   curl -s -o /dev/null "http://$base/v1/invoices/summary"
   curl -s -o /dev/null "http://$base/v1/invoices/summary"
 done
@@ -218,15 +227,16 @@ measure() { # round measure target threads conns url [header]
 }
 PASS_PEERS="nginx haproxy"
 [ -n "$PINGORA_BIN" ] && PASS_PEERS="$PASS_PEERS pingora"
-pass_url() { case $1 in pcgate) echo "http://$PCGATE$PASS" ;; nginx) echo "http://$NGINX$PASS" ;; haproxy) echo "http://$HAPROXY$PASS" ;; pingora) echo "http://$PINGORA$PASS" ;; esac; }
+pass_url() { case $1 in pcgate) echo "http://$PCGATE$PASS" ;; nginx) echo "http://$NGINX$PASS" ;; haproxy) echo "http://$HAPROXY$PASS" ;; pingora) echo "http://$PINGORA$PASS" ;; ceiling) echo "http://$CEILING$PASS" ;; esac; }
 
 for r in $(seq "$ROUNDS"); do
   echo "round $r of $ROUNDS: cache hits, pass-through, one connection (wrk -t$THREADS -c$CONNS -d$DURATION)" >&2
   measure "$r" hit pcgate "$THREADS" "$CONNS" "http://$PCGATE$HIT"
   measure "$r" hit nginx "$THREADS" "$CONNS" "http://$NGINX$HIT"
   measure "$r" hit haproxy "$THREADS" "$CONNS" "http://$HAPROXY_CACHE$HIT"
+  measure "$r" hit ceiling "$THREADS" "$CONNS" "http://$CEILING$HIT"
   measure "$r" pass direct "$THREADS" "$CONNS" "http://$SANDBOX$PASS" "$AUTH"
-  for who in pcgate $PASS_PEERS; do measure "$r" pass "$who" "$THREADS" "$CONNS" "$(pass_url "$who")"; done
+  for who in pcgate $PASS_PEERS ceiling; do measure "$r" pass "$who" "$THREADS" "$CONNS" "$(pass_url "$who")"; done
   # Added latency is what one call pays, so it is measured with one connection, not under queueing.
   measure "$r" one direct 1 1 "http://$SANDBOX$PASS" "$AUTH"
   for who in pcgate $PASS_PEERS; do measure "$r" one "$who" 1 1 "$(pass_url "$who")"; done
@@ -249,10 +259,11 @@ values() { awk -v m="$1" -v w="$2" -v c="$3" '$2==m && $3==w {print $c}' "$RESUL
 median() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) printf "%.6g\n", v[(NR+1)/2]; else printf "%.6g\n", (v[NR/2]+v[NR/2+1])/2}'; }
 spread() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "n/a"; else printf "%.6g-%.6g\n", v[1], v[NR]}'; }
 # Per-round ratio pcgate/peer of column c, or (with "added") of p50 minus the sandbox's.
-ratios() { # measure peer col
-  awk -v m="$1" -v p="$2" -v c="$3" '$2==m && $3=="pcgate" {a[$1]=$c} $2==m && $3==p {b[$1]=$c}
+ratios_of() { # measure who peer col
+  awk -v m="$1" -v w="$2" -v p="$3" -v c="$4" '$2==m && $3==w {a[$1]=$c} $2==m && $3==p {b[$1]=$c}
     END {for (r in a) if (r in b && b[r] > 0) printf "%.2f\n", a[r]/b[r]}' "$RESULTS"
 }
+ratios() { ratios_of "$1" pcgate "$2" "$3"; } # measure peer col
 added() { # target -> per-round p50 added over the sandbox, ms
   awk -v w="$1" '$2=="one" && $3=="direct" {d[$1]=$5} $2=="one" && $3==w {a[$1]=$5}
     END {for (r in a) if (r in d) printf "%.3f\n", a[r]-d[r]}' "$RESULTS"
@@ -267,12 +278,13 @@ mib() { awk "BEGIN {printf \"%.1f\", $1/1024}"; }
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); wrk -t$THREADS -c$CONNS -d$DURATION; $ROUNDS rounds: median (min-max)"
 echo "peers: $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR==1 {print $3}')$([ -n "$PINGORA_BIN" ] && echo ", Pingora 0.9.1")"
-printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' measure pcgate nginx haproxy pingora "sandbox direct"
-printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "---" "---" "---" "---" "---" "---"
+printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' measure pcgate nginx haproxy pingora "sandbox direct" "hyper alone"
+printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "---" "---" "---" "---" "---" "---" "---"
 row() { # label measure col
   local pg="n/a"; [ -n "$PINGORA_BIN" ] && [ "$2" != hit ] && pg=$(cell "$2" pingora "$3")
   local dir="n/a"; [ "$2" != hit ] && dir=$(cell "$2" direct "$3")
-  printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "$1" "$(cell "$2" pcgate "$3")" "$(cell "$2" nginx "$3")" "$(cell "$2" haproxy "$3")" "$pg" "$dir"
+  local ceil="n/a"; [ "$2" != one ] && ceil=$(cell "$2" ceiling "$3")
+  printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "$1" "$(cell "$2" pcgate "$3")" "$(cell "$2" nginx "$3")" "$(cell "$2" haproxy "$3")" "$pg" "$dir" "$ceil"
 }
 row "cache hit: requests/s" hit 4
 row "cache hit: p50 ms" hit 5
@@ -285,17 +297,20 @@ row "pass-through: non-2xx answers" pass 7
 row "one connection: p50 ms" one 5
 added_row() {
   local pg="n/a"; [ -n "$PINGORA_BIN" ] && pg="$(added pingora | median) ($(added pingora | spread))"
-  printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "one connection: p50 added ms" \
+  printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "one connection: p50 added ms" \
     "$(added pcgate | median) ($(added pcgate | spread))" "$(added nginx | median) ($(added nginx | spread))" \
-    "$(added haproxy | median) ($(added haproxy | spread))" "$pg" "0"
+    "$(added haproxy | median) ($(added haproxy | spread))" "$pg" "0" "n/a"
 }
 added_row
-printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "upstream calls, 200 cold identical" "$PC_COLD" "$NG_COLD" "$HA_COLD" "n/a" "n/a"
+printf '| %-34s | %-22s | %-22s | %-22s | %-22s | %-22s | %-22s |\n' "upstream calls, 200 cold identical" "$PC_COLD" "$NG_COLD" "$HA_COLD" "n/a" "n/a" "n/a"
 echo "pcgate resident memory: idle $(mib "$PCGATE_IDLE") MiB, peak under load $(mib "$PCGATE_PEAK") MiB"
 echo
 echo "ratios, pcgate / peer, per round: median (min-max)"
 ratio_line() { # label measure peer col
   printf '  %-44s %s (%s)\n' "$1" "$(ratios "$2" "$3" "$4" | median)" "$(ratios "$2" "$3" "$4" | spread)"
+}
+reference_line() { # label measure who peer col
+  printf '  %-44s %s (%s)\n' "$1" "$(ratios_of "$2" "$3" "$4" "$5" | median)" "$(ratios_of "$2" "$3" "$4" "$5" | spread)"
 }
 ratio_line "cache-hit throughput / nginx proxy_cache" hit nginx 4
 ratio_line "cache-hit throughput / HAProxy cache" hit haproxy 4
@@ -303,6 +318,10 @@ ratio_line "cache-hit p99 / nginx proxy_cache" hit nginx 6
 ratio_line "pass-through throughput / nginx" pass nginx 4
 ratio_line "pass-through throughput / HAProxy" pass haproxy 4
 [ -n "$PINGORA_BIN" ] && ratio_line "pass-through throughput / Pingora" pass pingora 4
+ratio_line "cache-hit throughput / hyper alone" hit ceiling 4
+ratio_line "pass-through throughput / hyper alone" pass ceiling 4
+reference_line "for reference: HAProxy cache / hyper alone" hit haproxy ceiling 4
+reference_line "for reference: nginx pass-through / hyper alone" pass nginx ceiling 4
 printf '  %-44s %s (%s)\n' "one connection: added ms, pcgate - nginx" "$(added_gap nginx | median)" "$(added_gap nginx | spread)"
 
 # Issue 17's targets, judged on the median round.
