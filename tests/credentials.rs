@@ -176,6 +176,7 @@ async fn replays_a_401_once(retry: bool) {
         route.retry = retry;
     }
     let gateway = start_config(config).await;
+    gateway.ready().await;
     assert_eq!(get(&gateway, "/v1/invoices/summary").await.status(), 200);
     let tokens_before = sandbox.count("token").await;
     sandbox.faults(json!({"revoke_tokens": true})).await;
@@ -335,6 +336,7 @@ async fn a_missing_secret_file_is_a_start_up_error_naming_the_credential_and_fil
 async fn a_connection_header_cannot_strip_the_service_token() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
     let gateway = start_config(sandbox.config()).await;
+    gateway.ready().await;
     let response = client()
         .get(gateway.url("/v1/invoices?size=1"))
         .header("Connection", "authorization, x-locale")
@@ -355,6 +357,7 @@ async fn a_connection_header_cannot_strip_the_service_token() {
 async fn an_upstream_that_keeps_refusing_fresh_tokens_does_not_get_a_token_request_per_call() {
     let sandbox = start_sandbox(SandboxOptions::default()).await;
     let gateway = start_config(sandbox.config()).await;
+    gateway.ready().await;
     assert_eq!(get(&gateway, "/v1/invoices?size=1").await.status(), 200);
     let tokens_before = sandbox.count("token").await;
     // Every answer a 401, as when consent or a role is missing.

@@ -45,6 +45,25 @@ impl TestGateway {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Waits (up to 5 s) until `/readyz` answers 200: every credential a route uses holds its
+    /// first token, so the start-up token requests are over. A test that counts token requests
+    /// counts from here, or it races the refreshers' first fetches.
+    pub async fn ready(&self) {
+        let url = format!("http://{}/readyz", self.admin);
+        for _ in 0..250 {
+            if let Ok(response) = client().get(&url).send().await {
+                if response.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "the gateway's /readyz at {} did not answer 200 within 5 s",
+            self.admin
+        );
+    }
+
     /// Starts the graceful shutdown (as SIGTERM would).
     pub fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
