@@ -138,13 +138,14 @@ impl CorrelationVector {
             self.terminated = true;
             return;
         };
-        let next = next.to_string();
+        let mut digits = itoa::Buffer::new();
+        let next = digits.format(next);
         if self.last + next.len() > self.version.max_len() {
             self.terminated = true;
             return;
         }
         self.value.truncate(self.last);
-        self.value.push_str(&next);
+        self.value.push_str(next);
     }
 
     /// Whether the vector has reached its limit and no longer changes.
@@ -161,10 +162,37 @@ impl CorrelationVector {
 impl CorrelationVector {
     /// The vector as a header value (one copy of its text, no string formatted on the way).
     pub fn header_value(&self) -> Option<http::HeaderValue> {
-        if self.terminated {
-            return http::HeaderValue::try_from(self.to_string()).ok();
+        let mut text = Text {
+            bytes: [0; TEXT_MAX],
+            len: 0,
+        };
+        let value = self.value.as_bytes();
+        let end = value.len() + usize::from(self.terminated);
+        if end > TEXT_MAX {
+            return None;
         }
-        http::HeaderValue::from_str(&self.value).ok()
+        text.bytes[..value.len()].copy_from_slice(value);
+        if self.terminated {
+            text.bytes[value.len()] = b'!';
+        }
+        text.len = end;
+        // One allocation that the value's clones share (the request's and the answer's).
+        http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
+    }
+}
+
+/// The longest vector's text: V2's 127 characters and the terminator.
+const TEXT_MAX: usize = 128;
+
+/// A vector's text, owned by the header value made from it.
+struct Text {
+    bytes: [u8; TEXT_MAX],
+    len: usize,
+}
+
+impl AsRef<[u8]> for Text {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 

@@ -324,11 +324,48 @@ impl Metrics {
 
 /// `2xx`, `3xx`, `4xx` or `5xx` (`1xx` too, for completeness).
 pub fn status_class(status: http::StatusCode) -> &'static str {
+    STATUS_CLASSES[status_class_index(status)]
+}
+
+/// [`status_class`]'s index in [`STATUS_CLASSES`].
+pub fn status_class_index(status: http::StatusCode) -> usize {
     match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+/// Each route's series, as handles taken from their families once at start (a handle shares the
+/// series it came from), so a call counts itself without hashing its labels or taking a family's
+/// lock.
+pub struct PerRoute<T>(Vec<(Arc<str>, T)>);
+
+impl<T> PerRoute<T> {
+    /// The series `take` makes for each of `routes`.
+    pub fn new<'a>(
+        routes: impl IntoIterator<Item = &'a str>,
+        mut take: impl FnMut(&Arc<str>) -> T,
+    ) -> Self {
+        PerRoute(
+            routes
+                .into_iter()
+                .map(|route| {
+                    let name = Arc::from(route);
+                    let series = take(&name);
+                    (name, series)
+                })
+                .collect(),
+        )
+    }
+
+    /// The series of `route`, if it is one of those made at start.
+    pub fn get(&self, route: &str) -> Option<&T> {
+        self.0
+            .iter()
+            .find(|(name, _)| &**name == route)
+            .map(|(_, series)| series)
     }
 }

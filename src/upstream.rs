@@ -20,8 +20,8 @@ pub use crate::headers::strip_hop_by_hop;
 use crate::headers::{strip_fixed_hop_by_hop, MS_CV};
 use crate::layer::tracking::CallIds;
 use crate::metrics::{
-    latency_histogram, status_class, Metrics, RouteLabel, UpstreamLabels, STATUS_CLASSES,
-    TRANSPORT_OUTCOMES,
+    latency_histogram, status_class_index, Metrics, PerRoute, RouteLabel, UpstreamLabels,
+    STATUS_CLASSES, TRANSPORT_OUTCOMES,
 };
 use crate::route::Route;
 use prometheus_client::metrics::counter::Counter;
@@ -119,6 +119,38 @@ struct AttemptMetrics {
     requests: Family<UpstreamLabels, Counter>,
     /// `pcgate_upstream_duration_seconds{route}`.
     duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// Each route's series, taken from the families once.
+    routes: PerRoute<AttemptSeries>,
+}
+
+/// One route's attempt series.
+struct AttemptSeries {
+    /// By [`OUTCOMES`] index.
+    requests: [Counter; OUTCOMES.len()],
+    duration: Histogram,
+}
+
+/// An attempt's outcomes: a status class, or how the transport failed.
+const OUTCOMES: [&str; STATUS_CLASSES.len() + TRANSPORT_OUTCOMES.len()] = {
+    let mut all = [""; STATUS_CLASSES.len() + TRANSPORT_OUTCOMES.len()];
+    let mut i = 0;
+    while i < all.len() {
+        all[i] = if i < STATUS_CLASSES.len() {
+            STATUS_CLASSES[i]
+        } else {
+            TRANSPORT_OUTCOMES[i - STATUS_CLASSES.len()]
+        };
+        i += 1;
+    }
+    all
+};
+
+/// `name`'s index in [`OUTCOMES`].
+fn outcome_index(name: &str) -> usize {
+    OUTCOMES
+        .iter()
+        .position(|outcome| *outcome == name)
+        .unwrap_or(OUTCOMES.len() - 1)
 }
 
 impl AttemptMetrics {
@@ -126,18 +158,21 @@ impl AttemptMetrics {
         let requests = Family::<UpstreamLabels, Counter>::default();
         let duration: Family<RouteLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
-        for route in routes {
-            let route: Arc<str> = Arc::from(*route);
-            let _ = duration.get_or_create(&RouteLabel {
-                route: route.clone(),
-            });
-            for outcome in STATUS_CLASSES.into_iter().chain(TRANSPORT_OUTCOMES) {
-                let _ = requests.get_or_create(&UpstreamLabels {
+        let routes = PerRoute::new(routes.iter().copied(), |route| AttemptSeries {
+            requests: OUTCOMES.map(|outcome| {
+                requests
+                    .get_or_create(&UpstreamLabels {
+                        route: route.clone(),
+                        outcome,
+                    })
+                    .clone()
+            }),
+            duration: duration
+                .get_or_create(&RouteLabel {
                     route: route.clone(),
-                    outcome,
-                });
-            }
-        }
+                })
+                .clone(),
+        });
         metrics.register(
             "upstream_requests",
             "Upstream attempts, by route and outcome",
@@ -148,7 +183,32 @@ impl AttemptMetrics {
             "Upstream attempt time to response headers, by route",
             duration.clone(),
         );
-        AttemptMetrics { requests, duration }
+        AttemptMetrics {
+            requests,
+            duration,
+            routes,
+        }
+    }
+
+    /// Counts one attempt of `route` that ended in `outcome` (an [`OUTCOMES`] index).
+    fn count(&self, route: Option<&Arc<str>>, outcome: usize, took: Duration) {
+        let seconds = took.as_secs_f64();
+        if let Some(series) = route.and_then(|route| self.routes.get(route)) {
+            series.requests[outcome].inc();
+            series.duration.observe(seconds);
+            return;
+        }
+        // A route not known at start (none today): its series are made on first use.
+        let route: Arc<str> = route.map_or_else(|| Arc::from(crate::call::NO_ROUTE), Arc::clone);
+        self.requests
+            .get_or_create(&UpstreamLabels {
+                route: route.clone(),
+                outcome: OUTCOMES[outcome],
+            })
+            .inc();
+        self.duration
+            .get_or_create(&RouteLabel { route })
+            .observe(seconds);
     }
 }
 
@@ -199,10 +259,8 @@ impl tower::Service<Request> for Upstream {
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
-        let path_and_query = request
-            .uri()
-            .path_and_query()
-            .map_or("/", PathAndQuery::as_str);
+        let root = PathAndQuery::from_static("/");
+        let path_and_query = request.uri().path_and_query().unwrap_or(&root);
         let uri = match self.0.base.join(path_and_query) {
             Ok(uri) => uri,
             Err(e) => return Box::pin(std::future::ready(Err(e.into()))),
@@ -230,7 +288,7 @@ impl tower::Service<Request> for Upstream {
         let route = request
             .extensions()
             .get::<Arc<Route>>()
-            .map_or_else(|| Arc::from(crate::call::NO_ROUTE), |r| r.name.clone());
+            .map(|route| route.name.clone());
         let caller_body = request.extensions().get::<body::ClientBody>().cloned();
         let clients = &self.0.clients;
         let sent = clients[crate::server::lane() % clients.len()].request(request);
@@ -241,22 +299,12 @@ impl tower::Service<Request> for Upstream {
             let started = tokio::time::Instant::now();
             let result = tokio::time::timeout(limit, sent).await;
             let outcome = match &result {
-                Ok(Ok(response)) => status_class(response.status()),
-                Ok(Err(e)) if e.is_connect() => "connect_error",
-                Ok(Err(_)) => "error",
-                Err(_) => "timeout",
+                Ok(Ok(response)) => status_class_index(response.status()),
+                Ok(Err(e)) if e.is_connect() => outcome_index("connect_error"),
+                Ok(Err(_)) => outcome_index("error"),
+                Err(_) => outcome_index("timeout"),
             };
-            metrics
-                .requests
-                .get_or_create(&UpstreamLabels {
-                    route: route.clone(),
-                    outcome,
-                })
-                .inc();
-            metrics
-                .duration
-                .get_or_create(&RouteLabel { route })
-                .observe(started.elapsed().as_secs_f64());
+            metrics.count(route.as_ref(), outcome, started.elapsed());
             let response = match result {
                 Err(_) => return Err(UpstreamError::Timeout(limit).into()),
                 Ok(Err(e)) if e.is_connect() => {

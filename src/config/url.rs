@@ -100,12 +100,13 @@ impl BaseUrl {
         self.scheme == Scheme::HTTP && !is_loopback_host(self.authority.host())
     }
 
-    /// The absolute upstream URI for an origin-form path and query.
-    pub fn join(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+    /// The absolute upstream URI for an origin-form path and query (without a base path, the
+    /// caller's own, shared rather than parsed again).
+    pub fn join(&self, path_and_query: &PathAndQuery) -> Result<Uri, http::Error> {
         let pq: PathAndQuery = if self.prefix.is_empty() {
-            path_and_query.parse()?
+            path_and_query.clone()
         } else {
-            format!("{}{}", self.prefix, path_and_query).parse()?
+            format!("{}{}", self.prefix, path_and_query.as_str()).parse()?
         };
         Uri::builder()
             .scheme(self.scheme.clone())
@@ -183,12 +184,16 @@ mod tests {
     fn base_url_joins_paths() {
         let base = BaseUrl::parse("https://api.example.com").unwrap();
         assert_eq!(
-            base.join("/v1/invoices?size=2").unwrap().to_string(),
+            base.join(&PathAndQuery::from_static("/v1/invoices?size=2"))
+                .unwrap()
+                .to_string(),
             "https://api.example.com/v1/invoices?size=2"
         );
         let base = BaseUrl::parse("http://127.0.0.1:9000/prefix/").unwrap();
         assert_eq!(
-            base.join("/v1/invoices").unwrap().to_string(),
+            base.join(&PathAndQuery::from_static("/v1/invoices"))
+                .unwrap()
+                .to_string(),
             "http://127.0.0.1:9000/prefix/v1/invoices"
         );
         assert_eq!(base.as_str(), "http://127.0.0.1:9000/prefix/");

@@ -16,7 +16,8 @@ pub use crate::call::CallInfo;
 use crate::call::NO_ROUTE;
 use crate::headers::{MS_CORRELATION_ID, MS_REQUEST_ID};
 use crate::metrics::{
-    latency_histogram, status_class, Metrics, RouteLabel, RouteStatus, STATUS_CLASSES,
+    latency_histogram, status_class_index, Metrics, PerRoute, RouteLabel, RouteStatus,
+    STATUS_CLASSES,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,16 +26,16 @@ use prometheus_client::metrics::histogram::Histogram;
 
 /// The call metrics, registered by this layer: every route's series exist from start.
 struct CallMetrics {
-    /// Each route's series (and those of calls no route matched, last), taken from the families
-    /// once, so a call counts itself without hashing labels or taking the families' lock.
-    routes: Vec<RouteSeries>,
+    /// Each route's series.
+    routes: PerRoute<RouteSeries>,
+    /// The series of calls no route matched ([`NO_ROUTE`]).
+    unmatched: RouteSeries,
     /// `pcgate_inflight_requests`.
     inflight: Gauge,
 }
 
-/// One route's series: handles on the same counters and histogram its families export.
+/// One route's call series.
 struct RouteSeries {
-    name: Arc<str>,
     /// `pcgate_requests_total{route,status}`, by [`STATUS_CLASSES`] index.
     requests: [Counter; STATUS_CLASSES.len()],
     /// `pcgate_request_duration_seconds{route}`.
@@ -42,57 +43,27 @@ struct RouteSeries {
 }
 
 impl CallMetrics {
-    /// The series of the route `access` matched, else those of calls no route matched.
-    fn series(&self, route: Option<&str>) -> &RouteSeries {
-        let (unmatched, routes) = self.routes.split_last().expect("NO_ROUTE's series");
-        route
-            .and_then(|route| routes.iter().find(|series| &*series.name == route))
-            .unwrap_or(unmatched)
-    }
-}
-
-/// `status_class`'s index in [`STATUS_CLASSES`].
-fn class_index(status: http::StatusCode) -> usize {
-    let class = status_class(status);
-    STATUS_CLASSES
-        .iter()
-        .position(|c| *c == class)
-        .unwrap_or(STATUS_CLASSES.len() - 1)
-}
-
-impl CallMetrics {
     fn register(metrics: &Metrics, routes: &[&str]) -> CallMetrics {
         let requests = Family::<RouteStatus, Counter>::default();
         let duration: Family<RouteLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
-        // NO_ROUTE last, where `series` looks for it; a route of that name shares its series.
-        let series = routes
-            .iter()
-            .copied()
-            .filter(|route| *route != NO_ROUTE)
-            .chain([NO_ROUTE])
-            .map(|route| {
-                let name: Arc<str> = Arc::from(route);
-                let duration = duration
-                    .get_or_create(&RouteLabel {
-                        route: name.clone(),
+        let series = |route: &Arc<str>| RouteSeries {
+            requests: STATUS_CLASSES.map(|status| {
+                requests
+                    .get_or_create(&RouteStatus {
+                        route: route.clone(),
+                        status,
                     })
-                    .clone();
-                let requests = STATUS_CLASSES.map(|status| {
-                    requests
-                        .get_or_create(&RouteStatus {
-                            route: name.clone(),
-                            status,
-                        })
-                        .clone()
-                });
-                RouteSeries {
-                    name,
-                    requests,
-                    duration,
-                }
-            })
-            .collect();
+                    .clone()
+            }),
+            duration: duration
+                .get_or_create(&RouteLabel {
+                    route: route.clone(),
+                })
+                .clone(),
+        };
+        let unmatched = series(&Arc::from(NO_ROUTE));
+        let routes = PerRoute::new(routes.iter().copied(), series);
         let inflight = Gauge::default();
         metrics.register(
             "requests",
@@ -110,9 +81,17 @@ impl CallMetrics {
             inflight.clone(),
         );
         CallMetrics {
-            routes: series,
+            routes,
+            unmatched,
             inflight,
         }
+    }
+
+    /// The series of the route `access` matched, else those of calls no route matched.
+    fn series(&self, route: Option<&str>) -> &RouteSeries {
+        route
+            .and_then(|route| self.routes.get(route))
+            .unwrap_or(&self.unmatched)
     }
 }
 
@@ -193,7 +172,7 @@ where
             let elapsed = started.elapsed();
             let status = response.status();
             let series = metrics.series(info.matched_route());
-            series.requests[class_index(status)].inc();
+            series.requests[status_class_index(status)].inc();
             series.duration.observe(elapsed.as_secs_f64());
             if let Some((method, uri)) = logged {
                 let header = |name| {

@@ -65,7 +65,21 @@ pub struct CallIds {
     pub request_id: HeaderValue,
     /// `MS-CorrelationId`.
     pub correlation_id: HeaderValue,
-    cv: Option<Arc<Mutex<CorrelationVector>>>,
+    cv: Option<Arc<Mutex<Vector>>>,
+}
+
+/// A call's correlation vector, and its value as last sent upstream: the answer is stamped with
+/// that same value, not a copy made again.
+#[derive(Debug)]
+struct Vector {
+    cv: CorrelationVector,
+    sent: Option<HeaderValue>,
+}
+
+impl Vector {
+    fn new(cv: CorrelationVector) -> Arc<Mutex<Vector>> {
+        Arc::new(Mutex::new(Vector { cv, sent: None }))
+    }
 }
 
 impl CallIds {
@@ -74,7 +88,7 @@ impl CallIds {
         CallIds {
             request_id: new_guid(),
             correlation_id: new_guid(),
-            cv: correlation_vector.then(|| Arc::new(Mutex::new(CorrelationVector::seed()))),
+            cv: correlation_vector.then(|| Vector::new(CorrelationVector::seed())),
         }
     }
 
@@ -99,7 +113,7 @@ impl CallIds {
                 }
                 None => CorrelationVector::seed(),
             };
-            Arc::new(Mutex::new(cv))
+            Vector::new(cv)
         });
         Ok(CallIds {
             request_id,
@@ -110,19 +124,20 @@ impl CallIds {
 
     /// Increments the vector for the next upstream attempt and returns it (`None` when disabled).
     pub fn next_cv(&self) -> Option<HeaderValue> {
-        let cv = self.cv.as_ref()?;
-        let mut cv = cv.lock().unwrap_or_else(|e| e.into_inner());
-        cv.increment();
-        cv.header_value()
+        let vector = self.cv.as_ref()?;
+        let mut vector = vector.lock().unwrap_or_else(|e| e.into_inner());
+        vector.cv.increment();
+        vector.sent = vector.cv.header_value();
+        vector.sent.clone()
     }
 
     /// The vector as it stands (the last one sent upstream, or the extended inbound one).
     pub fn cv(&self) -> Option<HeaderValue> {
-        self.cv
-            .as_ref()?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .header_value()
+        let vector = self.cv.as_ref()?.lock().unwrap_or_else(|e| e.into_inner());
+        match &vector.sent {
+            Some(sent) => Some(sent.clone()),
+            None => vector.cv.header_value(),
+        }
     }
 
     /// Puts the ids on a response.

@@ -117,11 +117,11 @@ impl Visit for Pairs<'_, '_> {
     }
 
     fn record_i64(&mut self, field: &Field, v: i64) {
-        self.pair(field, |out| write!(out, "{v}"));
+        self.pair(field, |out| out.write_str(itoa::Buffer::new().format(v)));
     }
 
     fn record_u64(&mut self, field: &Field, v: u64) {
-        self.pair(field, |out| write!(out, "{v}"));
+        self.pair(field, |out| out.write_str(itoa::Buffer::new().format(v)));
     }
 
     fn record_bool(&mut self, field: &Field, v: bool) {
@@ -301,7 +301,9 @@ where
         let meta = event.metadata();
         writer.write_str("{\"timestamp\":\"")?;
         timestamp(&mut writer)?;
-        write!(writer, "\",\"level\":\"{}\"", meta.level())?;
+        writer.write_str("\",\"level\":\"")?;
+        writer.write_str(meta.level().as_str())?;
+        writer.write_char('"')?;
         let mut pairs = Pairs {
             out: &mut writer,
             first: false,
