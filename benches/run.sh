@@ -10,7 +10,7 @@
 # present, a minimal Pingora pass-through proxy built from benches/pingora. Every proxy sets the
 # same `Authorization: Bearer` header, keeps upstream connections alive, and caches 200s for 5
 # minutes where it caches; the peers write no access log. Beside them, for reference and not as
-# a peer, "hyper alone" (examples/ceiling.rs): the same runtime shape as pcgate with nothing
+# a peer, "hyper alone" (benches/ceiling): the same runtime shape as pcgate with nothing
 # else on the path, a kept answer for hits and a bare proxy for pass-through, so the table shows
 # how much of the machine hyper itself leaves to pcgate's layers.
 #
@@ -44,9 +44,11 @@ if ! need wrk || ! need nginx || ! need haproxy || ! need curl; then
   echo "installing wrk, nginx-light, haproxy and curl (Debian packages)" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light haproxy curl >/dev/null
 fi
-cargo build --release --quiet --bin pcgate --example ceiling
+cargo build --release --quiet
 BIN=target/release/pcgate
-CEILING_BIN=target/release/examples/ceiling
+# Its own project, so pcgate's binary keeps its own features (see its Cargo.toml).
+(cd benches/ceiling && cargo build --release --quiet)
+CEILING_BIN=benches/ceiling/target/release/ceiling
 PINGORA_BIN=""
 if need cmake; then
   echo "building the Pingora peer (benches/pingora; the first build takes several minutes)" >&2

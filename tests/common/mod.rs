@@ -45,12 +45,13 @@ impl TestGateway {
         format!("http://{}{path}", self.addr)
     }
 
-    /// Waits (up to 5 s) until `/readyz` answers 200: every credential a route uses holds its
-    /// first token, so the start-up token requests are over. A test that counts token requests
-    /// counts from here, or it races the refreshers' first fetches.
+    /// Waits (up to [`WAIT`]) until `/readyz` answers 200: every credential a route uses holds
+    /// its first token, so the start-up token requests are over. A test that counts token
+    /// requests counts from here, or it races the refreshers' first fetches.
     pub async fn ready(&self) {
         let url = format!("http://{}/readyz", self.admin);
-        for _ in 0..250 {
+        let started = std::time::Instant::now();
+        while started.elapsed() < WAIT {
             if let Ok(response) = client().get(&url).send().await {
                 if response.status() == 200 {
                     return;
@@ -59,7 +60,7 @@ impl TestGateway {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!(
-            "the gateway's /readyz at {} did not answer 200 within 5 s",
+            "the gateway's /readyz at {} did not answer 200 within {WAIT:?}",
             self.admin
         );
     }

@@ -1,0 +1,191 @@
+//! "hyper alone", for `benches/run.sh` to set beside pcgate: pcgate's runtime shape (one
+//! single-threaded runtime per core, each with its own listener and upstream client, jemalloc)
+//! with nothing else on the path. No ids, no metrics, no log, no access rules, no cache policy,
+//! no deadline, no retry.
+//!
+//!     ceiling <listen> <upstream host:port> <authorization value>
+//!
+//! - `GET /v1/invoices/summary` (no query) is answered from the first 200 the upstream gave for
+//!   it, kept as it came: the least a cache hit can cost.
+//! - Anything else goes to the upstream with the given `Authorization`, over kept-alive
+//!   connections: the least a pass-through call can cost. A failed upstream call is a 502.
+//!
+//! Each thread listens on its own socket (`SO_REUSEPORT`), so the kernel spreads the connections
+//! over the threads. `TOKIO_WORKER_THREADS` sets the number of threads, as it sets pcgate's
+//! lanes; by default one per core, at most 8.
+//!
+//! A benchmark reference, not part of pcgate: it trusts its upstream and its one caller.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
+type Upstream = Client<HttpConnector, Full<Bytes>>;
+
+/// The summary answer kept for hits: its head and body.
+type Kept = Arc<OnceLock<(http::response::Parts, Bytes)>>;
+
+/// What every thread shares.
+struct Setup {
+    upstream: String,
+    authorization: HeaderValue,
+    kept: Kept,
+}
+
+/// pcgate's own cap on its default number of lanes.
+const MAX_THREADS: usize = 8;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (Some(listen), Some(upstream), Some(authorization)) =
+        (args.next(), args.next(), args.next())
+    else {
+        eprintln!("usage: ceiling <listen> <upstream host:port> <authorization value>");
+        std::process::exit(2);
+    };
+    let listen: SocketAddr = listen.parse().expect("listen address");
+    let setup = Arc::new(Setup {
+        upstream,
+        authorization: authorization.parse().expect("authorization value"),
+        kept: Arc::default(),
+    });
+    let threads = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
+        });
+    let lanes: Vec<_> = (0..threads)
+        .map(|_| {
+            let listener = reuse_port(listen);
+            let setup = setup.clone();
+            std::thread::spawn(move || lane(listener, setup))
+        })
+        .collect();
+    for lane in lanes {
+        let _ = lane.join();
+    }
+}
+
+/// A listening socket on `addr` that other threads' sockets share (`SO_REUSEPORT`).
+fn reuse_port(addr: SocketAddr) -> std::net::TcpListener {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket.set_reuse_port(true).expect("SO_REUSEPORT");
+    socket.set_nonblocking(true).expect("non-blocking");
+    socket.bind(&addr.into()).expect("bind");
+    socket.listen(1024).expect("listen");
+    socket.into()
+}
+
+/// One thread: its own runtime, accept loop and upstream client.
+fn lane(listener: std::net::TcpListener, setup: Arc<Setup>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let client: Upstream = Client::builder(TokioExecutor::new()).build_http();
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors, say: wait rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (client, setup) = (client.clone(), setup.clone());
+            let service = hyper::service::service_fn(move |request| {
+                answer(request, client.clone(), setup.clone())
+            });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    client: Upstream,
+    setup: Arc<Setup>,
+) -> Result<Response<Body>, Infallible> {
+    let cached = request.uri().path() == "/v1/invoices/summary" && request.uri().query().is_none();
+    if cached {
+        if let Some((head, body)) = setup.kept.get() {
+            return Ok(full(head.clone(), body.clone()));
+        }
+    }
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let Ok(uri) = format!("http://{}{target}", setup.upstream).parse::<http::Uri>() else {
+        return Ok(status(StatusCode::BAD_REQUEST));
+    };
+    let mut upstream = Request::get(uri);
+    if let Some(headers) = upstream.headers_mut() {
+        for name in [header::ACCEPT, header::ACCEPT_ENCODING] {
+            if let Some(value) = request.headers().get(&name) {
+                headers.insert(name, value.clone());
+            }
+        }
+        headers.insert(header::AUTHORIZATION, setup.authorization.clone());
+    }
+    let Ok(upstream) = upstream.body(Full::new(Bytes::new())) else {
+        return Ok(status(StatusCode::BAD_REQUEST));
+    };
+    let Ok(response) = client.request(upstream).await else {
+        return Ok(status(StatusCode::BAD_GATEWAY));
+    };
+    if !(cached && response.status() == StatusCode::OK) {
+        return Ok(response.map(BodyExt::boxed_unsync));
+    }
+    let (mut head, body) = response.into_parts();
+    let Ok(body) = body.collect().await.map(|body| body.to_bytes()) else {
+        return Ok(status(StatusCode::BAD_GATEWAY));
+    };
+    for name in [header::CONNECTION, header::TRANSFER_ENCODING] {
+        head.headers.remove(name);
+    }
+    head.headers
+        .insert(header::CONTENT_LENGTH, body.len().into());
+    let _ = setup.kept.set((head.clone(), body.clone()));
+    Ok(full(head, body))
+}
+
+fn full(head: http::response::Parts, body: Bytes) -> Response<Body> {
+    Response::from_parts(
+        head,
+        Full::new(body)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    )
+}
+
+fn status(status: StatusCode) -> Response<Body> {
+    let mut response = full(Response::new(()).into_parts().0, Bytes::new());
+    *response.status_mut() = status;
+    response
+}
