@@ -259,9 +259,11 @@ impl tower::Service<Request> for Upstream {
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
-        let root = PathAndQuery::from_static("/");
-        let path_and_query = request.uri().path_and_query().unwrap_or(&root);
-        let uri = match self.0.base.join(path_and_query) {
+        let joined = match request.uri().path_and_query() {
+            Some(path_and_query) => self.0.base.join(path_and_query),
+            None => self.0.base.join(&PathAndQuery::from_static("/")),
+        };
+        let uri = match joined {
             Ok(uri) => uri,
             Err(e) => return Box::pin(std::future::ready(Err(e.into()))),
         };
