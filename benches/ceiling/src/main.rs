@@ -10,6 +10,10 @@
 //! - Anything else goes to the upstream with the given `Authorization`, over kept-alive
 //!   connections: the least a pass-through call can cost. A failed upstream call is a 502.
 //!
+//! `CEILING_CLIENT=conn` swaps hyper-util's pooled client for hyper's own HTTP/1 connections
+//! in a pool of the thread's (no lock contention, no task spawned per call to return a
+//! connection): what a pcgate-owned client could save at most (README, Performance).
+//!
 //! Each thread listens on its own socket (`SO_REUSEPORT`), so the kernel spreads the connections
 //! over the threads. `TOKIO_WORKER_THREADS` sets the number of threads, as it sets pcgate's
 //! lanes; by default one per core, at most 8.
@@ -18,13 +22,15 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -33,7 +39,137 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
-type Upstream = Client<HttpConnector, Full<Bytes>>;
+
+/// A thread's upstream client.
+// Unboxed, so that the default client is cloned for each call as before the `conn` mode.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+enum Upstream {
+    /// hyper-util's pooled client, as pcgate uses it.
+    Legacy(Client<HttpConnector, Full<Bytes>>, Arc<str>),
+    /// hyper's HTTP/1 connections, kept idle in the thread's own list (`CEILING_CLIENT=conn`).
+    Conn(Pool),
+}
+
+impl Upstream {
+    fn new(upstream: &str) -> Upstream {
+        if std::env::var("CEILING_CLIENT").is_ok_and(|client| client == "conn") {
+            Upstream::Conn(Pool {
+                addr: upstream.into(),
+                host: HeaderValue::from_str(upstream).expect("upstream host:port"),
+                idle: Arc::default(),
+            })
+        } else {
+            let client = Client::builder(TokioExecutor::new()).build_http();
+            Upstream::Legacy(client, upstream.into())
+        }
+    }
+
+    /// The URI a request for `target` (a path and query) is sent to.
+    fn uri(&self, target: &str) -> Option<http::Uri> {
+        match self {
+            Upstream::Legacy(_, authority) => format!("http://{authority}{target}").parse().ok(),
+            // HTTP/1 in origin form; the pool adds `Host`.
+            Upstream::Conn(_) => target.parse().ok(),
+        }
+    }
+
+    async fn request(&self, request: Request<Full<Bytes>>) -> Result<Response<Body>, ()> {
+        match self {
+            Upstream::Legacy(client, _) => {
+                let response = client.request(request).await.map_err(|_| ())?;
+                Ok(response.map(BodyExt::boxed_unsync))
+            }
+            Upstream::Conn(pool) => pool.request(request).await,
+        }
+    }
+}
+
+/// One thread's idle HTTP/1 connections to the upstream: a connection is taken for a call and
+/// given back when the answer's body has ended.
+#[derive(Clone)]
+struct Pool {
+    addr: Arc<str>,
+    host: HeaderValue,
+    idle: Arc<Mutex<Vec<Sender>>>,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+impl Pool {
+    async fn request(&self, mut request: Request<Full<Bytes>>) -> Result<Response<Body>, ()> {
+        let mut sender = loop {
+            let idle = self.idle.lock().map_err(|_| ())?.pop();
+            match idle {
+                Some(sender) if sender.is_closed() => continue,
+                Some(sender) => break sender,
+                None => {
+                    let stream = tokio::net::TcpStream::connect(&*self.addr)
+                        .await
+                        .map_err(|_| ())?;
+                    let _ = stream.set_nodelay(true);
+                    let (sender, connection) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                            .await
+                            .map_err(|_| ())?;
+                    tokio::spawn(connection);
+                    break sender;
+                }
+            }
+        };
+        request
+            .headers_mut()
+            .insert(header::HOST, self.host.clone());
+        sender.ready().await.map_err(|_| ())?;
+        let response = sender.send_request(request).await.map_err(|_| ())?;
+        let pool = self.clone();
+        Ok(response.map(move |incoming| {
+            GiveBack {
+                incoming,
+                home: Some((sender, pool)),
+            }
+            .boxed_unsync()
+        }))
+    }
+}
+
+/// An answer's body that gives its connection back to the pool once it has ended; dropped
+/// before, it closes the connection.
+struct GiveBack {
+    incoming: Incoming,
+    home: Option<(Sender, Pool)>,
+}
+
+impl hyper::body::Body for GiveBack {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.incoming).poll_frame(cx);
+        let ended = matches!(polled, Poll::Ready(None))
+            || (matches!(polled, Poll::Ready(Some(Ok(_)))) && this.incoming.is_end_stream());
+        if ended {
+            if let Some((sender, pool)) = this.home.take() {
+                if let Ok(mut idle) = pool.idle.lock() {
+                    idle.push(sender);
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.incoming.size_hint()
+    }
+}
 
 /// The summary answer kept for hits: its head and body.
 type Kept = Arc<OnceLock<(http::response::Parts, Bytes)>>;
@@ -101,7 +237,7 @@ fn lane(listener: std::net::TcpListener, setup: Arc<Setup>) {
         .expect("runtime");
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-        let client: Upstream = Client::builder(TokioExecutor::new()).build_http();
+        let client = Upstream::new(&setup.upstream);
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -141,7 +277,7 @@ async fn answer(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned();
-    let Ok(uri) = format!("http://{}{target}", setup.upstream).parse::<http::Uri>() else {
+    let Some(uri) = client.uri(&target) else {
         return Ok(status(StatusCode::BAD_REQUEST));
     };
     let mut upstream = Request::get(uri);
@@ -160,7 +296,7 @@ async fn answer(
         return Ok(status(StatusCode::BAD_GATEWAY));
     };
     if !(cached && response.status() == StatusCode::OK) {
-        return Ok(response.map(BodyExt::boxed_unsync));
+        return Ok(response);
     }
     let (mut head, body) = response.into_parts();
     let Ok(body) = body.collect().await.map(|body| body.to_bytes()) else {
