@@ -38,15 +38,20 @@ impl HostRule {
     /// Checks the request's host: `:authority` (HTTP/2, absolute form) or else `Host`. A request
     /// with neither (HTTP/1.0) names no host and passes: a browser always sends one.
     pub fn check_host<B>(&self, request: &http::Request<B>) -> Result<(), HostError> {
+        // Borrowed, not copied: a valid UTF-8 `Host` (every real one) is read where it is.
+        let sent;
         let host = match request.uri().authority() {
-            Some(authority) => Some(authority.host().to_owned()),
-            None => request
-                .headers()
-                .get(header::HOST)
-                .map(|v| host_of(&String::from_utf8_lossy(v.as_bytes())).to_owned()),
+            Some(authority) => Some(authority.host()),
+            None => match request.headers().get(header::HOST) {
+                Some(value) => {
+                    sent = String::from_utf8_lossy(value.as_bytes());
+                    Some(host_of(&sent))
+                }
+                None => None,
+            },
         };
         match host {
-            Some(host) if !self.allows(&host) => Err(HostError::Misdirected(printable(&host))),
+            Some(host) if !self.allows(host) => Err(HostError::Misdirected(printable(host))),
             _ => Ok(()),
         }
     }

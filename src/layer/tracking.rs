@@ -85,9 +85,10 @@ impl Vector {
 impl CallIds {
     /// New ids for a call (and a seeded vector when enabled).
     pub fn fresh(correlation_vector: bool) -> CallIds {
+        let (request_id, correlation_id) = new_guids();
         CallIds {
-            request_id: new_guid(),
-            correlation_id: new_guid(),
+            request_id,
+            correlation_id,
             cv: correlation_vector.then(|| Vector::new(CorrelationVector::seed())),
         }
     }
@@ -97,8 +98,15 @@ impl CallIds {
         headers: &HeaderMap,
         correlation_vector: bool,
     ) -> Result<CallIds, BadTrackingHeader> {
-        let request_id = guid_or_new(headers, &MS_REQUEST_ID, "MS-RequestId")?;
-        let correlation_id = guid_or_new(headers, &MS_CORRELATION_ID, "MS-CorrelationId")?;
+        let (request_id, correlation_id) =
+            match (headers.get(MS_REQUEST_ID), headers.get(MS_CORRELATION_ID)) {
+                // The usual call: both made here, in one allocation.
+                (None, None) => new_guids(),
+                _ => (
+                    guid_or_new(headers, &MS_REQUEST_ID, "MS-RequestId")?,
+                    guid_or_new(headers, &MS_CORRELATION_ID, "MS-CorrelationId")?,
+                ),
+            };
         let cv = correlation_vector.then(|| {
             let inbound = headers.get(MS_CV).map(|v| (v, v.to_str().ok().map(CorrelationVector::parse)));
             let cv = match inbound {
@@ -156,6 +164,19 @@ fn new_guid() -> HeaderValue {
     let uuid = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
     let mut buf = uuid::Uuid::encode_buffer();
     guid_value(uuid.hyphenated().encode_lower(&mut buf))
+}
+
+/// Two new GUIDs (a request id and a correlation id) as header values sharing one allocation.
+fn new_guids() -> (HeaderValue, HeaderValue) {
+    let mut both = [0u8; 72];
+    for half in both.chunks_exact_mut(36) {
+        let uuid = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
+        uuid.hyphenated().encode_lower(half);
+    }
+    let both = bytes::Bytes::from_owner(both);
+    let value =
+        |bytes| HeaderValue::from_maybe_shared(bytes).expect("a UUID is a valid header value");
+    (value(both.slice(..36)), value(both.slice(36..)))
 }
 
 /// A hyphenated GUID as a header value, in one allocation that its clones share: the ids are

@@ -1,7 +1,7 @@
 //! What the cache did for a call: the [`CacheStatus`] label (metrics, logs) and the
 //! `Cache-Status` header value (RFC 9211) it is derived from, rendered in one place.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -166,37 +166,43 @@ impl CacheStatusHeader {
 
     /// The header value: `pcgate; hit; ttl=12`, `pcgate; fwd=miss; stored`, ...
     pub fn render(&self) -> HeaderValue {
-        // Room for the longest value (`pcgate; fwd=stale; fwd-status=503; ttl=-86400; stored;
-        // detail=...`), so the text is written in one allocation.
-        let mut text = String::with_capacity(96);
-        text.push_str(CACHE_NAME);
-        // Writing to a String cannot fail.
-        if self.hit {
-            text.push_str("; hit");
-        }
-        if let Some(fwd) = self.fwd {
-            let _ = write!(text, "; fwd={}", fwd.as_str());
-        }
-        if let Some(status) = self.fwd_status {
-            let _ = write!(text, "; fwd-status={status}");
-        }
-        match self.ttl {
-            Some(Ttl::Left(secs)) => {
-                let _ = write!(text, "; ttl={secs}");
+        // Written on the stack and copied once into the value: the longest
+        // (`pcgate; hit; fwd=request; fwd-status=65535; ttl=-18446744073709551615; stored;
+        // detail=stale-while-revalidate`) is 108 bytes; a longer one would be cut short, and
+        // is written as the name alone.
+        let mut text = [0u8; 128];
+        let mut out = std::io::Cursor::new(&mut text[..]);
+        let written = (|| {
+            out.write_all(CACHE_NAME.as_bytes())?;
+            if self.hit {
+                out.write_all(b"; hit")?;
             }
-            Some(Ttl::Over(secs)) => {
-                let _ = write!(text, "; ttl=-{secs}");
+            if let Some(fwd) = self.fwd {
+                write!(out, "; fwd={}", fwd.as_str())?;
             }
-            None => {}
-        }
-        if self.stored {
-            text.push_str("; stored");
-        }
-        if let Some(detail) = self.detail {
-            let _ = write!(text, "; detail={}", detail.as_str());
-        }
+            if let Some(status) = self.fwd_status {
+                write!(out, "; fwd-status={status}")?;
+            }
+            match self.ttl {
+                Some(Ttl::Left(secs)) => write!(out, "; ttl={secs}")?,
+                Some(Ttl::Over(secs)) => write!(out, "; ttl=-{secs}")?,
+                None => {}
+            }
+            if self.stored {
+                out.write_all(b"; stored")?;
+            }
+            if let Some(detail) = self.detail {
+                write!(out, "; detail={}", detail.as_str())?;
+            }
+            std::io::Result::Ok(())
+        })();
+        let len = usize::try_from(out.position()).unwrap_or(0);
         // Only ASCII letters, digits and punctuation go in.
-        HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static(CACHE_NAME))
+        match written {
+            Ok(()) => HeaderValue::from_bytes(&text[..len]),
+            Err(_) => Ok(HeaderValue::from_static(CACHE_NAME)),
+        }
+        .unwrap_or_else(|_| HeaderValue::from_static(CACHE_NAME))
     }
 }
 
@@ -280,6 +286,23 @@ mod tests {
         assert_eq!(
             header.render(),
             "pcgate; fwd=stale; fwd-status=503; ttl=-4; stored; detail=stale-while-revalidate"
+        );
+    }
+
+    #[test]
+    fn the_longest_value_is_written_whole() {
+        let header = CacheStatusHeader {
+            hit: true,
+            fwd: Some(Forward::Request),
+            fwd_status: Some(u16::MAX),
+            ttl: Some(Ttl::Over(u64::MAX)),
+            stored: true,
+            detail: Some(Detail::StaleWhileRevalidate),
+        };
+        assert_eq!(
+            header.render(),
+            "pcgate; hit; fwd=request; fwd-status=65535; ttl=-18446744073709551615; stored; \
+             detail=stale-while-revalidate"
         );
     }
 }
