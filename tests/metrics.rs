@@ -40,6 +40,9 @@ async fn counters_move_by_exactly_what_the_calls_did() {
     // The App+User route, so the `user` token was surely used.
     assert_eq!(get("/v1/invoices/summaries").await, 200);
 
+    // The process's CPU time counts in clock ticks (10 ms): a release build can serve all of
+    // the above in less than one. Two ticks' worth of work first, so the counter must show some.
+    burn_cpu(std::time::Duration::from_millis(20));
     let (text, m) = scrape(&gateway).await;
     let v = |series: &str| {
         m.get(series)
@@ -170,4 +173,30 @@ async fn every_known_series_is_exported_at_zero_before_the_first_call() {
         !text.contains(r#"pcgate_coalesced_requests_total{route="invoice_documents""#),
         "{text}"
     );
+}
+
+/// Keeps this thread busy for `cpu` of its own CPU time (read from `/proc/thread-self/stat`), or
+/// ten times that of wall time at most.
+fn burn_cpu(cpu: std::time::Duration) {
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+        // utime and stime: fields 14 and 15, after the command in parentheses.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        field(11) + field(12)
+    };
+    let (start, began) = (ticks(), std::time::Instant::now());
+    let wanted = cpu.as_millis().div_ceil(10) as u64;
+    let mut x = 0u64;
+    while ticks() < start + wanted && began.elapsed() < cpu * 10 {
+        for i in 0..10_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+    }
 }
