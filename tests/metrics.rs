@@ -175,26 +175,25 @@ async fn every_known_series_is_exported_at_zero_before_the_first_call() {
     );
 }
 
-/// Keeps this thread busy for `cpu` of its own CPU time (read from `/proc/thread-self/stat`), or
-/// ten times that of wall time at most.
+/// Keeps this thread busy until it has used `cpu` of its own CPU time (read from
+/// `/proc/thread-self/stat`, in clock ticks); fails if a busy machine gives it less within 5 s.
 fn burn_cpu(cpu: std::time::Duration) {
     let ticks = || -> u64 {
         let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
         // utime and stime: fields 14 and 15, after the command in parentheses.
         let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
         let fields: Vec<&str> = after.split_whitespace().collect();
-        let field = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
         field(11) + field(12)
     };
     let (start, began) = (ticks(), std::time::Instant::now());
-    let wanted = cpu.as_millis().div_ceil(10) as u64;
+    let wanted = start + cpu.as_millis().div_ceil(10) as u64;
     let mut x = 0u64;
-    while ticks() < start + wanted && began.elapsed() < cpu * 10 {
+    while ticks() < wanted {
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(5),
+            "this thread got less than {cpu:?} of CPU in 5 s"
+        );
         for i in 0..10_000u64 {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
         }
