@@ -196,7 +196,8 @@ if [ -n "$PINGORA_BIN" ]; then
   wait_for "http://$PINGORA/v1/invoices?size=1"
 fi
 
-"$CEILING_BIN" "$CEILING" "$SANDBOX" "Bearer $TOKEN" >"$WORK/ceiling.log" 2>&1 &
+# Always the default client (hyper-util's, as pcgate uses), whatever the shell exports.
+env -u CEILING_CLIENT "$CEILING_BIN" "$CEILING" "$SANDBOX" "Bearer $TOKEN" >"$WORK/ceiling.log" 2>&1 &
 PIDS+=($!)
 wait_for "http://$CEILING/v1/invoices?size=1"
 

@@ -183,7 +183,12 @@ fn burn_cpu(cpu: std::time::Duration) {
         // utime and stime: fields 14 and 15, after the command in parentheses.
         let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
         let fields: Vec<&str> = after.split_whitespace().collect();
-        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         field(11) + field(12)
     };
     let (start, began) = (ticks(), std::time::Instant::now());

@@ -158,20 +158,22 @@ impl CallIds {
     }
 }
 
+/// A new v4 UUID from the thread's fast generator: ids need uniqueness, not secrecy, and this
+/// keeps a getrandom system call off every request.
+fn random_uuid() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid()
+}
+
 fn new_guid() -> HeaderValue {
-    // A v4 UUID from the thread's fast generator: ids need uniqueness, not secrecy, and this
-    // keeps a getrandom system call off every request.
-    let uuid = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
     let mut buf = uuid::Uuid::encode_buffer();
-    guid_value(uuid.hyphenated().encode_lower(&mut buf))
+    guid_value(random_uuid().hyphenated().encode_lower(&mut buf))
 }
 
 /// Two new GUIDs (a request id and a correlation id) as header values sharing one allocation.
 fn new_guids() -> (HeaderValue, HeaderValue) {
     let mut both = [0u8; 72];
     for half in both.chunks_exact_mut(36) {
-        let uuid = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
-        uuid.hyphenated().encode_lower(half);
+        random_uuid().hyphenated().encode_lower(half);
     }
     let both = bytes::Bytes::from_owner(both);
     let value =
@@ -336,6 +338,33 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.parse::<HeaderName>().unwrap(), v.parse().unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn new_ids_are_distinct_v4_guids_whatever_the_caller_sent() {
+        let v4 = |value: &HeaderValue| {
+            let text = value.to_str().unwrap();
+            let uuid = uuid::Uuid::try_parse(text).unwrap();
+            assert_eq!(text.len(), 36, "{text}");
+            assert_eq!(text, uuid.hyphenated().to_string(), "canonical form");
+            assert_eq!(uuid.get_version_num(), 4, "{text}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{text}");
+            uuid
+        };
+        let sent = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100 {
+            // Neither sent (both made in one allocation), one sent, and a refused call's ids.
+            let both = CallIds::from_headers(&HeaderMap::new(), false).unwrap();
+            let one = CallIds::from_headers(&headers(&[("ms-requestid", sent)]), false).unwrap();
+            let fresh = CallIds::fresh(false);
+            for ids in [&both, &fresh] {
+                assert!(seen.insert(v4(&ids.request_id)));
+                assert!(seen.insert(v4(&ids.correlation_id)));
+            }
+            assert_eq!(one.request_id, sent);
+            assert!(seen.insert(v4(&one.correlation_id)));
+        }
     }
 
     #[tokio::test]

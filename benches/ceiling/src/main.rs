@@ -11,8 +11,10 @@
 //!   connections: the least a pass-through call can cost. A failed upstream call is a 502.
 //!
 //! `CEILING_CLIENT=conn` swaps hyper-util's pooled client for hyper's own HTTP/1 connections
-//! in a pool of the thread's (no lock contention, no task spawned per call to return a
-//! connection): what a pcgate-owned client could save at most (README, Performance).
+//! in a pool of the thread's. Both are per thread; this one spawns no task per call to hand a
+//! connection back and races no connect against the checkout: what a pcgate-owned client could
+//! save (README, Performance). `benches/run.sh` always runs the default. The client in use is
+//! logged at start.
 //!
 //! Each thread listens on its own socket (`SO_REUSEPORT`), so the kernel spreads the connections
 //! over the threads. `TOKIO_WORKER_THREADS` sets the number of threads, as it sets pcgate's
@@ -46,7 +48,7 @@ type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
 #[derive(Clone)]
 enum Upstream {
     /// hyper-util's pooled client, as pcgate uses it.
-    Legacy(Client<HttpConnector, Full<Bytes>>, Arc<str>),
+    Legacy(Client<HttpConnector, Full<Bytes>>),
     /// hyper's HTTP/1 connections, kept idle in the thread's own list (`CEILING_CLIENT=conn`).
     Conn(Pool),
 }
@@ -60,15 +62,24 @@ impl Upstream {
                 idle: Arc::default(),
             })
         } else {
-            let client = Client::builder(TokioExecutor::new()).build_http();
-            Upstream::Legacy(client, upstream.into())
+            Upstream::Legacy(Client::builder(TokioExecutor::new()).build_http())
         }
     }
 
-    /// The URI a request for `target` (a path and query) is sent to.
-    fn uri(&self, target: &str) -> Option<http::Uri> {
+    /// Which client this is, for the log.
+    fn name(&self) -> &'static str {
         match self {
-            Upstream::Legacy(_, authority) => format!("http://{authority}{target}").parse().ok(),
+            Upstream::Legacy(_) => "hyper-util's pooled client",
+            Upstream::Conn(_) => {
+                "hyper's HTTP/1 connections in a pool per thread (CEILING_CLIENT=conn)"
+            }
+        }
+    }
+
+    /// The URI a request for `target` (a path and query) on `authority` is sent to.
+    fn uri(&self, authority: &str, target: &str) -> Option<http::Uri> {
+        match self {
+            Upstream::Legacy(_) => format!("http://{authority}{target}").parse().ok(),
             // HTTP/1 in origin form; the pool adds `Host`.
             Upstream::Conn(_) => target.parse().ok(),
         }
@@ -76,7 +87,7 @@ impl Upstream {
 
     async fn request(&self, request: Request<Full<Bytes>>) -> Result<Response<Body>, ()> {
         match self {
-            Upstream::Legacy(client, _) => {
+            Upstream::Legacy(client) => {
                 let response = client.request(request).await.map_err(|_| ())?;
                 Ok(response.map(BodyExt::boxed_unsync))
             }
@@ -97,39 +108,73 @@ struct Pool {
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 impl Pool {
+    /// Sends `request` on an idle connection, else a new one. A request that could not go out on
+    /// a kept connection (the upstream had closed it) is sent once more on another, as
+    /// hyper-util's client does, so a stale connection is not a 502.
     async fn request(&self, mut request: Request<Full<Bytes>>) -> Result<Response<Body>, ()> {
-        let mut sender = loop {
-            let idle = self.idle.lock().map_err(|_| ())?.pop();
-            match idle {
-                Some(sender) if sender.is_closed() => continue,
-                Some(sender) => break sender,
-                None => {
-                    let stream = tokio::net::TcpStream::connect(&*self.addr)
-                        .await
-                        .map_err(|_| ())?;
-                    let _ = stream.set_nodelay(true);
-                    let (sender, connection) =
-                        hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                            .await
-                            .map_err(|_| ())?;
-                    tokio::spawn(connection);
-                    break sender;
-                }
-            }
-        };
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
-        sender.ready().await.map_err(|_| ())?;
-        let response = sender.send_request(request).await.map_err(|_| ())?;
-        let pool = self.clone();
-        Ok(response.map(move |incoming| {
-            GiveBack {
-                incoming,
-                home: Some((sender, pool)),
+        for _ in 0..2 {
+            let (mut sender, kept) = self.checkout().await?;
+            if sender.ready().await.is_err() {
+                if kept {
+                    continue;
+                }
+                return Err(());
             }
-            .boxed_unsync()
-        }))
+            let response = match sender.try_send_request(request).await {
+                Ok(response) => response,
+                Err(mut unsent) => match unsent.take_message() {
+                    Some(again) if kept => {
+                        request = again;
+                        continue;
+                    }
+                    _ => return Err(()),
+                },
+            };
+            if hyper::body::Body::is_end_stream(response.body()) {
+                // No body to wait for: hyper's server never polls an empty one.
+                self.give_back(sender);
+                return Ok(response.map(BodyExt::boxed_unsync));
+            }
+            let pool = self.clone();
+            return Ok(response.map(move |incoming| {
+                GiveBack {
+                    incoming,
+                    home: Some((sender, pool)),
+                }
+                .boxed_unsync()
+            }));
+        }
+        Err(())
+    }
+
+    /// An idle connection still open (`true`: it was kept), else a new one.
+    async fn checkout(&self) -> Result<(Sender, bool), ()> {
+        loop {
+            let idle = self.idle.lock().map_err(|_| ())?.pop();
+            match idle {
+                Some(sender) if sender.is_closed() => continue,
+                Some(sender) => return Ok((sender, true)),
+                None => break,
+            }
+        }
+        let stream = tokio::net::TcpStream::connect(&*self.addr)
+            .await
+            .map_err(|_| ())?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| ())?;
+        tokio::spawn(connection);
+        Ok((sender, false))
+    }
+
+    fn give_back(&self, sender: Sender) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(sender);
+        }
     }
 }
 
@@ -154,9 +199,7 @@ impl hyper::body::Body for GiveBack {
             || (matches!(polled, Poll::Ready(Some(Ok(_)))) && this.incoming.is_end_stream());
         if ended {
             if let Some((sender, pool)) = this.home.take() {
-                if let Ok(mut idle) = pool.idle.lock() {
-                    idle.push(sender);
-                }
+                pool.give_back(sender);
             }
         }
         polled
@@ -238,6 +281,11 @@ fn lane(listener: std::net::TcpListener, setup: Arc<Setup>) {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
         let client = Upstream::new(&setup.upstream);
+        eprintln!(
+            "ceiling: upstream {} over {}",
+            setup.upstream,
+            client.name()
+        );
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -277,7 +325,7 @@ async fn answer(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned();
-    let Some(uri) = client.uri(&target) else {
+    let Some(uri) = client.uri(&setup.upstream, &target) else {
         return Ok(status(StatusCode::BAD_REQUEST));
     };
     let mut upstream = Request::get(uri);

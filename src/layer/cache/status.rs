@@ -168,8 +168,8 @@ impl CacheStatusHeader {
     pub fn render(&self) -> HeaderValue {
         // Written on the stack and copied once into the value: the longest
         // (`pcgate; hit; fwd=request; fwd-status=65535; ttl=-18446744073709551615; stored;
-        // detail=stale-while-revalidate`) is 108 bytes; a longer one would be cut short, and
-        // is written as the name alone.
+        // detail=stale-while-revalidate`) is 108 bytes; one that did not fit would be written
+        // as the name alone, never cut short.
         let mut text = [0u8; 128];
         let mut out = std::io::Cursor::new(&mut text[..]);
         let written = (|| {
@@ -196,13 +196,13 @@ impl CacheStatusHeader {
             }
             std::io::Result::Ok(())
         })();
-        let len = usize::try_from(out.position()).unwrap_or(0);
+        let len = usize::try_from(out.position()).ok();
         // Only ASCII letters, digits and punctuation go in.
-        match written {
-            Ok(()) => HeaderValue::from_bytes(&text[..len]),
-            Err(_) => Ok(HeaderValue::from_static(CACHE_NAME)),
+        match (written, len) {
+            (Ok(()), Some(len)) => HeaderValue::from_bytes(&text[..len]).ok(),
+            _ => None,
         }
-        .unwrap_or_else(|_| HeaderValue::from_static(CACHE_NAME))
+        .unwrap_or_else(|| HeaderValue::from_static(CACHE_NAME))
     }
 }
 
