@@ -200,6 +200,7 @@ fi
 env -u CEILING_CLIENT "$CEILING_BIN" "$CEILING" "$SANDBOX" "Bearer $TOKEN" >"$WORK/ceiling.log" 2>&1 &
 PIDS+=($!)
 wait_for "http://$CEILING/v1/invoices?size=1"
+head -1 "$WORK/ceiling.log" >&2
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }

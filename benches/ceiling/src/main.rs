@@ -109,8 +109,8 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 impl Pool {
     /// Sends `request` on an idle connection, else a new one. A request that could not go out on
-    /// a kept connection (the upstream had closed it) is sent once more on another, as
-    /// hyper-util's client does, so a stale connection is not a 502.
+    /// a kept connection (the upstream had closed it) is sent once more, on another, so one stale
+    /// connection is not a 502 (hyper-util's client goes on for as long as it meets stale ones).
     async fn request(&self, mut request: Request<Full<Bytes>>) -> Result<Response<Body>, ()> {
         request
             .headers_mut()
@@ -247,6 +247,11 @@ fn main() {
         .unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
         });
+    eprintln!(
+        "ceiling: upstream {} over {}, {threads} threads",
+        setup.upstream,
+        Upstream::new(&setup.upstream).name()
+    );
     let lanes: Vec<_> = (0..threads)
         .map(|_| {
             let listener = reuse_port(listen);
@@ -281,11 +286,6 @@ fn lane(listener: std::net::TcpListener, setup: Arc<Setup>) {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
         let client = Upstream::new(&setup.upstream);
-        eprintln!(
-            "ceiling: upstream {} over {}",
-            setup.upstream,
-            client.name()
-        );
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# What hyper alone costs per call with each upstream client: hyper-util's pooled client (the
+# default, as pcgate uses it) and hyper's own HTTP/1 connections in a pool per thread
+# (CEILING_CLIENT=conn), in interleaved pairs of short runs.
+#
+#   bash benches/ceiling/cost.sh       # PAIRS=2 DURATION=5 by default
+#
+# For each run: requests a second (cache hits, then pass-through) and the ceiling's own CPU time
+# per call (user and system, from /proc/<pid>/stat). Loopback only; everything started here
+# stops at exit. Needs wrk and curl (benches/run.sh installs them).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+PAIRS=${PAIRS:-2}
+DURATION=${DURATION:-5}
+SANDBOX=127.0.0.1:19100
+CEILING=127.0.0.1:18095
+
+cargo build --release --quiet
+(cd benches/ceiling && cargo build --release --quiet)
+BIN=target/release/pcgate
+CEILING_BIN=benches/ceiling/target/release/ceiling
+
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+wait_for() {
+  for _ in $(seq 100); do
+    curl -s -o /dev/null "$1" && return 0
+    sleep 0.1
+  done
+  echo "cost.sh: $1 did not answer" >&2
+  exit 1
+}
+
+"$BIN" --log-format text sandbox --listen "$SANDBOX" --token-ttl 24h >/dev/null 2>&1 &
+PIDS+=($!)
+wait_for "http://$SANDBOX/__sandbox/faults"
+TOKEN=$(curl -s "http://$SANDBOX/t/oauth2/token" -d grant_type=client_credentials \
+  -d client_id=pcgate-sandbox-client -d client_secret=sandbox-client-secret \
+  -d resource=https://api.partnercenter.microsoft.com | sed -E 's/.*"access_token":"([^"]+)".*/\1/')
+
+# The ceiling's user and system clock ticks so far.
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+
+measure() { # client
+  env CEILING_CLIENT="$1" "$CEILING_BIN" "$CEILING" "$SANDBOX" "Bearer $TOKEN" 2>/dev/null &
+  local pid=$!
+  wait_for "http://$CEILING/v1/invoices/summary"
+  local hz path rps u0 s0 u1 s1
+  hz=$(getconf CLK_TCK)
+  for path in /v1/invoices/summary '/v1/invoices?size=1'; do
+    read -r u0 s0 < <(ticks "$pid")
+    rps=$(wrk -t2 -c64 -d"${DURATION}s" "http://$CEILING$path" | awk '/Requests\/sec/ {print $2}')
+    read -r u1 s1 < <(ticks "$pid")
+    awk -v c="$1" -v p="$path" -v r="$rps" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v d="$DURATION" -v hz="$hz" \
+      'BEGIN { printf "%-8s %-22s %9.0f calls/s  user %5.2f  system %5.2f  µs a call\n", c, p, r, du / hz / d / r * 1e6, ds / hz / d / r * 1e6 }'
+  done
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+}
+
+for _ in $(seq "$PAIRS"); do
+  measure default
+  measure conn
+done
