@@ -77,14 +77,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
-
-"$BIN" --log-format text sandbox --listen "$SANDBOX" --token-ttl 24h >/dev/null 2>&1 &
-PIDS+=($!)
-wait_for "http://$SANDBOX/__sandbox/faults"
-TOKEN=$(curl -s "http://$SANDBOX/t/oauth2/token" -d grant_type=client_credentials \
-  -d client_id=pcgate-sandbox-client -d client_secret=sandbox-client-secret \
-  -d resource=https://api.partnercenter.microsoft.com | sed -E 's/.*"access_token":"([^"]+)".*/\1/')
+# wait_for, start_sandbox (sets TOKEN).
+source benches/sandbox.sh
+start_sandbox
 
 cat > "$WORK/pcgate.toml" <<TOML
 [server]

@@ -28,21 +28,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_for() {
-  for _ in $(seq 100); do
-    curl -s -o /dev/null "$1" && return 0
-    sleep 0.1
-  done
-  echo "cost.sh: $1 did not answer" >&2
-  exit 1
-}
-
-"$BIN" --log-format text sandbox --listen "$SANDBOX" --token-ttl 24h >/dev/null 2>&1 &
-PIDS+=($!)
-wait_for "http://$SANDBOX/__sandbox/faults"
-TOKEN=$(curl -s "http://$SANDBOX/t/oauth2/token" -d grant_type=client_credentials \
-  -d client_id=pcgate-sandbox-client -d client_secret=sandbox-client-secret \
-  -d resource=https://api.partnercenter.microsoft.com | sed -E 's/.*"access_token":"([^"]+)".*/\1/')
+# wait_for, start_sandbox (sets TOKEN).
+source benches/sandbox.sh
+start_sandbox
 
 # The ceiling's user and system clock ticks so far.
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
@@ -50,6 +38,7 @@ ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 measure() { # client
   env CEILING_CLIENT="$1" "$CEILING_BIN" "$CEILING" "$SANDBOX" "Bearer $TOKEN" 2>/dev/null &
   local pid=$!
+  PIDS+=("$pid")
   wait_for "http://$CEILING/v1/invoices/summary"
   local hz path rps u0 s0 u1 s1
   hz=$(getconf CLK_TCK)
