@@ -77,17 +77,27 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
+/// Runs `work` on one of this thread's scratch strings, emptied; on a string of its own when
+/// that one is in use already (a `Debug` impl that logs, or opens a span, while it is written).
+fn with_scratch<T>(
+    scratch: &'static std::thread::LocalKey<std::cell::RefCell<String>>,
+    work: impl FnOnce(&mut String) -> T,
+) -> T {
+    scratch.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => {
+            scratch.clear();
+            work(&mut scratch)
+        }
+        Err(_) => work(&mut String::new()),
+    })
+}
+
 /// Writes a `Debug` value as a JSON string.
 fn debug_string(out: &mut String, debug: &dyn fmt::Debug) -> fmt::Result {
     use fmt::Write as _;
-    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut scratch) => {
-            scratch.clear();
-            write!(scratch, "{debug:?}")?;
-            string(out, &scratch)
-        }
-        // A `Debug` impl that logs: format into a string of its own.
-        Err(_) => string(out, &format!("{debug:?}")),
+    with_scratch(&SCRATCH, |scratch| {
+        write!(scratch, "{debug:?}")?;
+        string(out, scratch)
     })
 }
 
@@ -175,12 +185,12 @@ thread_local! {
         const { std::cell::RefCell::new(String::new()) };
 }
 
-/// Writes fields as a span's pairs.
-fn span_pairs<R: RecordFields>(out: &mut String, fields: R) -> fmt::Result {
+/// Writes `fields` as pairs: `first`, no pair before them; `span`, as a span's fields.
+fn pairs(out: &mut String, first: bool, span: bool, fields: impl RecordFields) -> fmt::Result {
     let mut pairs = Pairs {
         out,
-        first: true,
-        span: true,
+        first,
+        span,
         result: Ok(()),
     };
     fields.record(&mut pairs);
@@ -189,18 +199,9 @@ fn span_pairs<R: RecordFields>(out: &mut String, fields: R) -> fmt::Result {
 
 impl<'w> FormatFields<'w> for JsonLines {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
-        SPAN_SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-            Ok(mut scratch) => {
-                scratch.clear();
-                span_pairs(&mut scratch, fields)?;
-                writer.write_str(&scratch)
-            }
-            // Fields whose `Debug` opens a span: written in a string of their own.
-            Err(_) => {
-                let mut own = String::new();
-                span_pairs(&mut own, fields)?;
-                writer.write_str(&own)
-            }
+        with_scratch(&SPAN_SCRATCH, |scratch| {
+            pairs(scratch, true, true, fields)?;
+            writer.write_str(scratch)
         })
     }
 
@@ -211,14 +212,7 @@ impl<'w> FormatFields<'w> for JsonLines {
     ) -> fmt::Result {
         // Pairs appended after the ones already there: no parse, no rewrite.
         let first = current.fields.is_empty();
-        let mut pairs = Pairs {
-            out: &mut current.fields,
-            first,
-            span: true,
-            result: Ok(()),
-        };
-        fields.record(&mut pairs);
-        pairs.result
+        pairs(&mut current.fields, first, true, fields)
     }
 }
 
@@ -317,18 +311,9 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        LINE.with(|line| match line.try_borrow_mut() {
-            Ok(mut line) => {
-                line.clear();
-                event_line(&mut line, ctx, event)?;
-                writer.write_str(&line)
-            }
-            // An event logged while a line is being written (by a field's `Debug`).
-            Err(_) => {
-                let mut own = String::new();
-                event_line(&mut own, ctx, event)?;
-                writer.write_str(&own)
-            }
+        with_scratch(&LINE, |line| {
+            event_line(line, ctx, event)?;
+            writer.write_str(line)
         })
     }
 }
@@ -354,14 +339,7 @@ where
     out.push_str("\",\"level\":\"");
     out.push_str(meta.level().as_str());
     out.push('"');
-    let mut pairs = Pairs {
-        out,
-        first: false,
-        span: false,
-        result: Ok(()),
-    };
-    event.record(&mut pairs);
-    pairs.result?;
+    pairs(out, false, false, event)?;
     out.push_str(",\"target\":");
     string(out, meta.target())?;
     let current = event
