@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use futures_util::future::{FutureExt, Shared};
+use futures_util::future::{Either, FutureExt, Shared};
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::oneshot;
 use tower::ServiceExt;
@@ -190,13 +190,14 @@ where
 {
     type Response = Response;
     type Error = BoxError;
-    type Future = BoxFuture;
+    /// A shared fetch, or (a call that is not shared) the inner call's own future, unboxed.
+    type Future = Either<BoxFuture, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> BoxFuture {
+    fn call(&mut self, request: Request) -> Self::Future {
         // Cached routes are coalesced by the cache's miss lock, above.
         let wanted = request
             .extensions()
@@ -204,7 +205,7 @@ where
             .is_some_and(|r| r.coalesce && r.cache_ttl.is_none())
             && shareable(&request);
         let Some(spare) = wanted.then(|| body::clone_bodiless(&request)).flatten() else {
-            return Box::pin(self.inner.call(request));
+            return Either::Right(self.inner.call(request));
         };
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -225,7 +226,7 @@ where
                 .coalesced
                 .get_or_create(&RouteLabel { route })
                 .inc();
-            return Box::pin(async move {
+            return Either::Left(Box::pin(async move {
                 match deadline.run(flight).await? {
                     Outcome::Whole(answer) if answer.admits(&key, &spare) => {
                         Ok(answer.to_response(false))
@@ -237,7 +238,7 @@ where
                         deadline.run(inner.oneshot(spare)).await?
                     }
                 }
-            });
+            }));
         }
         let (big_tx, big_rx) = oneshot::channel();
         let fetch = tokio::spawn(state.clone().fetch(
@@ -257,7 +258,7 @@ where
         .shared();
         flights.insert(key, flight.clone());
         drop(flights);
-        Box::pin(async move {
+        Either::Left(Box::pin(async move {
             match deadline.run(flight).await? {
                 Outcome::Whole(answer) => Ok(answer.to_response(true)),
                 Outcome::Failed(error) => Err(SharedError(error).into()),
@@ -265,7 +266,7 @@ where
                     .await
                     .map_err(|_| "the streamed answer was lost".into()),
             }
-        })
+        }))
     }
 }
 

@@ -141,12 +141,10 @@ impl Drop for InFlight {
 impl<S, E> tower::Service<Request> for Observe<S>
 where
     S: tower::Service<Request, Response = Response, Error = E>,
-    S::Future: Send + 'static,
-    E: 'static,
 {
     type Response = Response;
     type Error = E;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, E>> + Send>>;
+    type Future = Observed<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
         self.inner.poll_ready(cx)
@@ -160,43 +158,158 @@ where
         let logged = tracing::enabled!(target: "pcgate::access", tracing::Level::INFO)
             .then(|| (request.method().clone(), request.uri().clone()));
         self.metrics.inflight.inc();
-        let in_flight = InFlight(self.metrics.clone());
-        let metrics = self.metrics.clone();
-        let call = self.inner.call(request);
-        Box::pin(async move {
-            let result = call.await;
-            drop(in_flight);
-            let Ok(response) = &result else {
-                return result;
+        let watch = Watch {
+            in_flight: InFlight(self.metrics.clone()),
+            info,
+            started,
+            logged,
+        };
+        Observed {
+            call: self.inner.call(request),
+            watch: Some(watch),
+        }
+    }
+}
+
+/// What a call's answer is counted and logged with; dropped with the call if the caller goes away
+/// first (the in-flight gauge falls either way).
+struct Watch {
+    in_flight: InFlight,
+    info: Arc<CallInfo>,
+    started: Instant,
+    /// The method and target as the caller sent them, when the access log is on.
+    logged: Option<(http::Method, http::Uri)>,
+}
+
+impl Watch {
+    /// Counts the answer in its route's series and writes its access-log line.
+    fn answered(self, response: &Response) {
+        let Watch {
+            in_flight,
+            info,
+            started,
+            logged,
+        } = self;
+        let metrics = in_flight.0.clone();
+        drop(in_flight);
+        let elapsed = started.elapsed();
+        let status = response.status();
+        let series = metrics.series(info.matched_route());
+        series.requests[status_class_index(status)].inc();
+        series.duration.observe(elapsed.as_secs_f64());
+        if let Some((method, uri)) = logged {
+            let header = |name| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
             };
-            let elapsed = started.elapsed();
-            let status = response.status();
-            let series = metrics.series(info.matched_route());
-            series.requests[status_class_index(status)].inc();
-            series.duration.observe(elapsed.as_secs_f64());
-            if let Some((method, uri)) = logged {
-                let header = |name| {
-                    response
-                        .headers()
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                };
-                tracing::info!(
-                    target: "pcgate::access",
-                    method = method.as_str(),
-                    path = uri.path(),
-                    route = info.matched_route().unwrap_or(NO_ROUTE),
-                    status = status.as_u16(),
-                    duration_ms = elapsed.as_secs_f64() * 1000.0,
-                    cache_status = info.cache(),
-                    attempts = info.attempts(),
-                    request_id = header(MS_REQUEST_ID),
-                    correlation_id = header(MS_CORRELATION_ID),
-                    "call"
-                );
+            tracing::info!(
+                target: "pcgate::access",
+                method = method.as_str(),
+                path = uri.path(),
+                route = info.matched_route().unwrap_or(NO_ROUTE),
+                status = status.as_u16(),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                cache_status = info.cache(),
+                attempts = info.attempts(),
+                request_id = header(MS_REQUEST_ID),
+                correlation_id = header(MS_CORRELATION_ID),
+                "call"
+            );
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner call's answer, counted and logged as it comes out (a concrete future: no box per
+    /// call).
+    pub struct Observed<F> {
+        #[pin]
+        call: F,
+        watch: Option<Watch>,
+    }
+}
+
+impl<F, E> Future for Observed<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.call.poll(cx));
+        if let Some(watch) = this.watch.take() {
+            match &result {
+                Ok(response) => watch.answered(response),
+                // An error is still a call that ended: only the gauge moves.
+                Err(_) => drop(watch),
             }
-            result
-        })
+        }
+        Poll::Ready(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use tower::{Layer, Service};
+
+    use super::*;
+
+    fn summary_call() -> Request {
+        http::Request::get("/v1/invoices/summary")
+            .body(crate::body::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_call_is_in_flight_until_answered_and_counted_once() {
+        let metrics = Metrics::new();
+        let layer = ObserveLayer::new(&metrics, &["summary"]);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut rx = Some(rx);
+        let mut service = layer.layer(tower::service_fn(move |request: Request| {
+            let rx = rx.take().expect("called once");
+            let info = request.extensions().get::<Arc<CallInfo>>().cloned();
+            async move {
+                info.expect("observe hands the call its CallInfo")
+                    .set_route(&Arc::from("summary"));
+                let _ = rx.await;
+                Ok::<_, Infallible>(Response::new(crate::body::empty()))
+            }
+        }));
+        let call = tokio::spawn(service.call(summary_call()));
+        tokio::task::yield_now().await;
+        assert_eq!(layer.metrics.inflight.get(), 1);
+        assert_eq!(layer.metrics.series(Some("summary")).requests[1].get(), 0);
+        tx.send(()).unwrap();
+        let Ok(response) = call.await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(layer.metrics.inflight.get(), 0);
+        assert_eq!(
+            layer.metrics.series(Some("summary")).requests[1].get(),
+            1,
+            "one 2xx counted for the route access matched"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_before_its_answer_leaves_nothing_in_flight_and_counts_nothing() {
+        let metrics = Metrics::new();
+        let layer = ObserveLayer::new(&metrics, &["summary"]);
+        let mut service = layer.layer(tower::service_fn(|_request: Request| {
+            std::future::pending::<Result<Response, Infallible>>()
+        }));
+        let call = service.call(summary_call());
+        assert_eq!(layer.metrics.inflight.get(), 1);
+        // The caller hangs up: hyper drops the call's future.
+        drop(call);
+        assert_eq!(layer.metrics.inflight.get(), 0);
+        let unmatched = layer.metrics.series(None);
+        assert_eq!(unmatched.requests.iter().map(Counter::get).sum::<u64>(), 0);
     }
 }

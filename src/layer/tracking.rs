@@ -18,7 +18,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use futures_util::future::{self, Either, Ready};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use tracing::instrument::Instrumented;
 use tracing::Instrument;
 
 use crate::body::{Request, Response};
@@ -264,11 +266,13 @@ pub struct Tracking<S> {
 impl<S> tower::Service<Request> for Tracking<S>
 where
     S: tower::Service<Request, Response = Response, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = Either<
+        Ready<Result<Response, Infallible>>,
+        Either<Instrumented<Stamped<S::Future>>, Stamped<S::Future>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -282,7 +286,7 @@ where
                 // Refused here, before anything else: the answer still carries (fresh) ids.
                 let mut response = crate::error::respond(&bad);
                 CallIds::fresh(settings.correlation_vector).stamp(response.headers_mut());
-                return Box::pin(std::future::ready(Ok(response)));
+                return Either::Left(future::ready(Ok(response)));
             }
         };
         let headers = request.headers_mut();
@@ -317,15 +321,40 @@ where
                 route = info.as_deref().and_then(CallInfo::matched_route),
             )
         });
-        let answer = async move {
-            let Ok(mut response) = call.await;
-            tracking.stamp(response.headers_mut());
-            Ok(response)
+        let answer = Stamped {
+            call,
+            ids: Some(tracking),
         };
-        match span {
-            Some(span) => Box::pin(answer.instrument(span)),
-            None => Box::pin(answer),
+        Either::Right(match span {
+            Some(span) => Either::Left(answer.instrument(span)),
+            None => Either::Right(answer),
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner call's answer, stamped with the call's ids as it comes out (a concrete future:
+    /// no box per call).
+    pub struct Stamped<F> {
+        #[pin]
+        call: F,
+        ids: Option<CallIds>,
+    }
+}
+
+impl<F> Future for Stamped<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = std::task::ready!(this.call.poll(cx));
+        if let Some(ids) = this.ids.take() {
+            ids.stamp(response.headers_mut());
         }
+        Poll::Ready(Ok(response))
     }
 }
 

@@ -181,6 +181,18 @@ impl<S> tower::Layer<S> for CacheLayer {
     }
 }
 
+/// The cache layer's answer: ready (a hit, a stale answer), a future of its own (a lookup that
+/// waits, a miss, a write), or the inner call's as it is (a call the cache has no part in, which
+/// so costs no box of its own).
+pub type Answer<F> = Either<Ready<Result<Response, BoxError>>, Either<BoxFuture, F>>;
+
+/// A future of the cache layer's own.
+fn own<F>(
+    future: impl std::future::Future<Output = Result<Response, BoxError>> + Send + 'static,
+) -> Answer<F> {
+    Either::Right(Either::Left(Box::pin(future)))
+}
+
 /// Answers from the cache when it can; see the module docs.
 #[derive(Clone)]
 pub struct Cache<S> {
@@ -238,7 +250,7 @@ where
 {
     type Response = Response;
     type Error = BoxError;
-    type Future = Either<Ready<Result<Response, BoxError>>, BoxFuture>;
+    type Future = Answer<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -250,19 +262,19 @@ where
             let deadline = Deadline::of(&request, self.shared.deadline);
             let path = request.uri().path().to_owned();
             let answer = self.inner.call(request);
-            return Either::Right(Box::pin(async move {
+            return own(async move {
                 let response = answer.await?;
                 let paths = invalidated(path, &response);
                 invalidate(&*store, &deadline, paths).await;
                 Ok(response)
-            }));
+            });
         }
         let Some(mut call) = self.plan(&request) else {
-            return Either::Right(Box::pin(self.inner.call(request)));
+            return Either::Right(Either::Right(self.inner.call(request)));
         };
         if !call.asks.takes_stored() {
             let inner = self.take_ready();
-            return Either::Right(Box::pin(call.miss(inner, request, None)));
+            return own(call.miss(inner, request, None));
         }
         // A store that answers at once (memory): hits are answered here, without touching the
         // layers below or allocating a future. The key's entry first, then, when it is a vary
@@ -287,7 +299,7 @@ where
             Either::Right(pending) => (pending, false),
         };
         let inner = self.take_ready();
-        Either::Right(Box::pin(async move {
+        own(async move {
             let mut call = call;
             let (pending, is_variant) = pending;
             let found = call.awaited(Either::Right(pending)).await;
@@ -310,7 +322,7 @@ where
                 }
                 Judged::Miss(fallback) => call.miss(inner, request, fallback).await,
             }
-        }))
+        })
     }
 }
 
@@ -339,7 +351,7 @@ where
             }
             Judged::Miss(fallback) => {
                 let inner = self.take_ready();
-                Either::Right(Box::pin(call.miss(inner, request, fallback)))
+                own(call.miss(inner, request, fallback))
             }
         }
     }
