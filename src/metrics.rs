@@ -343,6 +343,13 @@ pub fn status_class_index(status: http::StatusCode) -> usize {
 /// lock.
 pub struct PerRoute<T>(Vec<(Arc<str>, T)>);
 
+impl<T> Default for PerRoute<T> {
+    /// No route's series.
+    fn default() -> Self {
+        PerRoute(Vec::new())
+    }
+}
+
 impl<T> PerRoute<T> {
     /// The series `take` makes for each of `routes`.
     pub fn new<'a>(

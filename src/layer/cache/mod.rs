@@ -63,7 +63,7 @@ use crate::call::{CallInfo, SharedUnanswered};
 use crate::config::OriginCacheControl;
 use crate::deadline::{Deadline, DeadlineExceeded};
 use crate::error::find_cause;
-use crate::metrics::{CacheLabels, Metrics, RouteLabel, CACHE_RESULTS};
+use crate::metrics::{CacheLabels, Metrics, PerRoute, RouteLabel, CACHE_RESULTS};
 use crate::route::Route;
 use lock::{LockStatus, Locked, Locks, WritePermit};
 use policy::{Asks, Freshness};
@@ -112,6 +112,9 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// `pcgate_cache_lookups_total{route,result}`, registered by this layer.
     lookups: Family<CacheLabels, Counter>,
+    /// The lookup counters of the routes named at start, by [`CACHE_RESULTS`] index: a lookup
+    /// counts without hashing its labels and taking the family's lock.
+    by_route: PerRoute<[Counter; CACHE_RESULTS.len()]>,
     /// `upstream.deadline`, for a request that arrives without a [`Deadline`] (a layer test).
     deadline: Duration,
 }
@@ -139,6 +142,7 @@ impl CacheLayer {
                 max_entry_bytes,
                 metrics,
                 lookups,
+                by_route: PerRoute::default(),
                 deadline,
             }),
             key_headers: Arc::from([]),
@@ -146,15 +150,22 @@ impl CacheLayer {
         }
     }
 
-    /// Exports the lookups of these cached routes at zero, every result, from start.
-    pub fn routes(self, cached: &[&str]) -> Self {
-        for route in cached {
-            for result in CACHE_RESULTS {
-                let _ = self.shared.lookups.get_or_create(&CacheLabels {
-                    route: Arc::from(*route),
-                    result,
-                });
-            }
+    /// Exports the lookups of these cached routes at zero, every result, from start. Called
+    /// before the layer wraps a service (a route named later is counted through the family).
+    pub fn routes(mut self, cached: &[&str]) -> Self {
+        let lookups = self.shared.lookups.clone();
+        let by_route = PerRoute::new(cached.iter().copied(), |route| {
+            CACHE_RESULTS.map(|result| {
+                lookups
+                    .get_or_create(&CacheLabels {
+                        route: route.clone(),
+                        result,
+                    })
+                    .clone()
+            })
+        });
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.by_route = by_route;
         }
         self
     }
@@ -918,13 +929,17 @@ impl Call {
         if let Some(info) = &self.info {
             info.set_cache(status.as_str());
         }
-        self.shared
-            .lookups
-            .get_or_create(&CacheLabels {
-                route: self.route.clone(),
-                result: status.as_str(),
-            })
-            .inc();
+        match self.shared.by_route.get(&self.route) {
+            Some(counters) => counters[status.index()].inc(),
+            None => self
+                .shared
+                .lookups
+                .get_or_create(&CacheLabels {
+                    route: self.route.clone(),
+                    result: status.as_str(),
+                })
+                .inc(),
+        };
     }
 }
 

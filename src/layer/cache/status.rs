@@ -36,6 +36,16 @@ impl CacheStatus {
             CacheStatus::Bypass => "bypass",
         }
     }
+
+    /// Its label's index in [`CACHE_RESULTS`](crate::metrics::CACHE_RESULTS).
+    pub fn index(self) -> usize {
+        match self {
+            CacheStatus::Hit => 0,
+            CacheStatus::Miss => 1,
+            CacheStatus::Stale => 2,
+            CacheStatus::Bypass => 3,
+        }
+    }
 }
 
 /// Why the request went forward (RFC 9211 §2.2 `fwd`).
@@ -216,6 +226,21 @@ mod tests {
             header.render().to_str().unwrap().to_owned(),
             header.outcome(),
         )
+    }
+
+    #[test]
+    fn each_outcome_counts_under_its_own_label() {
+        for status in [
+            CacheStatus::Hit,
+            CacheStatus::Miss,
+            CacheStatus::Stale,
+            CacheStatus::Bypass,
+        ] {
+            assert_eq!(
+                crate::metrics::CACHE_RESULTS[status.index()],
+                status.as_str()
+            );
+        }
     }
 
     #[test]
