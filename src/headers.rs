@@ -2,7 +2,7 @@
 //! which request headers go upstream, the hop-by-hop headers of RFC 9110 §7.6.1, and what a
 //! stored or shared answer drops. Layers decide what to do with them; the names live here.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// `MS-RequestId`: the call's idempotency key.
 pub const MS_REQUEST_ID: HeaderName = HeaderName::from_static("ms-requestid");
@@ -83,6 +83,19 @@ pub fn configured_header(key: &str, name: &str) -> Result<HeaderName, String> {
         ));
     }
     Ok(parsed)
+}
+
+/// A copy of `value` in bytes of its own: a clone shares (and counts references to) the bytes it
+/// came from, and a copy per lane keeps two cores from writing one count on every call.
+pub fn own_value(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+    copy.set_sensitive(value.is_sensitive());
+    copy
+}
+
+/// A copy of `name` in bytes of its own (see [`own_value`]); a standard name has none to copy.
+pub fn own_name(name: &HeaderName) -> HeaderName {
+    HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone())
 }
 
 /// Whether `name` is forwarded upstream given the configured extra list.

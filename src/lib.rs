@@ -175,9 +175,8 @@ impl Gateway {
             cache: parts.cache.clone(),
             metrics: parts.metrics.clone(),
         };
-        // Hop-by-hop headers belong to the caller's connection: they go as the request enters,
-        // before any layer adds a header that `Connection: <name>` could otherwise remove.
-        let service = stack::build(parts);
+        // Every layer once; each lane serves a copy of the stack of its own.
+        let layers = stack::layers(parts);
         let admin_service = tower::service_fn(move |request| admin_state.clone().handle(request));
 
         let refreshers = tokens.spawn_refreshers();
@@ -199,7 +198,7 @@ impl Gateway {
         tokio::join!(
             server::serve_lanes(
                 listener,
-                service,
+                || layers.lane(),
                 options("gateway"),
                 server::default_lanes(),
                 || shutdown.wait()

@@ -341,6 +341,7 @@ pub fn status_class_index(status: http::StatusCode) -> usize {
 /// Each route's series, as handles taken from their families once at start (a handle shares the
 /// series it came from), so a call counts itself without hashing its labels or taking a family's
 /// lock.
+#[derive(Clone)]
 pub struct PerRoute<T>(Vec<(Arc<str>, T)>);
 
 impl<T> Default for PerRoute<T> {

@@ -193,6 +193,25 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// A copy whose routes are its own (a call clones its route; see
+    /// [`crate::stack::Layers::lane`]); the token sources are the same.
+    pub fn lane(&self) -> RouteTable {
+        RouteTable {
+            entries: self
+                .entries
+                .iter()
+                .map(|(pattern, route)| {
+                    let copy = Route {
+                        name: Arc::from(&*route.name),
+                        ..Route::clone(route)
+                    };
+                    (pattern.clone(), Arc::new(copy))
+                })
+                .collect(),
+            credentials: self.credentials.clone(),
+        }
+    }
+
     /// Builds the table from the config's routes, each credential resolved to its source.
     pub fn new(routes: &[RouteConfig], tokens: &TokenSources) -> Result<RouteTable, RouteError> {
         let mut entries = Vec::new();

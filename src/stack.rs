@@ -79,8 +79,57 @@ impl<U> Parts<U> {
     }
 }
 
-/// The gateway's service: a request as hyper hands it over in (`B` is hyper's `Incoming`), a
-/// response out, never an error.
+/// The layers of the stack, each built once: what they share between calls (metric families, the
+/// cache's miss locks, coalescing's flights, the throttle) exists once, however many copies of
+/// the stack serve.
+pub struct Layers<U = Upstream> {
+    deadline: std::time::Duration,
+    observe: ObserveLayer,
+    tracking: TrackingLayer,
+    access: AccessLayer,
+    cache: CacheLayer,
+    coalesce: CoalesceLayer,
+    retry: RetryLayer,
+    limit: LimitLayer,
+    upstream: U,
+}
+
+/// Builds every layer from `parts`, once.
+pub fn layers<U>(parts: Parts<U>) -> Layers<U> {
+    Layers {
+        deadline: parts.retry.deadline,
+        observe: parts.observe,
+        tracking: TrackingLayer::new(parts.tracking),
+        access: AccessLayer::new(parts.routes, parts.keys, parts.hosts)
+            .forward_headers(parts.forward_headers),
+        cache: CacheLayer::new(
+            parts.cache.clone(),
+            parts.store.max_entry_bytes(),
+            parts.metrics.clone(),
+            parts.retry.deadline,
+        )
+        .routes(
+            &parts
+                .cached_routes
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+        .key_headers(parts.key_headers.clone()),
+        coalesce: CoalesceLayer::new(
+            parts.store.max_entry_bytes(),
+            parts.retry.deadline,
+            parts.metrics.clone(),
+        )
+        .key_headers(parts.key_headers),
+        retry: RetryLayer::new(parts.retry, &parts.metrics),
+        limit: parts.limit,
+        upstream: parts.upstream,
+    }
+}
+
+/// The gateway's service built from `parts`: one copy of the stack (the micro benchmark's, a
+/// test's). [`Layers::lane`] makes one per lane.
 pub fn build<U, B>(
     parts: Parts<U>,
 ) -> impl tower::Service<
@@ -100,65 +149,73 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<crate::body::BoxError>,
 {
-    let limit = parts.retry.deadline;
-    tower::ServiceBuilder::new()
-        // As the call enters: hop-by-hop headers belong to the caller's connection, so they go
-        // before any layer adds a header that `Connection: <name>` could otherwise remove; the
-        // deadline starts now, once, for every layer below to wait against; the body's errors
-        // are marked as the caller's.
-        .map_request(move |mut request: http::Request<B>| {
-            crate::upstream::strip_hop_by_hop(request.headers_mut());
-            request.extensions_mut().insert(Deadline::after(limit));
-            crate::body::from_client(request)
-        })
-        // Outermost: it measures and logs each call as the caller saw it, errors included.
-        .layer(parts.observe)
-        // Ids are fixed before anything can fail, and stamped on every answer: rescue's too.
-        .layer(TrackingLayer::new(parts.tracking))
-        // Every error from any layer below becomes a Partner Center-shaped response; hyper
-        // never sees an `Err`.
-        .layer(RescueLayer)
-        // Refuse what the route table does not allow before any other work is done, and drop
-        // every request header that is not forwarded, before anything keys on them.
-        .layer(
-            AccessLayer::new(parts.routes, parts.keys, parts.hosts)
-                .forward_headers(parts.forward_headers),
-        )
-        // Inside access, so only allowed calls are looked up, keyed with the route's credential;
-        // on a miss it takes the key's lock, so identical misses make one fetch, stored once.
-        .layer(
-            CacheLayer::new(
-                parts.cache.clone(),
-                parts.store.max_entry_bytes(),
-                parts.metrics.clone(),
-                parts.retry.deadline,
-            )
-            .routes(
-                &parts
-                    .cached_routes
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>(),
-            )
-            .key_headers(parts.key_headers.clone()),
-        )
-        // Uncached routes: identical calls in flight share one upstream fetch.
-        .layer(
-            CoalesceLayer::new(
-                parts.store.max_entry_bytes(),
-                parts.retry.deadline,
-                parts.metrics.clone(),
-            )
-            .key_headers(parts.key_headers),
-        )
-        // The deadline and the retries wrap every attempt, inside the cache and coalescing so a
-        // shared or stored answer is the one that came after retrying.
-        .layer(RetryLayer::new(parts.retry, &parts.metrics))
-        // Every attempt, and the 401 replay, carries a current token.
-        .layer(CredentialLayer::new())
-        // Right above the client, so every request that reaches the upstream (retries and 401
-        // replays included) waits out a 429's hold and takes a rate-limit slot, within the
-        // call's deadline; a token request is not an API call and is not counted.
-        .layer(parts.limit)
-        .service(parts.upstream)
+    layers(parts).lane()
+}
+
+impl<U> Layers<U> {
+    /// The gateway's service: a request as hyper hands it over in (`B` is hyper's `Incoming`), a
+    /// response out, never an error.
+    ///
+    /// Each lane (`server::serve_lanes`) serves a copy of its own, and its connections clones of
+    /// that copy. What a call clones (its route, the cache's handles, the metrics' handles, the
+    /// values of configured headers) then belongs to its lane: two cores never write one
+    /// reference count, which cost a cache hit on two lanes about half as much again as on one
+    /// (`benches/contend.rs`). What the lanes must share is shared still.
+    pub fn lane<B>(
+        &self,
+    ) -> impl tower::Service<
+        http::Request<B>,
+        Response = Response,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+           + Send
+           + 'static
+    where
+        U: tower::Service<crate::body::Request, Response = Response, Error = crate::body::BoxError>
+            + Clone
+            + Send
+            + 'static,
+        U::Future: Send + 'static,
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<crate::body::BoxError>,
+    {
+        let limit = self.deadline;
+        tower::ServiceBuilder::new()
+            // As the call enters: hop-by-hop headers belong to the caller's connection, so they go
+            // before any layer adds a header that `Connection: <name>` could otherwise remove; the
+            // deadline starts now, once, for every layer below to wait against; the body's errors
+            // are marked as the caller's.
+            .map_request(move |mut request: http::Request<B>| {
+                crate::upstream::strip_hop_by_hop(request.headers_mut());
+                request.extensions_mut().insert(Deadline::after(limit));
+                crate::body::from_client(request)
+            })
+            // Outermost: it measures and logs each call as the caller saw it, errors included.
+            .layer(self.observe.lane())
+            // Ids are fixed before anything can fail, and stamped on every answer: rescue's too.
+            .layer(self.tracking.lane())
+            // Every error from any layer below becomes a Partner Center-shaped response; hyper
+            // never sees an `Err`.
+            .layer(RescueLayer)
+            // Refuse what the route table does not allow before any other work is done, and drop
+            // every request header that is not forwarded, before anything keys on them.
+            .layer(self.access.lane())
+            // Inside access, so only allowed calls are looked up, keyed with the route's
+            // credential; on a miss it takes the key's lock, so identical misses make one fetch,
+            // stored once.
+            .layer(self.cache.lane())
+            // Uncached routes: identical calls in flight share one upstream fetch.
+            .layer(self.coalesce.clone())
+            // The deadline and the retries wrap every attempt, inside the cache and coalescing so
+            // a shared or stored answer is the one that came after retrying.
+            .layer(self.retry.clone())
+            // Every attempt, and the 401 replay, carries a current token.
+            .layer(CredentialLayer::new())
+            // Right above the client, so every request that reaches the upstream (retries and 401
+            // replays included) waits out a 429's hold and takes a rate-limit slot, within the
+            // call's deadline; a token request is not an API call and is not counted.
+            .layer(self.limit.clone())
+            .service(self.upstream.clone())
+    }
 }

@@ -97,6 +97,16 @@ impl AccessLayer {
         }
     }
 
+    /// A copy for one lane: its routes its own (see [`crate::stack::Layers::lane`]).
+    pub fn lane(&self) -> Self {
+        AccessLayer {
+            table: Arc::new(self.table.lane()),
+            keys: self.keys.clone(),
+            hosts: self.hosts.clone(),
+            forward: self.forward.iter().map(crate::headers::own_name).collect(),
+        }
+    }
+
     /// Forwards these request headers too (`upstream.forward_headers`), beyond [`FORWARDED`].
     pub fn forward_headers(mut self, extra: Vec<HeaderName>) -> Self {
         self.forward = extra.into();

@@ -24,7 +24,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
-/// The call metrics, registered by this layer: every route's series exist from start.
+/// The call metrics, registered by this layer: every route's series exist from start. A clone's
+/// handles count into the same series.
+#[derive(Clone)]
 struct CallMetrics {
     /// Each route's series.
     routes: PerRoute<RouteSeries>,
@@ -35,6 +37,7 @@ struct CallMetrics {
 }
 
 /// One route's call series.
+#[derive(Clone)]
 struct RouteSeries {
     /// `pcgate_requests_total{route,status}`, by [`STATUS_CLASSES`] index.
     requests: [Counter; STATUS_CLASSES.len()],
@@ -107,6 +110,16 @@ impl ObserveLayer {
     pub fn new(metrics: &Metrics, routes: &[&str]) -> Self {
         ObserveLayer {
             metrics: Arc::new(CallMetrics::register(metrics, routes)),
+        }
+    }
+}
+
+impl ObserveLayer {
+    /// A copy for one lane: the same series, through handles of its own (see
+    /// [`crate::stack::Layers::lane`]).
+    pub fn lane(&self) -> Self {
+        ObserveLayer {
+            metrics: Arc::new(CallMetrics::clone(&self.metrics)),
         }
     }
 }
@@ -190,13 +203,12 @@ impl Watch {
             started,
             logged,
         } = self;
-        let metrics = in_flight.0.clone();
-        drop(in_flight);
         let elapsed = started.elapsed();
         let status = response.status();
-        let series = metrics.series(info.matched_route());
+        let series = in_flight.0.series(info.matched_route());
         series.requests[status_class_index(status)].inc();
         series.duration.observe(elapsed.as_secs_f64());
+        drop(in_flight);
         if let Some((method, uri)) = logged {
             let header = |name| {
                 response

@@ -243,6 +243,16 @@ impl TrackingLayer {
             settings: Arc::new(settings),
         }
     }
+
+    /// A copy for one lane, its header values its own (see [`crate::stack::Layers::lane`]).
+    pub fn lane(&self) -> Self {
+        let settings = &self.settings;
+        TrackingLayer::new(TrackingSettings {
+            application: settings.application.as_ref().map(crate::headers::own_value),
+            locale: settings.locale.as_ref().map(crate::headers::own_value),
+            correlation_vector: settings.correlation_vector,
+        })
+    }
 }
 
 impl<S> tower::Layer<S> for TrackingLayer {

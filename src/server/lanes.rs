@@ -184,14 +184,15 @@ impl Drop for LaneGuard {
     }
 }
 
-/// Serves `service` on `listener` as [`serve`] does, from `lanes` threads of their own (see the
-/// module docs); returns when every lane has drained and its runtime is gone.
+/// Serves on `listener` as [`serve`] does, from `lanes` threads of their own (see the module
+/// docs), each lane its own copy of the service, made by `service`; returns when every lane has
+/// drained and its runtime is gone.
 ///
 /// `shutdown` makes one future per lane; each lane stops accepting when its future resolves, or
 /// when this future is dropped, and drains as [`serve`] does.
 pub async fn serve_lanes<S, F>(
     listener: TcpListener,
-    service: S,
+    service: impl Fn() -> S,
     options: ServeOptions,
     lanes: usize,
     shutdown: impl Fn() -> F,
@@ -226,7 +227,7 @@ pub async fn serve_lanes<S, F>(
         };
         let (started, report) = oneshot::channel::<()>();
         let (finished, lane_finished) = oneshot::channel::<()>();
-        let (service, stop, mut abandoned) = (service.clone(), shutdown(), abandoned.clone());
+        let (service, stop, mut abandoned) = (service(), shutdown(), abandoned.clone());
         let mut guard = LaneGuard {
             serving: serving.clone(),
             lane,
@@ -290,7 +291,7 @@ pub async fn serve_lanes<S, F>(
             "no accept loop of its own started: serving from the main runtime"
         );
         match TcpListener::from_std(listener) {
-            Ok(listener) => serve(listener, service, options, shutdown()).await,
+            Ok(listener) => serve(listener, service(), options, shutdown()).await,
             Err(error) => {
                 tracing::error!(listener = options.name, %error, "no accept loop could start")
             }
@@ -341,9 +342,13 @@ mod tests {
             stall_timeout: Duration::from_secs(5),
             grace: Duration::from_millis(200),
         };
-        let lanes = tokio::spawn(serve_lanes(listener, service, options, 2, || {
-            std::future::pending::<()>()
-        }));
+        let lanes = tokio::spawn(serve_lanes(
+            listener,
+            move || service,
+            options,
+            2,
+            std::future::pending::<()>,
+        ));
         let mut serving = false;
         for _ in 0..50 {
             if answers(addr).await {

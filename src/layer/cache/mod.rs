@@ -100,6 +100,7 @@ pub struct CacheLayer {
     vary: HeaderValue,
 }
 
+#[derive(Clone)]
 struct Shared {
     store: Arc<dyn Storage>,
     /// One writer per key on a miss or a background refresh.
@@ -168,6 +169,20 @@ impl CacheLayer {
             shared.by_route = by_route;
         }
         self
+    }
+
+    /// A copy for one lane: the same store, locks and series, through handles of its own (see
+    /// [`crate::stack::Layers::lane`]).
+    pub fn lane(&self) -> Self {
+        CacheLayer {
+            shared: Arc::new(Shared::clone(&self.shared)),
+            key_headers: self
+                .key_headers
+                .iter()
+                .map(crate::headers::own_name)
+                .collect(),
+            vary: crate::headers::own_value(&self.vary),
+        }
     }
 
     /// Puts these request headers in every key too (`cache.key_headers`); `coalesce` must be
