@@ -7,9 +7,10 @@
 //! extensions and outward as the response:
 //! - [`server`]: the accept loop (HTTP/1.1 and HTTP/2 cleartext; head, idle and stall timers per
 //!   connection; `Content-Length` + `Transfer-Encoding` refused; graceful shutdown).
-//! - [`stack::build`]: the one function that builds the whole request path. As the call enters it
-//!   strips hop-by-hop headers, starts the call's [`deadline`] and marks the body as the caller's;
-//!   then, outside to inside, the layers of [`layer`]:
+//! - [`stack`]: the one place the whole request path is put together: [`stack::layers`] builds
+//!   each layer once, and [`stack::Layers::lane`] stacks them into the service each lane serves.
+//!   As the call enters it strips hop-by-hop headers, starts the call's [`deadline`] and marks
+//!   the body as the caller's; then, outside to inside, the layers of [`layer`]:
 //!   - [`layer::observe`]: request metrics ([`metrics`]) and the access log, from the [`call`]
 //!     info the layers below fill in.
 //!   - [`layer::tracking`]: MS-RequestId, MS-CorrelationId, MS-CV ([`cv`]); stamped on every

@@ -94,7 +94,7 @@ pub struct Layers<U = Upstream> {
     upstream: U,
 }
 
-/// Builds every layer from `parts`, once.
+/// Builds every layer's shared state from `parts`, once.
 pub fn layers<U>(parts: Parts<U>) -> Layers<U> {
     Layers {
         deadline: parts.retry.deadline,
@@ -157,10 +157,12 @@ impl<U> Layers<U> {
     /// response out, never an error.
     ///
     /// Each lane (`server::serve_lanes`) serves a copy of its own, and its connections clones of
-    /// that copy. What a call clones (its route, the cache's handles, the metrics' handles, the
-    /// values of configured headers) then belongs to its lane: two cores never write one
-    /// reference count, which cost a cache hit on two lanes about half as much again as on one
-    /// (`benches/contend.rs`). What the lanes must share is shared still.
+    /// that copy. What a cache hit clones (its route, the cache's handles, the metrics' handles,
+    /// the values of configured headers) then belongs to its lane, so two cores do not write its
+    /// reference counts: shared, they cost a hit on two lanes about half as much again as on one
+    /// (`benches/contend.rs`). Coalescing, retry, the throttle and the upstream client are the
+    /// same `Arc`s in every copy (a miss's clones of them still cross the cores). What the lanes
+    /// must share is shared still (`tests::lane_copies_share_the_store_the_flights_and_the_series`).
     pub fn lane<B>(
         &self,
     ) -> impl tower::Service<
@@ -217,5 +219,140 @@ impl<U> Layers<U> {
             // call's deadline; a token request is not an API call and is not counted.
             .layer(self.limit.clone())
             .service(self.upstream.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Lane copies share what the lanes must share: a test that fails if a `lane()` forks the
+    //! store, coalescing's flights or a metric series.
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tower::ServiceExt;
+
+    use crate::body::{BoxError, Request, Response};
+
+    const CONFIG: &str = r#"
+[upstream]
+base_url = "http://127.0.0.1:9"
+[credentials.fixed]
+grant = "static"
+token = "test-token"
+[[routes]]
+name = "summary"
+match = "GET /v1/invoices/summary"
+credential = "fixed"
+cache_ttl = "5m"
+coalesce = true
+[[routes]]
+name = "invoice"
+match = "GET /v1/invoices/*"
+credential = "fixed"
+coalesce = true
+"#;
+
+    /// An upstream that counts its calls and answers each after `delay`.
+    #[derive(Clone)]
+    struct Slow {
+        calls: Arc<AtomicU64>,
+        delay: Duration,
+    }
+
+    impl tower::Service<Request> for Slow {
+        type Response = Response;
+        type Error = BoxError;
+        type Future = futures_util::future::BoxFuture<'static, Result<Response, BoxError>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _request: Request) -> Self::Future {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let delay = self.delay;
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                let mut response = Response::new(crate::body::full("{\"id\":\"D1\"}"));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                Ok(response)
+            })
+        }
+    }
+
+    fn request(path: &str) -> http::Request<Empty<Bytes>> {
+        http::Request::builder()
+            .uri(path)
+            .header("host", "127.0.0.1:8080")
+            .body(Empty::new())
+            .expect("a valid request")
+    }
+
+    async fn status<S>(service: S, path: &str) -> http::StatusCode
+    where
+        S: tower::Service<
+            http::Request<Empty<Bytes>>,
+            Response = Response,
+            Error = std::convert::Infallible,
+        >,
+    {
+        let Ok(response) = service.oneshot(request(path)).await;
+        let status = response.status();
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .expect("the answer's body");
+        status
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lane_copies_share_the_store_the_flights_and_the_series() {
+        let config = crate::config::Config::from_toml(CONFIG).expect("a valid config");
+        let calls = Arc::new(AtomicU64::new(0));
+        let parts = crate::parts(&config).expect("the parts build");
+        let metrics = parts.metrics.clone();
+        let layers = super::layers(parts.with_upstream(Slow {
+            calls: calls.clone(),
+            delay: Duration::from_millis(100),
+        }));
+        let (a, b) = (layers.lane(), layers.lane());
+
+        // A miss on one lane fills the store the other lane hits.
+        assert_eq!(status(a.clone(), "/v1/invoices/summary").await, 200);
+        assert_eq!(status(b.clone(), "/v1/invoices/summary").await, 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the second lane hit");
+
+        // Identical uncached calls in flight on two lanes share one fetch.
+        let (first, second) = tokio::join!(
+            status(a.clone(), "/v1/invoices/D1"),
+            status(b.clone(), "/v1/invoices/D1"),
+        );
+        assert_eq!(
+            (first, second),
+            (http::StatusCode::OK, http::StatusCode::OK)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "one fetch for both lanes");
+
+        // Both lanes count into the series /metrics shows.
+        let text = metrics.encode();
+        for series in [
+            "pcgate_cache_lookups_total{route=\"summary\",result=\"miss\"} 1",
+            "pcgate_cache_lookups_total{route=\"summary\",result=\"hit\"} 1",
+            "pcgate_requests_total{route=\"summary\",status=\"2xx\"} 2",
+            "pcgate_requests_total{route=\"invoice\",status=\"2xx\"} 2",
+            "pcgate_coalesced_requests_total{route=\"invoice\"} 1",
+            "pcgate_inflight_requests 0",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
     }
 }

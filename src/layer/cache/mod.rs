@@ -165,9 +165,7 @@ impl CacheLayer {
                     .clone()
             })
         });
-        if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.by_route = by_route;
-        }
+        Arc::make_mut(&mut self.shared).by_route = by_route;
         self
     }
 
