@@ -79,6 +79,12 @@ pub struct RequestCacheControl(pub Vec<http::HeaderValue>);
 #[derive(Debug, Clone, Default)]
 pub struct UnforwardedHeaders(pub http::HeaderMap);
 
+/// Set by the connection on a request whose head carried both `Content-Length` and
+/// `Transfer-Encoding`: `access` refuses it (400) before anything else, so the refusal is
+/// tracked, counted and logged like every other, and the connection then closes.
+#[derive(Debug, Clone, Copy)]
+pub struct FramedTwice;
+
 /// Set by the cache on a call whose shared-tier operation just failed (refused, timed out,
 /// breaker open): the layers below ask Redis nothing more on this call, so a call pays
 /// `shared.timeout` at most once (DESIGN.md section 6).

@@ -63,12 +63,17 @@ pub enum AccessError {
     /// is another site's (403).
     #[error(transparent)]
     Host(#[from] HostError),
+    /// The head carried both `Content-Length` and `Transfer-Encoding` (400).
+    #[error(
+        "the request carries both Content-Length and Transfer-Encoding (RFC 9112 §6.3): send one"
+    )]
+    FramedTwice,
 }
 
 impl Problem for AccessError {
     fn status(&self) -> http::StatusCode {
         match self {
-            AccessError::BadPath(_) => http::StatusCode::BAD_REQUEST,
+            AccessError::BadPath(_) | AccessError::FramedTwice => http::StatusCode::BAD_REQUEST,
             AccessError::NoRoute { .. } => http::StatusCode::FORBIDDEN,
             AccessError::BadKey => http::StatusCode::UNAUTHORIZED,
             AccessError::Host(HostError::Misdirected(_)) => http::StatusCode::MISDIRECTED_REQUEST,
@@ -79,6 +84,7 @@ impl Problem for AccessError {
     fn error_name(&self) -> &'static str {
         match self {
             AccessError::BadPath(_) => "InvalidPath",
+            AccessError::FramedTwice => "InvalidRequest",
             AccessError::NoRoute { .. } => "RouteNotAllowed",
             AccessError::BadKey => "InvalidApiKey",
             AccessError::Host(HostError::Misdirected(_)) => "MisdirectedRequest",

@@ -351,6 +351,10 @@ async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection(
         let (head, body) = &answers[0];
         assert!(head.starts_with("http/1.1 400"), "{head}");
         assert!(head.contains("connection: close"), "{head}");
+        // An error pcgate makes carries the tracking headers, as every other one does.
+        for name in ["ms-requestid:", "ms-correlationid:", "ms-cv:"] {
+            assert!(head.contains(name), "{name} missing: {head}");
+        }
         let fault: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(fault["errorName"], "InvalidRequest");
         assert_eq!(fault["source"], "pcgate");
@@ -360,6 +364,9 @@ async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection(
         0,
         "nothing reached upstream"
     );
+    // Counted as every refused call is: under no route, a 4xx.
+    let refused = "pcgate_requests_total{route=\"none\",status=\"4xx\"}";
+    assert_eq!(metric(&gateway, refused).await, Some(2.0));
 
     // Pipelined behind a good request: the good one is answered, the conflicting one refused.
     let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
@@ -369,6 +376,7 @@ async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection(
     let statuses: Vec<&str> = answers.iter().map(|(head, _)| &head[9..12]).collect();
     assert_eq!(statuses, ["200", "400"]);
     assert_eq!(sandbox.count("invoices").await, 1);
+    assert_eq!(metric(&gateway, refused).await, Some(3.0));
 }
 
 // ---- out of file descriptors ----

@@ -25,6 +25,7 @@ use subtle::ConstantTimeEq;
 
 use crate::body::{BoxError, Request, Response};
 use crate::call::CallInfo;
+use crate::call::FramedTwice;
 use crate::call::RequestCacheControl;
 use crate::call::UnforwardedHeaders;
 use crate::config::ClientKey;
@@ -166,6 +167,9 @@ where
 
 impl<S> Access<S> {
     fn admit(&self, request: &mut Request) -> Result<Arc<Route>, AccessError> {
+        if request.extensions().get::<FramedTwice>().is_some() {
+            return Err(AccessError::FramedTwice);
+        }
         if self.keys.is_empty() {
             // No key proves the caller is no web page: refuse a rebound name, and a page of
             // another site posting here (browsers send `Origin` on every cross-site POST).

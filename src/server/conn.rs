@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, StatusCode};
+use http::{header, HeaderValue};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -22,6 +22,7 @@ use tower::util::Oneshot;
 use tower::ServiceExt;
 
 use crate::body::{Body, BodyError, Response};
+use crate::call::FramedTwice;
 
 /// No value in an `AtomicU64` slot below.
 const NONE: u64 = u64::MAX;
@@ -147,7 +148,7 @@ impl Drop for InFlight {
 }
 
 /// The service hyper calls on one connection: the shared stack, plus the in-flight count and the
-/// refusal of requests framed two ways.
+/// mark on requests framed two ways (refused inside the stack; the connection then closes).
 pub(crate) struct ConnService<S> {
     /// The connection's own copy of the stack. Borrowed only inside `call`, never across an
     /// await, so a borrow never finds it taken.
@@ -199,34 +200,20 @@ where
     type Error = Infallible;
     type Future = ResponseFuture<S, http::Request<Incoming>>;
 
-    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
         let (index, guard) = self.state.begin();
-        let call = if self.state.conflict.load(Ordering::SeqCst) == index {
-            Call::Refused {
-                response: Some(framing_conflict()),
-            }
-        } else {
-            self.start(request)
-        };
+        // Framed two ways: the stack refuses it (`access`, 400), and the connection closes after
+        // the answer, since the two framings disagree on where the next request starts.
+        let close = self.state.conflict.load(Ordering::SeqCst) == index;
+        if close {
+            request.extensions_mut().insert(FramedTwice);
+        }
         ResponseFuture {
-            call,
+            call: self.start(request),
             guard: Some(guard),
+            close,
         }
     }
-}
-
-/// 400 for a request with both `Content-Length` and `Transfer-Encoding`; the connection is then
-/// closed, since the two framings disagree on where the next request starts.
-fn framing_conflict() -> Response {
-    let mut response = crate::error::problem(
-        StatusCode::BAD_REQUEST,
-        "InvalidRequest",
-        "the request carries both Content-Length and Transfer-Encoding (RFC 9112 §6.3): send one",
-    );
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
 }
 
 pin_project! {
@@ -234,7 +221,6 @@ pin_project! {
     enum Call<S: tower::Service<R>, R> {
         Ready { #[pin] future: S::Future },
         Readying { #[pin] oneshot: Oneshot<S, R> },
-        Refused { response: Option<Response> },
     }
 }
 
@@ -244,6 +230,8 @@ pin_project! {
         #[pin]
         call: Call<S, R>,
         guard: Option<InFlight>,
+        // The connection closes after this answer.
+        close: bool,
     }
 }
 
@@ -255,7 +243,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let response = match this.call.project() {
+        let mut response = match this.call.project() {
             CallProj::Ready { future } => match future.poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(response)) => response,
@@ -266,10 +254,12 @@ where
                 Poll::Ready(Ok(response)) => response,
                 Poll::Ready(Err(never)) => match never {},
             },
-            CallProj::Refused { response } => response
-                .take()
-                .unwrap_or_else(|| Response::new(crate::body::empty())),
         };
+        if *this.close {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let guard = this.guard.take();
         Poll::Ready(Ok(response.map(|body| TrackedBody {
             body,

@@ -4,7 +4,8 @@
 //! `Transfer-Encoding`. hyper resolves that conflict itself (chunked wins, `Content-Length` is
 //! dropped from the header map), so the service cannot see it; but a request framed two ways is
 //! how requests are smuggled past a proxy that reads the other framing (RFC 9112 §6.3, §11.2),
-//! and nginx and Envoy refuse it. This is the only place it can be refused.
+//! and nginx and Envoy refuse it. This is the only place it can be seen: the connection marks
+//! the request ([`crate::call::FramedTwice`]) and `access` refuses it.
 //!
 //! It follows message boundaries with the same rules hyper uses (a head, then a body of
 //! `Content-Length` bytes or chunked); when it meets something it does not follow (the HTTP/2
