@@ -157,7 +157,7 @@ where
 {
     type Response = Response;
     type Error = E;
-    type Future = Observed<S::Future>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
         self.inner.poll_ready(cx)
@@ -177,7 +177,7 @@ where
             started,
             logged,
         };
-        Observed {
+        ResponseFuture {
             call: self.inner.call(request),
             watch: Some(watch),
         }
@@ -237,14 +237,14 @@ impl Watch {
 pin_project_lite::pin_project! {
     /// The inner call's answer, counted and logged as it comes out (a concrete future: no box per
     /// call).
-    pub struct Observed<F> {
+    pub struct ResponseFuture<F> {
         #[pin]
         call: F,
         watch: Option<Watch>,
     }
 }
 
-impl<F, E> Future for Observed<F>
+impl<F, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response, E>>,
 {

@@ -279,10 +279,7 @@ where
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<
-        Ready<Result<Response, Infallible>>,
-        Either<Instrumented<Stamped<S::Future>>, Stamped<S::Future>>,
-    >;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -341,6 +338,11 @@ where
         })
     }
 }
+
+/// The tracking layer's answer: a refusal of malformed ids, or the inner call's answer stamped
+/// (inside the call's span when there is one).
+pub type ResponseFuture<F> =
+    Either<Ready<Result<Response, Infallible>>, Either<Instrumented<Stamped<F>>, Stamped<F>>>;
 
 pin_project_lite::pin_project! {
     /// The inner call's answer, stamped with the call's ids as it comes out (a concrete future:

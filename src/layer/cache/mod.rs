@@ -208,12 +208,12 @@ impl<S> tower::Layer<S> for CacheLayer {
 /// The cache layer's answer: ready (a hit, a stale answer), a future of its own (a lookup that
 /// waits, a miss, a write), or the inner call's as it is (a call the cache has no part in, which
 /// so costs no box of its own).
-pub type Answer<F> = Either<Ready<Result<Response, BoxError>>, Either<BoxFuture, F>>;
+pub type ResponseFuture<F> = Either<Ready<Result<Response, BoxError>>, Either<BoxFuture, F>>;
 
 /// A future of the cache layer's own.
 fn own<F>(
     future: impl std::future::Future<Output = Result<Response, BoxError>> + Send + 'static,
-) -> Answer<F> {
+) -> ResponseFuture<F> {
     Either::Right(Either::Left(Box::pin(future)))
 }
 
@@ -274,7 +274,7 @@ where
 {
     type Response = Response;
     type Error = BoxError;
-    type Future = Answer<S::Future>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
