@@ -80,7 +80,7 @@ pub struct RequestCacheControl(pub Vec<http::HeaderValue>);
 pub struct UnforwardedHeaders(pub http::HeaderMap);
 
 /// Set by the connection on a request whose head carried both `Content-Length` and
-/// `Transfer-Encoding`: `access` refuses it (400) before anything else, so the refusal is
+/// `Transfer-Encoding`: `access` refuses it (400) before its other checks, so the refusal is
 /// tracked, counted and logged like every other, and the connection then closes.
 #[derive(Debug, Clone, Copy)]
 pub struct FramedTwice;

@@ -182,8 +182,10 @@ impl Gateway {
 
         let refreshers = tokens.spawn_refreshers();
         let shutdown = shutdown::Shutdown::on(shutdown);
-        let options = |name| ServeOptions {
+        // Only the gateway's stack refuses a request framed two ways itself (`access`).
+        let options = |name, service_refuses_framed_twice| ServeOptions {
             name,
+            service_refuses_framed_twice,
             header_read_timeout: config.server.header_read_timeout,
             idle_timeout: config.server.idle_timeout,
             stall_timeout: config.upstream.deadline + config.server.idle_timeout,
@@ -200,11 +202,16 @@ impl Gateway {
             server::serve_lanes(
                 listener,
                 || layers.lane(),
-                options("gateway"),
+                options("gateway", true),
                 server::default_lanes(),
                 || shutdown.wait()
             ),
-            server::serve(admin, admin_service, options("admin"), shutdown.wait()),
+            server::serve(
+                admin,
+                admin_service,
+                options("admin", false),
+                shutdown.wait()
+            ),
         );
         for refresher in refreshers {
             refresher.abort();

@@ -368,15 +368,30 @@ async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection(
     let refused = "pcgate_requests_total{route=\"none\",status=\"4xx\"}";
     assert_eq!(metric(&gateway, refused).await, Some(2.0));
 
-    // Pipelined behind a good request: the good one is answered, the conflicting one refused.
+    // Pipelined between two good requests: the first is answered, the conflicting one refused,
+    // and nothing after it is read as a request.
+    let good = "GET /v1/invoices?size=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
     let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
-    let both = format!("GET /v1/invoices?size=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n{conflicting}");
-    stream.write_all(both.as_bytes()).await.unwrap();
+    let three = format!("{good}{conflicting}{good}");
+    stream.write_all(three.as_bytes()).await.unwrap();
     let answers = responses(&read_until_closed(&mut stream, CLOSED_WITHIN).await);
     let statuses: Vec<&str> = answers.iter().map(|(head, _)| &head[9..12]).collect();
     assert_eq!(statuses, ["200", "400"]);
     assert_eq!(sandbox.count("invoices").await, 1);
     assert_eq!(metric(&gateway, refused).await, Some(3.0));
+
+    // The admin port refuses it too, before any of its handlers (a purge is a change).
+    let purge = "POST /cache/purge HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+        Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let mut stream = TcpStream::connect(gateway.admin).await.unwrap();
+    stream.write_all(purge.as_bytes()).await.unwrap();
+    let answers = responses(&read_until_closed(&mut stream, CLOSED_WITHIN).await);
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let (head, body) = &answers[0];
+    assert!(head.starts_with("http/1.1 400"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let fault: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(fault["errorName"], "InvalidRequest");
 }
 
 // ---- out of file descriptors ----

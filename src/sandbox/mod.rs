@@ -263,6 +263,7 @@ impl Sandbox {
             // Past any latency fault a test or a developer sets.
             stall_timeout: Duration::from_secs(600),
             grace: Duration::from_secs(5),
+            service_refuses_framed_twice: false,
         };
         crate::server::serve(self.listener, service, options, shutdown).await;
     }

@@ -23,6 +23,7 @@ use tower::ServiceExt;
 
 use crate::body::{Body, BodyError, Response};
 use crate::call::FramedTwice;
+use crate::error::AccessError;
 
 /// No value in an `AtomicU64` slot below.
 const NONE: u64 = u64::MAX;
@@ -147,21 +148,25 @@ impl Drop for InFlight {
     }
 }
 
-/// The service hyper calls on one connection: the shared stack, plus the in-flight count and the
-/// mark on requests framed two ways (refused inside the stack; the connection then closes).
+/// The service hyper calls on one connection: the shared stack, plus the in-flight count and
+/// requests framed two ways (refused here or by the service; the connection then closes).
 pub(crate) struct ConnService<S> {
     /// The connection's own copy of the stack. Borrowed only inside `call`, never across an
     /// await, so a borrow never finds it taken.
     inner: RefCell<S>,
     state: Arc<ConnState>,
+    /// `ServeOptions::service_refuses_framed_twice`.
+    service_refuses: bool,
 }
 
 impl<S> ConnService<S> {
-    /// Wraps the shared service for one connection.
-    pub(crate) fn new(inner: S, state: Arc<ConnState>) -> Self {
+    /// Wraps the shared service for one connection; `service_refuses`: the service refuses a
+    /// request marked [`FramedTwice`] itself.
+    pub(crate) fn new(inner: S, state: Arc<ConnState>, service_refuses: bool) -> Self {
         ConnService {
             inner: RefCell::new(inner),
             state,
+            service_refuses,
         }
     }
 }
@@ -202,14 +207,21 @@ where
 
     fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
         let (index, guard) = self.state.begin();
-        // Framed two ways: the stack refuses it (`access`, 400), and the connection closes after
-        // the answer, since the two framings disagree on where the next request starts.
+        // Framed two ways: refused (400), and the connection closes after the answer, since the
+        // two framings disagree on where the next request starts.
         let close = self.state.conflict.load(Ordering::SeqCst) == index;
-        if close {
-            request.extensions_mut().insert(FramedTwice);
-        }
+        let call = if close && !self.service_refuses {
+            Call::Refused {
+                response: Some(crate::error::respond(&AccessError::FramedTwice)),
+            }
+        } else {
+            if close {
+                request.extensions_mut().insert(FramedTwice);
+            }
+            self.start(request)
+        };
         ResponseFuture {
-            call: self.start(request),
+            call,
             guard: Some(guard),
             close,
         }
@@ -221,6 +233,7 @@ pin_project! {
     enum Call<S: tower::Service<R>, R> {
         Ready { #[pin] future: S::Future },
         Readying { #[pin] oneshot: Oneshot<S, R> },
+        Refused { response: Option<Response> },
     }
 }
 
@@ -254,6 +267,9 @@ where
                 Poll::Ready(Ok(response)) => response,
                 Poll::Ready(Err(never)) => match never {},
             },
+            CallProj::Refused { response } => response
+                .take()
+                .unwrap_or_else(|| Response::new(crate::body::empty())),
         };
         if *this.close {
             response

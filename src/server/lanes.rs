@@ -341,6 +341,7 @@ mod tests {
             idle_timeout: Duration::from_secs(2),
             stall_timeout: Duration::from_secs(5),
             grace: Duration::from_millis(200),
+            service_refuses_framed_twice: false,
         };
         let lanes = tokio::spawn(serve_lanes(
             listener,

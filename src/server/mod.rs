@@ -17,7 +17,8 @@
 //! logged at most once per [`ACCEPT_LOG_EVERY`] with the count of those not logged.
 //!
 //! A request with both `Content-Length` and `Transfer-Encoding` gets 400 and the connection is
-//! closed (see [`framing`] for why it is refused here).
+//! closed (see [`framing`] for why it is refused): from the gateway's stack, which is given the
+//! request marked, or from the connection itself on the admin port and the sandbox.
 
 mod conn;
 mod framing;
@@ -82,6 +83,11 @@ pub struct ServeOptions {
     pub stall_timeout: Duration,
     /// How long in-flight requests may run on after shutdown starts.
     pub grace: Duration,
+    /// The service refuses a request framed two ways itself, from its mark
+    /// ([`crate::call::FramedTwice`]: the gateway's stack, so the refusal carries tracking
+    /// headers and is counted); otherwise the connection answers it 400 without calling the
+    /// service. The connection closes after it either way.
+    pub service_refuses_framed_twice: bool,
 }
 
 /// What a listener serves (the gateway's stack, the admin service, the sandbox): a service every
@@ -309,7 +315,10 @@ async fn drive<S>(
     let name = options.name;
     let state = ConnState::new();
     let io = TokioIo::new(framing::Watched::new(stream, state.clone()));
-    let connection = builder.serve_connection(io, ConnService::new(service, state.clone()));
+    let connection = builder.serve_connection(
+        io,
+        ConnService::new(service, state.clone(), options.service_refuses_framed_twice),
+    );
     tokio::pin!(connection);
     let mut closing: Option<Instant> = None;
     let mut progress = Progress {
