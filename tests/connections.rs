@@ -390,6 +390,7 @@ async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection(
     let (head, body) = &answers[0];
     assert!(head.starts_with("http/1.1 400"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
+    assert!(head.contains("cache-control: no-store"), "{head}");
     let fault: serde_json::Value = serde_json::from_slice(body).unwrap();
     assert_eq!(fault["errorName"], "InvalidRequest");
 }

@@ -212,7 +212,7 @@ where
         let close = self.state.conflict.load(Ordering::SeqCst) == index;
         let call = if close && !self.service_refuses {
             Call::Refused {
-                response: Some(crate::error::respond(&AccessError::FramedTwice)),
+                response: Some(framed_twice()),
             }
         } else {
             if close {
@@ -226,6 +226,16 @@ where
             close,
         }
     }
+}
+
+/// The connection's own 400 for a request framed two ways (the admin port's, the sandbox's):
+/// marked `no-store`, as every admin answer is.
+fn framed_twice() -> Response {
+    let mut response = crate::error::respond(&AccessError::FramedTwice);
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 pin_project! {
