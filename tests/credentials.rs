@@ -909,11 +909,15 @@ fn write_certificate(
 }
 
 /// Runs `pcgate run` on `config` (written to `dir`), calls the summary and /readyz, stops it;
-/// gives the summary's status and body, /readyz's, and everything the process logged.
+/// gives the summary's status and body, /readyz's, and everything the process logged. With
+/// `until_ready`, /readyz is asked again (every 50 ms, for at most 10 s) until it answers 200:
+/// the summary's call fetched one credential's token, and another's first refresh may still be
+/// on its way.
 async fn run_binary(
     config: &pcgate::config::Config,
     dir: &std::path::Path,
     name: &str,
+    until_ready: bool,
 ) -> ((u16, String), (u16, String), String) {
     let config_file = dir.join(format!("{name}.toml"));
     let log_file = dir.join(format!("{name}.log"));
@@ -940,7 +944,15 @@ async fn run_binary(
         config.server.listen
     ))
     .await;
-    let readyz = answer(format!("http://{}/readyz", config.server.admin_listen)).await;
+    let readyz_url = format!("http://{}/readyz", config.server.admin_listen);
+    let mut readyz = answer(readyz_url.clone()).await;
+    for _ in 0..200 {
+        if !until_ready || readyz.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        readyz = answer(readyz_url.clone()).await;
+    }
     terminate(child).await;
     (summary, readyz, std::fs::read_to_string(&log_file).unwrap())
 }
@@ -978,7 +990,7 @@ async fn a_certificate_credential_is_accepted_and_an_unknown_key_is_refused() {
         (&trusted_cert, &trusted_key),
         (free_port(), free_port()),
     );
-    let ((status, body), (ready, readyz), log) = run_binary(&config, &dir, "accepted").await;
+    let ((status, body), (ready, readyz), log) = run_binary(&config, &dir, "accepted", true).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(ready, 200, "{readyz}");
     let clients = sandbox.token_clients().await;
@@ -1002,7 +1014,7 @@ async fn a_certificate_credential_is_accepted_and_an_unknown_key_is_refused() {
         (&other_cert, &other_key),
         (free_port(), free_port()),
     );
-    let ((status, body), (ready, readyz), log) = run_binary(&config, &dir, "refused").await;
+    let ((status, body), (ready, readyz), log) = run_binary(&config, &dir, "refused", false).await;
     assert_eq!(status, 503, "{body}");
     assert!(
         body.contains("AADSTS700027") && body.contains("upload the certificate"),
