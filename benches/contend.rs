@@ -19,82 +19,17 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use pcgate::body::{self, BoxError, Request, Response};
+use pcgate::body::Response;
 use tower::ServiceExt;
+
+mod common;
 
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// The summary route as `benches/run.sh` configures it.
-const CONFIG: &str = r#"
-[upstream]
-base_url = "http://127.0.0.1:9"
-[credentials.fixed]
-grant = "static"
-token = "bench-token"
-[[routes]]
-name = "summary"
-match = "GET /v1/invoices/summary"
-credential = "fixed"
-cache_ttl = "5m"
-stale_while_revalidate = "1m"
-stale_if_error = "1h"
-coalesce = true
-retry = true
-"#;
-
-/// About what the sandbox answers for a summary (1.1 KB of JSON).
-fn answer() -> Response {
-    let json = format!("{{\"summary\":\"{}\"}}", "x".repeat(1090));
-    let mut response = Response::new(body::full(json.clone()));
-    let headers = response.headers_mut();
-    let value = |text: &str| http::HeaderValue::from_str(text).expect("a valid value");
-    headers.insert("content-type", value("application/json; charset=utf-8"));
-    headers.insert("ms-serverid", value("sandbox-01"));
-    headers.insert("content-length", json.len().into());
-    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
-    headers.insert("date", value(&date));
-    response
-}
-
-fn request() -> http::Request<Empty<Bytes>> {
-    http::Request::builder()
-        .uri("/v1/invoices/summary")
-        .header("host", "127.0.0.1:8080")
-        .header("user-agent", "wrk")
-        .body(Empty::new())
-        .expect("a valid request")
-}
-
-/// An in-memory upstream that counts its calls.
-#[derive(Clone)]
-struct Upstream(Arc<AtomicU64>);
-
-impl tower::Service<Request> for Upstream {
-    type Response = Response;
-    type Error = BoxError;
-    type Future = std::future::Ready<Result<Response, BoxError>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), BoxError>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _request: Request) -> Self::Future {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        std::future::ready(Ok(answer()))
-    }
-}
-
 /// The stack's layers over an in-memory upstream counting into `calls`.
-fn layers(calls: Arc<AtomicU64>) -> pcgate::stack::Layers<Upstream> {
-    let config = pcgate::config::Config::from_toml(CONFIG).expect("the bench config is valid");
-    let parts = pcgate::parts(&config)
-        .expect("the bench parts build")
-        .with_upstream(Upstream(calls));
-    pcgate::stack::layers(parts)
+fn layers(calls: Arc<AtomicU64>) -> pcgate::stack::Layers<common::Upstream> {
+    pcgate::stack::layers(common::parts(calls))
 }
 
 /// One call, its body read to the end.
@@ -102,7 +37,9 @@ async fn call<S>(service: &mut S)
 where
     S: tower::Service<http::Request<Empty<Bytes>>, Response = Response, Error = Infallible>,
 {
-    let Ok(response) = service.oneshot(request()).await;
+    let Ok(response) = service
+        .oneshot(common::request("/v1/invoices/summary"))
+        .await;
     assert_eq!(response.status(), 200);
     response
         .into_body()
@@ -110,13 +47,6 @@ where
         .await
         .expect("the answer's body")
         .to_bytes();
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
 }
 
 /// Nanoseconds per call on each of `services`' threads, all started together.
@@ -133,7 +63,7 @@ where
         .map(|mut service| {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
-                runtime().block_on(async move {
+                common::runtime().block_on(async move {
                     // The first call fills the cache (or finds it filled): not timed.
                     call(&mut service).await;
                     barrier.wait();
@@ -153,22 +83,14 @@ where
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::sink)
-        .fmt_fields(pcgate::log::JsonLines)
-        .event_format(pcgate::log::JsonLines)
-        .init();
+    common::log_into_nothing();
     let calls: u64 = std::env::var("CALLS")
         .ok()
         .and_then(|calls| calls.parse().ok())
         .unwrap_or(300_000);
     let upstream_calls = Arc::new(AtomicU64::new(0));
     // Built on a runtime, as the gateway builds them (the store's housekeeping may spawn).
-    let shared = runtime().block_on(async { layers(upstream_calls.clone()) });
+    let shared = common::runtime().block_on(async { layers(upstream_calls.clone()) });
     let show = |way: &str, times: Vec<f64>| {
         let times: Vec<String> = times.iter().map(|t| format!("{t:.0}")).collect();
         println!("{way:<24} ns per call, by thread: {}", times.join(", "));
@@ -184,7 +106,7 @@ fn main() {
             "two threads, one copy",
             per_call(vec![copy.clone(), copy], calls),
         );
-        let apart = runtime().block_on(async {
+        let apart = common::runtime().block_on(async {
             let own = Arc::new(AtomicU64::new(0));
             (layers(own.clone()).lane(), layers(own).lane())
         });
