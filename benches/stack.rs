@@ -1,7 +1,7 @@
 //! The stack's own cost per call, without sockets or peers: a cache hit and a pass-through call
-//! through the real tower stack (`stack::build`, every default layer on: tracking ids, metrics,
-//! the access log at `info` as JSON, retry and credential), with an in-memory service where the
-//! upstream client would be. Divan's allocation profiler counts the allocations of each call.
+//! through the real tower stack (one lane's copy, `stack::Layers::lane`, every default layer on:
+//! tracking ids, metrics, the access log at `info` as JSON, retry and credential), with an
+//! in-memory service where the upstream client would be. Divan's allocation profiler counts the allocations of each call.
 //!
 //!     cargo bench --bench stack
 //!
@@ -30,7 +30,7 @@ type Stack = Box<
 
 /// The stack over an in-memory upstream that counts its calls.
 fn stack(calls: Arc<AtomicU64>) -> Stack {
-    let service = pcgate::stack::build::<_, Empty<Bytes>>(common::parts(calls));
+    let service = pcgate::stack::layers(common::parts(calls)).lane::<Empty<Bytes>>();
     Box::new(move |request| {
         // hyper clones the stack for every call; so does the bench.
         let call = service.clone().oneshot(request);

@@ -1,5 +1,5 @@
-//! The request path: one tower stack, built in one function, read top to bottom as outside to
-//! inside (DESIGN.md §2).
+//! The request path: one tower stack, put together in one place ([`layers`], then
+//! [`Layers::lane`]), read top to bottom as outside to inside (DESIGN.md §2).
 
 use crate::body::Response;
 use crate::config::ClientKey;
@@ -126,30 +126,6 @@ pub fn layers<U>(parts: Parts<U>) -> Layers<U> {
         limit: parts.limit,
         upstream: parts.upstream,
     }
-}
-
-/// The gateway's service built from `parts`: one copy of the stack (the micro benchmark's, a
-/// test's). [`Layers::lane`] makes one per lane.
-pub fn build<U, B>(
-    parts: Parts<U>,
-) -> impl tower::Service<
-    http::Request<B>,
-    Response = Response,
-    Error = std::convert::Infallible,
-    Future: Send,
-> + Clone
-       + Send
-       + 'static
-where
-    U: tower::Service<crate::body::Request, Response = Response, Error = crate::body::BoxError>
-        + Clone
-        + Send
-        + 'static,
-    U::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<crate::body::BoxError>,
-{
-    layers(parts).lane()
 }
 
 impl<U> Layers<U> {
